@@ -1,0 +1,3 @@
+"""Sensitivity and generalization measurements (Novak et al., ICLR 2018) for PyTorch Lightning."""
+
+__version__ = "0.1.0"

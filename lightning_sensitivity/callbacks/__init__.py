@@ -1,0 +1,1 @@
+"""Lightning callbacks that measure sensitivity and generalization while a model trains."""

@@ -1,0 +1,120 @@
+"""Private helpers shared by the monitors: reading inputs out of batches, choosing epochs, and logging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+GetInput = Callable[[Any], Tensor]
+ForwardFn = Callable[["pl.LightningModule", Tensor], Tensor]
+
+
+def _default_forward(pl_module: pl.LightningModule, x: Tensor) -> Tensor:
+    return pl_module(x)
+
+
+def _batch_input(batch: Any, input_key: str | int | None = None, get_input: GetInput | None = None) -> Tensor:
+    """The model input held by a batch: a tensor, the first item of an ``(x, y, ...)`` tuple/list, or
+    ``batch[input_key]`` of a dict; ``get_input(batch)`` overrides all of these."""
+    if get_input is not None:
+        x = get_input(batch)
+    elif isinstance(batch, Tensor):
+        x = batch
+    elif isinstance(batch, Mapping):
+        key = "x" if input_key is None else input_key
+        if key not in batch:
+            raise KeyError(
+                f"The batch is a dict with keys {sorted(map(str, batch))}, and has no input key {key!r}. "
+                "Pass `input_key=` (or `get_input=`) to the monitor."
+            )
+        x = batch[key]
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        x = batch[0 if input_key is None else input_key]
+    else:
+        raise TypeError(
+            f"Cannot find the model input in a batch of type {type(batch).__name__}. Pass "
+            "`get_input=lambda batch: ...` to the monitor."
+        )
+    if not isinstance(x, Tensor):
+        raise TypeError(f"The model input taken from the batch is a {type(x).__name__}, not a tensor.")
+    return x
+
+
+def _batch_target(batch: Any, target_key: str | int | None = None, get_target: GetInput | None = None) -> Tensor:
+    """The labels held by a batch: the second item of an ``(x, y, ...)`` tuple/list, or ``batch[target_key]``."""
+    if get_target is not None:
+        return get_target(batch)
+    if isinstance(batch, Mapping):
+        key = "y" if target_key is None else target_key
+        if key not in batch:
+            raise KeyError(
+                f"The batch is a dict with keys {sorted(map(str, batch))}, and has no target key {key!r}. "
+                "Pass `target_key=` (or `get_target=`) to the monitor."
+            )
+        return batch[key]
+    if isinstance(batch, Sequence) and len(batch) > 1:
+        return batch[1 if target_key is None else target_key]
+    raise TypeError(
+        f"Cannot find the labels in a batch of type {type(batch).__name__}. Pass "
+        "`get_target=lambda batch: ...` to the monitor."
+    )
+
+
+def _should_measure(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    """True on the validation/test passes the monitor measures: never the sanity check; in ``fit``, every
+    ``every_n_epochs``-th epoch (counting from 1) and the last one; always in ``validate``/``test``."""
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn != "fit":
+        return True
+    epoch = trainer.current_epoch + 1
+    last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+    return epoch % every_n_epochs == 0 or last
+
+
+def _step(trainer: pl.Trainer) -> int:
+    """The x-axis of every logged value: the global step, as Lightning's own ``self.log`` uses."""
+    return trainer.global_step
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger of the trainer (empty on non-zero ranks)."""
+    if trainer.global_rank != 0:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def _log_scalars(pl_module: pl.LightningModule, metrics: dict[str, Tensor | float]) -> None:
+    """Log computed (already synchronized) values through ``pl_module.log``, from an epoch-end hook.
+
+    Going through ``self.log`` puts the values into ``trainer.callback_metrics`` too, so ``EarlyStopping`` and
+    ``ModelCheckpoint`` can monitor them, and every logger of the trainer receives them.
+    """
+    for key, value in metrics.items():
+        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+
+
+def _log_histogram(trainer: pl.Trainer, key: str, values: Tensor) -> None:
+    """A TensorBoard histogram of ``values``; nothing for other loggers."""
+    for writer in _tensorboard_writers(trainer):
+        if values.numel() > 0:
+            writer.add_histogram(key, values.detach().float().cpu(), global_step=_step(trainer))
+
+
+def _log_figure(trainer: pl.Trainer, key: str, figure: Any) -> None:
+    """A matplotlib figure as a TensorBoard image; nothing for other loggers. The figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for writer in _tensorboard_writers(trainer):
+        writer.add_figure(key, figure, global_step=_step(trainer), close=False)
+    plt.close(figure)
+
+
+def _new_generator(seed: int) -> torch.Generator:
+    """The package's own CPU generator: random draws never touch the global RNG streams of training."""
+    return torch.Generator().manual_seed(seed)

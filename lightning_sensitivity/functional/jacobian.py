@@ -1,0 +1,296 @@
+r"""The input-output Jacobian norm of a classifier (Novak et al., ICLR 2018, section 2).
+
+For logits :math:`z = f(x)` and probabilities :math:`p = \mathrm{softmax}(z)`, the sensitivity of the
+classifier at a point :math:`x` is the Frobenius norm of the Jacobian of the probabilities with respect to
+the (flattened) input:
+
+.. math::
+
+    s(x) = \lVert J(x) \rVert_F, \qquad J(x) = \frac{\partial p}{\partial x^\top} \in \mathbb{R}^{C \times D}.
+
+This module is the one place where that quantity is computed. Everything else in the package (the
+``JacobianNorm`` metric, the ``JacobianNormMonitor`` callback, the examples) calls :func:`jacobian_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_sensitivity.functional._utils import (
+    _check_continuous,
+    _check_logits,
+    _eval_mode,
+    _fresh_input,
+    _grad_enabled,
+)
+
+__all__ = ["jacobian_norm"]
+
+#: Default bound on the number of Jacobian entries (points x rows x input entries) alive at once.
+_DEFAULT_MAX_ENTRIES = 2**24
+
+# Calls that only read a tensor's metadata, and calls that only reorder or reshape its entries: neither
+# changes the Frobenius norm of a Jacobian taken with respect to that tensor.
+_METADATA_CALLS = frozenset(
+    {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
+)
+_REORDER_CALLS = frozenset({"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"})
+
+
+def jacobian_norm(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    output: Literal["softmax", "logits"] = "softmax",
+    method: Literal["exact", "projection"] = "exact",
+    num_projections: int | None = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Per-point Frobenius norm of the input-output Jacobian of a classifier.
+
+    .. math::
+
+        s(x_b) = \Big\lVert \frac{\partial\, \mathrm{softmax}(f(x_b))}{\partial x_b^\top} \Big\rVert_F
+        \quad\text{or, with ``output="logits"``,}\quad
+        \Big\lVert \frac{\partial f(x_b)}{\partial x_b^\top} \Big\rVert_F ,
+
+    with the input of any shape flattened to :math:`D` entries. An ``nn.Module`` is evaluated in eval mode
+    (dropout off, batch-norm running statistics), so each point's Jacobian does not depend on the other
+    points of the batch; every submodule's previous mode is restored afterwards. The measurement works under
+    ``torch.no_grad()`` and ``torch.inference_mode()`` (both are undone inside), runs in full precision even
+    inside an ``autocast`` region, and touches no parameter ``.grad``, buffer or global random state.
+
+    A model whose output has a single column (``[B, 1]``) is read as a binary classifier with probabilities
+    :math:`(1 - \sigma(z), \sigma(z))`, the softmax of the logits :math:`(0, z)`.
+
+    **Cost.** ``method="exact"`` takes one forward pass and :math:`C` vector-Jacobian products, batched over
+    the points and the classes in one vectorized backward pass. When the input's first use in the model is a
+    linear layer :math:`h = W x + b` with fewer outputs than inputs (found by watching the forward pass, so
+    it works for any ``forward``, not only ``nn.Sequential``), the products stop at :math:`h` and the norm is
+    completed with the precomputed :math:`G = W W^\top`:
+    :math:`\lVert A W \rVert_F^2 = \operatorname{tr}(A G A^\top)` with :math:`A = \partial p / \partial h`.
+    Any other model takes the general path; both are exact.
+
+    ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019):
+    :math:`\lVert J\rVert_F^2 = C\, \mathbb{E}\,\lVert v^\top J \rVert^2` for :math:`v` uniform on the unit
+    sphere. It draws ``num_projections`` = :math:`K` orthonormal directions per point (rows of a random
+    rotation, which keeps the estimate unbiased for :math:`\lVert J\rVert_F^2` with lower variance than
+    independent directions, and exact when :math:`K = C`) and costs :math:`K` products instead of
+    :math:`C`. Its square root is biased low for :math:`s(x)`; ``benchmarks/jacobian.py`` prints how far.
+
+    Args:
+        model: an ``nn.Module`` or any callable mapping a batch ``[B, ...]`` to logits ``[B, C]``.
+        x: the points, ``[B, ...]``, floating point. Labels are not needed.
+        output: ``"softmax"`` (the paper's measure) or ``"logits"``.
+        method: ``"exact"`` or ``"projection"``.
+        num_projections: directions per point for ``method="projection"``; default ``ceil(C / 8)``,
+            at least 1 and at most :math:`C`.
+        chunk_size: points measured together. Never more than ``chunk_size * C * D`` Jacobian entries are
+            alive at once. Default: as many as keep that product under :math:`2^{24}`.
+        generator: the ``torch.Generator`` for the projection directions; the global random state is never
+            used. Default: a new generator seeded with 0.
+
+    Returns:
+        The per-point norms, shape ``[B]``, in the input's floating dtype (at least ``float32``).
+
+    Raises:
+        TypeError: if ``x`` is not floating point (token ids: measure at the embeddings instead).
+        ValueError: if the model's output is not ``[B, C]``, or an argument is out of range.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_sensitivity.functional import jacobian_norm
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(5, 4)
+        >>> norms = jacobian_norm(model, x)
+        >>> norms.shape
+        torch.Size([5])
+        >>> reference = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None]).softmax(-1)[0]))(x)
+        >>> torch.allclose(norms, reference.flatten(1).norm(dim=1), atol=1e-6)
+        True
+    """
+    if output not in ("softmax", "logits"):
+        raise ValueError(f"`output` must be 'softmax' or 'logits', got {output!r}.")
+    if method not in ("exact", "projection"):
+        raise ValueError(f"`method` must be 'exact' or 'projection', got {method!r}.")
+    if num_projections is not None and num_projections < 1:
+        raise ValueError(f"`num_projections` must be a positive integer, got {num_projections}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    _check_continuous(x)
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=out_dtype, device=x.device)
+
+    module = model if isinstance(model, nn.Module) else nn.Identity()
+    with _grad_enabled(), _eval_mode(module), torch.autocast(x.device.type, enabled=False):
+        plan = _Plan(model, output, method, num_projections, generator, x)
+        num_points = x.shape[0]
+        step = chunk_size or max(1, _DEFAULT_MAX_ENTRIES // max(1, plan.rows_per_point * x[0].numel()))
+        norms = [plan.chunk_norms(x[start : start + step]) for start in range(0, num_points, step)]
+    return torch.cat(norms).to(out_dtype)
+
+
+@dataclass
+class _Forward:
+    """One forward pass ready for vector-Jacobian products: the output and the tensor to differentiate at."""
+
+    out: Tensor
+    wrt: Tensor
+    gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
+
+
+class _FirstLinear(TorchFunctionMode):
+    """Watches a forward pass for the input's first use, and cuts the graph there if it is ``F.linear``.
+
+    The input may be reshaped or reordered first (``flatten``, ``view``, ...). Any other use of the input,
+    before or after the linear layer (a skip connection, a slice, an elementwise op), disables the shortcut.
+    """
+
+    def __init__(self, x: Tensor) -> None:
+        super().__init__()
+        self._tracked: list[Tensor] = [x]
+        self.valid = True
+        self.weight: Tensor | None = None
+        self.cut: Tensor | None = None
+
+    def _is_tracked(self, value: Any) -> bool:
+        return isinstance(value, Tensor) and any(value is t for t in self._tracked)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        if not any(self._is_tracked(a) for a in flat):
+            return result
+        name = getattr(func, "__name__", "")
+        if name in _METADATA_CALLS:
+            return result
+        if name in _REORDER_CALLS and self._is_tracked(args[0]) and self.cut is None:
+            self._tracked.append(result)
+            return result
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if (
+            func is F.linear
+            and self.cut is None
+            and self._is_tracked(args[0])
+            and isinstance(weight, Tensor)
+            and not self._is_tracked(weight)
+            and weight.shape[0] < weight.shape[1]
+            and result.shape[:-1] == args[0].shape[:-1]
+            and args[0].ndim == 2
+        ):
+            self.weight = weight
+            self.cut = result.detach().requires_grad_(True)
+            return self.cut
+        self.valid = False
+        return result
+
+
+class _Plan:
+    """What one call measures, decided once: the output, the method, and whether the linear shortcut applies."""
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        output: str,
+        method: str,
+        num_projections: int | None,
+        generator: torch.Generator | None,
+        x: Tensor,
+    ) -> None:
+        self.model = model
+        self.softmax = output == "softmax"
+        self.projection = method == "projection"
+        self.generator = generator
+        self.use_shortcut: bool | None = None  # decided on the first chunk
+        self.gram: Tensor | None = None
+        with torch.no_grad():
+            probe = model(x[:1].detach())
+        _check_logits(probe, 1, " Pass a `forward_fn` that returns the classifier's logits.")
+        self.num_classes = max(2, probe.shape[1]) if self.softmax else probe.shape[1]
+        self.single_logit = probe.shape[1] == 1
+        if self.projection:
+            k = num_projections if num_projections is not None else math.ceil(self.num_classes / 8)
+            self.rows_per_point = min(k, self.num_classes)
+        else:
+            self.rows_per_point = self.num_classes
+
+    def _outputs(self, z: Tensor) -> Tensor:
+        if self.single_logit and self.softmax:
+            z = torch.cat([torch.zeros_like(z), z], dim=1)
+        return z.softmax(dim=1) if self.softmax else z
+
+    def _forward(self, x: Tensor) -> _Forward:
+        leaf = _fresh_input(x).requires_grad_(True)
+        if self.use_shortcut is not False:
+            watcher = _FirstLinear(leaf)
+            with watcher:
+                z = self.model(leaf)
+            _check_logits(z, x.shape[0], " Pass a `forward_fn` that returns the classifier's logits.")
+            if watcher.cut is not None and watcher.valid:
+                self.use_shortcut = True
+                if self.gram is None:
+                    with torch.no_grad():
+                        weight = watcher.weight.detach()
+                        self.gram = weight @ weight.T
+                return _Forward(self._outputs(z), watcher.cut, self.gram)
+            self.use_shortcut = False
+            if watcher.cut is None:  # the graph is intact: use this pass as the general one
+                return _Forward(self._outputs(z), leaf, None)
+        z = self.model(leaf)
+        _check_logits(z, x.shape[0], " Pass a `forward_fn` that returns the classifier's logits.")
+        return _Forward(self._outputs(z), leaf, None)
+
+    def _cotangents(self, batch: int, like: Tensor) -> Tensor:
+        """Rows to pull back, ``[K, B, C]``: the basis (exact), or K orthonormal directions per point."""
+        c = self.num_classes
+        if not self.projection:
+            eye = torch.eye(c, dtype=like.dtype, device=like.device)
+            return eye[:, None, :].expand(c, batch, c)
+        k = self.rows_per_point
+        gaussian = torch.randn(batch, c, k, generator=self._generator(), dtype=torch.float64)
+        q, _ = torch.linalg.qr(gaussian)  # Haar-distributed orthonormal columns
+        return (q.permute(2, 0, 1) * math.sqrt(c / k)).to(dtype=like.dtype, device=like.device)
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+        return self.generator
+
+    def chunk_norms(self, x: Tensor) -> Tensor:
+        fwd = self._forward(x)
+        cotangents = self._cotangents(x.shape[0], fwd.out)
+        rows = _pullback(fwd.out, fwd.wrt, cotangents).flatten(2)  # [K, B, D or H]
+        with torch.no_grad():
+            if fwd.gram is None:
+                squared = rows.pow(2).sum(dim=(0, 2))
+            else:
+                squared = ((rows @ fwd.gram) * rows).sum(dim=(0, 2))
+            return squared.clamp_min(0).sqrt().detach()
+
+
+def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor) -> Tensor:
+    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass when possible."""
+    try:
+        (rows,) = torch.autograd.grad(
+            out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+        )
+    except RuntimeError:
+        # Some operators have no batching rule for their backward; fall back to one pass per row.
+        rows = torch.stack(
+            [torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""torchmetrics Metrics over the functional measurements."""
