@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 GetInput = Callable[[Any], Tensor]
 ForwardFn = Callable[["pl.LightningModule", Tensor], Tensor]
@@ -75,6 +76,32 @@ def _should_measure(trainer: pl.Trainer, every_n_epochs: int) -> bool:
     epoch = trainer.current_epoch + 1
     last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
     return epoch % every_n_epochs == 0 or last
+
+
+def _global_positions(dataloader: Any, local_start: int, batch_size: int, device: torch.device) -> Tensor:
+    """Positions, in the unsharded evaluation order, of the points ``local_start .. +batch_size`` of this rank.
+
+    Under DDP Lightning gives evaluation loaders a ``DistributedSampler`` (no shuffling) that hands rank ``r``
+    of ``W`` the positions ``r, r + W, r + 2W, ...`` of a list padded to a multiple of ``W`` by repeating its
+    first entries. Positions at or past the dataset's length are those padding repeats: a monitor skips them
+    (and caps at ``max_points`` by position) to measure exactly the points one process would.
+    """
+    local = torch.arange(local_start, local_start + batch_size, device=device)
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+        return sampler.rank + sampler.num_replicas * local
+    return local
+
+
+def _dataset_length(dataloader: Any) -> int | None:
+    """Points in the (unsharded) evaluation set, or ``None`` when it has no length."""
+    sampler = getattr(dataloader, "sampler", None)
+    dataset = getattr(sampler, "dataset", None) if isinstance(sampler, DistributedSampler) else None
+    dataset = dataset if dataset is not None else getattr(dataloader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _step(trainer: pl.Trainer) -> int:

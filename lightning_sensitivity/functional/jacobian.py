@@ -15,6 +15,7 @@ This module is the one place where that quantity is computed. Everything else in
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,7 @@ _DEFAULT_MAX_ENTRIES = 2**24
 _METADATA_CALLS = frozenset(
     {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
 )
+_LOGITS_HINT = " Pass a model (in the monitors: a `forward_fn`) that returns the classifier's logits."
 _REORDER_CALLS = frozenset({"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"})
 
 
@@ -219,7 +221,7 @@ class _Plan:
         self.gram: Tensor | None = None
         with torch.no_grad():
             probe = model(x[:1].detach())
-        _check_logits(probe, 1, " Pass a `forward_fn` that returns the classifier's logits.")
+        _check_logits(probe, 1, _LOGITS_HINT)
         self.num_classes = max(2, probe.shape[1]) if self.softmax else probe.shape[1]
         self.single_logit = probe.shape[1] == 1
         if self.projection:
@@ -239,19 +241,17 @@ class _Plan:
             watcher = _FirstLinear(leaf)
             with watcher:
                 z = self.model(leaf)
-            _check_logits(z, x.shape[0], " Pass a `forward_fn` that returns the classifier's logits.")
+            _check_logits(z, x.shape[0], _LOGITS_HINT)
             if watcher.cut is not None and watcher.valid:
                 self.use_shortcut = True
                 if self.gram is None:
-                    with torch.no_grad():
-                        weight = watcher.weight.detach()
-                        self.gram = weight @ weight.T
+                    self.gram = _gram(watcher.weight)
                 return _Forward(self._outputs(z), watcher.cut, self.gram)
             self.use_shortcut = False
             if watcher.cut is None:  # the graph is intact: use this pass as the general one
                 return _Forward(self._outputs(z), leaf, None)
         z = self.model(leaf)
-        _check_logits(z, x.shape[0], " Pass a `forward_fn` that returns the classifier's logits.")
+        _check_logits(z, x.shape[0], _LOGITS_HINT)
         return _Forward(self._outputs(z), leaf, None)
 
     def _cotangents(self, batch: int, like: Tensor) -> Tensor:
@@ -280,6 +280,26 @@ class _Plan:
             else:
                 squared = ((rows @ fwd.gram) * rows).sum(dim=(0, 2))
             return squared.clamp_min(0).sqrt().detach()
+
+
+# G = W W^T of recently measured first layers, reused while the weight is unchanged: training updates weights
+# in place, which bumps the tensor's version counter. Keyed by ``id`` (tensors compare elementwise), with a
+# weak reference that tells a live weight from a new tensor that reuses a freed one's id.
+_GRAM_CACHE: dict[int, tuple[weakref.ref[Tensor], tuple[int, int], Tensor]] = {}
+_GRAM_CACHE_SIZE = 8
+
+
+def _gram(weight: Tensor) -> Tensor:
+    cached = _GRAM_CACHE.get(id(weight))
+    version = (weight._version, weight.data_ptr())
+    if cached is not None and cached[0]() is weight and cached[1] == version:
+        return cached[2]
+    with torch.no_grad():
+        gram = weight.detach() @ weight.detach().T
+    if len(_GRAM_CACHE) >= _GRAM_CACHE_SIZE:
+        _GRAM_CACHE.pop(next(iter(_GRAM_CACHE)))
+    _GRAM_CACHE[id(weight)] = (weakref.ref(weight), version, gram)
+    return gram
 
 
 def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor) -> Tensor:

@@ -1,0 +1,98 @@
+r"""``JacobianNorm``: the mean of per-point Jacobian norms, as a torchmetrics ``Metric``.
+
+The norms themselves come from :func:`lightning_sensitivity.functional.jacobian_norm` (``Metric.update``
+runs with gradients disabled, so the Jacobians are computed before it). The metric accumulates
+
+.. math::
+
+    \bar s = \frac{1}{N} \sum_{n=1}^{N} s(x_n)
+
+with ``sum``-reduced states, so that DDP ranks combine into exactly the one-process result, and keeps the
+per-point values (``cat``-reduced) for histograms and per-point analyses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+__all__ = ["JacobianNorm"]
+
+
+class JacobianNorm(Metric):
+    r"""Mean Jacobian norm over points, with the per-point values kept.
+
+    ``update(norms)`` takes per-point norms ``[B]`` (for example from
+    :func:`~lightning_sensitivity.functional.jacobian_norm`). Values that are NaN or infinite are left out of
+    the mean and counted in ``num_excluded``. ``compute()`` returns the mean of the finite values (NaN when
+    there are none); :meth:`per_point` returns all finite values, gathered from every process.
+
+    Args:
+        keep_values: keep the per-point values (needed for :meth:`per_point`); ``False`` keeps memory
+            constant when only the mean is wanted.
+        kwargs: passed to ``torchmetrics.Metric``.
+
+    Raises:
+        ValueError: if ``update`` receives anything but a 1-D tensor.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sensitivity.metrics import JacobianNorm
+        >>> metric = JacobianNorm()
+        >>> metric.update(torch.tensor([1.0, 2.0]))
+        >>> metric.update(torch.tensor([3.0, float("nan")]))
+        >>> metric.compute()
+        tensor(2.)
+        >>> int(metric.num_excluded)
+        1
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    total: Tensor
+    count: Tensor
+    num_excluded: Tensor
+
+    def __init__(self, keep_values: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.keep_values = keep_values
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("num_excluded", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if keep_values:
+            self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, norms: Tensor) -> None:
+        """Add per-point norms ``[B]``."""
+        if not isinstance(norms, Tensor) or norms.ndim != 1:
+            shape = tuple(norms.shape) if isinstance(norms, Tensor) else type(norms).__name__
+            raise ValueError(f"`JacobianNorm.update` expects per-point norms of shape [B], got {shape}.")
+        finite = torch.isfinite(norms)
+        values = norms[finite]
+        self.total += values.double().sum()
+        self.count += values.numel()
+        self.num_excluded += norms.numel() - values.numel()
+        if self.keep_values:
+            self.values.append(values.float())
+
+    def compute(self) -> Tensor:
+        """The mean of the finite per-point norms."""
+        if self.count == 0:
+            return torch.tensor(float("nan"), device=self.total.device)
+        return (self.total / self.count).float()
+
+    def per_point(self) -> Tensor:
+        """All finite per-point values seen since the last reset, gathered from every process.
+
+        Under DDP this is a collective call: every process must call it.
+        """
+        if not self.keep_values:
+            raise RuntimeError("`per_point` needs `JacobianNorm(keep_values=True)`.")
+        with self.sync_context(should_sync=True, should_unsync=True):
+            return dim_zero_cat(self.values) if self.values else torch.zeros(0, device=self.total.device)

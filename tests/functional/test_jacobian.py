@@ -1,0 +1,212 @@
+"""``jacobian_norm`` against independent references: ``torch.func.vmap(jacrev)`` in float64, and hand math."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sensitivity.functional import jacobian_norm
+from lightning_sensitivity.functional.jacobian import _Plan
+
+
+def reference(model: nn.Module, x: torch.Tensor, output: str = "softmax") -> torch.Tensor:
+    """Per-point ||d out / d x||_F from the full Jacobian, float64, model in eval mode."""
+    model = copy.deepcopy(model).double().eval()
+
+    def f(point):
+        z = model(point[None])[0]
+        return z.softmax(-1) if output == "softmax" else z
+
+    jac = torch.func.vmap(torch.func.jacrev(f))(x.double())
+    return jac.flatten(1).norm(dim=1)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 7))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.3),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 5),
+    )
+
+
+class SkipNet(nn.Module):
+    """The input is used twice (a linear layer and a skip connection): the linear shortcut must not apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(x))) + x[:, :3]
+
+
+def _trained_batchnorm(model: nn.Module) -> nn.Module:
+    # Non-trivial running statistics, so that eval mode matters.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 4, 4) * 2 + 1)
+    return model
+
+
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+@pytest.mark.parametrize(
+    ("make", "shape", "shortcut"),
+    [(mlp, (9, 3, 4, 4), True), (cnn, (9, 3, 4, 4), False), (SkipNet, (9, 12), False)],
+)
+def test_exact_matches_vmap_jacrev(make, shape, shortcut, output):
+    model = make()
+    if make is cnn:
+        model = _trained_batchnorm(model)
+    model.train()
+    x = torch.randn(*shape)
+    ours = jacobian_norm(model, x, output=output)
+    ref = reference(model, x, output)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
+    plan = _Plan(model, output, "exact", None, None, x)
+    plan.chunk_norms(x)
+    assert plan.use_shortcut is shortcut
+    assert model.training  # mode restored
+
+
+def test_shortcut_and_general_path_agree():
+    model = mlp().eval()
+    x = torch.randn(6, 3, 4, 4)
+
+    def general(v):  # the same function, but the input is also read by an elementwise op: no shortcut
+        return model(v) + 0.0 * v.flatten(1)[:, :1]
+
+    plan = _Plan(general, "softmax", "exact", None, None, x)
+    torch.testing.assert_close(plan.chunk_norms(x), jacobian_norm(model, x), rtol=1e-5, atol=1e-7)
+    assert plan.use_shortcut is False
+
+
+def test_shortcut_sees_weight_updates():
+    model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(4, 10)
+    before = jacobian_norm(model, x)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    after = jacobian_norm(model, x)
+    torch.testing.assert_close(after.double(), reference(model, x), rtol=1e-5, atol=0)
+    assert not torch.allclose(before, after)
+
+
+def test_chunking_and_many_classes():
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 1000))
+    x = torch.randn(5, 20)
+    ref = reference(model, x, "logits")
+    for chunk_size in (None, 1, 2):
+        torch.testing.assert_close(jacobian_norm(model, x, output="logits", chunk_size=chunk_size).double(), ref, rtol=1e-5, atol=0)
+
+
+def test_single_logit_is_a_binary_softmax():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 6)
+    two_class = nn.Sequential(model, nn.Identity())
+    z = model(x)[:, 0]
+    sigma = torch.sigmoid(z)
+    grad = reference(model, x, "logits")  # ||dz/dx||
+    expected = 2**0.5 * sigma * (1 - sigma) * grad.float()
+    torch.testing.assert_close(jacobian_norm(two_class, x), expected.detach(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_works_when_autograd_is_off(context):
+    model = mlp().eval()
+    with torch.inference_mode():
+        x_inference = torch.randn(4, 3, 4, 4)
+    assert x_inference.is_inference()
+    manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
+    with manager:
+        values = jacobian_norm(model, x_inference)
+    assert (values > 0).all()
+    torch.testing.assert_close(values.double(), reference(model, x_inference.clone()), rtol=1e-5, atol=0)
+
+
+def test_touches_no_state():
+    model = _trained_batchnorm(cnn())
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 4, 4)
+    rng = torch.get_rng_state()
+    for method in ("exact", "projection"):
+        jacobian_norm(model, x, method=method)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("0."))
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_partial_eval_modes_are_restored():
+    model = mlp()
+    model[3].eval()  # a user froze one submodule
+    jacobian_norm(model, torch.randn(2, 3, 4, 4))
+    assert model.training and not model[3].training
+
+
+def test_autocast_region_measures_in_full_precision():
+    model = mlp()
+    x = torch.randn(4, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = jacobian_norm(model, x)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, jacobian_norm(model, x))
+
+
+def test_projection_is_exact_with_all_directions_and_close_with_few():
+    model = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 12))
+    x = torch.randn(400, 20)
+    exact = jacobian_norm(model, x)
+    full = jacobian_norm(model, x, method="projection", num_projections=12)
+    torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-7)
+    few = jacobian_norm(model, x, method="projection", num_projections=3, generator=torch.Generator().manual_seed(1))
+    # Unbiased for the squared norm: the mean of squares agrees to sampling error.
+    ratio = few.pow(2).mean() / exact.pow(2).mean()
+    assert abs(ratio - 1) < 0.1
+    assert not torch.allclose(few, exact)
+
+
+def test_projection_uses_the_given_generator():
+    model = nn.Sequential(nn.Linear(8, 9))
+    x = torch.randn(10, 8)
+    a = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3))
+    b = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3))
+    c = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_callable_and_empty_batch():
+    model = mlp()
+    values = jacobian_norm(lambda v: model.eval()(v), torch.randn(3, 3, 4, 4))
+    assert values.shape == (3,)
+    assert jacobian_norm(model, torch.randn(0, 3, 4, 4)).shape == (0,)
+
+
+def test_errors():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(TypeError, match="continuous inputs.*embeddings"):
+        jacobian_norm(nn.Embedding(10, 3), torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, num_classes\].*got \(\d+, 3, 1\).*forward_fn"):
+        jacobian_norm(lambda v: model(v)[..., None], torch.randn(2, 4))
+    with pytest.raises(ValueError, match="`output`"):
+        jacobian_norm(model, torch.randn(2, 4), output="probs")
+    with pytest.raises(ValueError, match="`method`"):
+        jacobian_norm(model, torch.randn(2, 4), method="approx")
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        jacobian_norm(model, torch.randn(2, 4), chunk_size=0)
+    with pytest.raises(ValueError, match="`num_projections`"):
+        jacobian_norm(model, torch.randn(2, 4), method="projection", num_projections=0)
