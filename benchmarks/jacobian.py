@@ -83,13 +83,101 @@ def exact_speed(repeats: int, scale: float) -> None:
         print(f"{name:28s} {batch:5d} {t['vmap']:12.4f} {t['loop']:10.4f} {t['ours']:8.4f} {t['ours'] / best:16.2f}")
 
 
+def _blobs(num_classes: int, dim: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return centers[y] + 1.5 * torch.randn(n, dim, generator=g), y
+
+
+def _fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for i in range(0, len(x), 128):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 128]), y[i : i + 128]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def projection_accuracy(repeats: int, quick: bool) -> None:
+    print("\n== projection estimator: validation-set mean against exact (5 seeds), and time ratio ==")
+    from examples.digits import DigitsDataModule, train
+
+    digits = DigitsDataModule()
+    cases: list[tuple[str, nn.Module, Tensor]] = []
+    _, trained_digits = train(max_epochs=5 if quick else 30)
+    cases.append(("digits MLP, trained (C=10)", trained_digits.eval(), digits.x_val))
+    torch.manual_seed(0)
+    x, y = _blobs(100, 784, 2000 if quick else 8000, seed=0)
+    x_val, _ = _blobs(100, 784, 500 if quick else 1000, seed=1)
+    wide = mlp([784, 500, 500, 500, 100])
+    cases.append(("784-500x3-100, untrained (C=100)", mlp([784, 500, 500, 500, 100]), x_val))
+    cases.append(("784-500x3-100, trained (C=100)", _fit(wide, x, y, 3 if quick else 10), x_val))
+    print(f"{'model':34s} {'K':>3s} {'mean rel. error (max |.|)':>26s} {'time proj/exact':>16s}")
+    for name, model, points in cases:
+        num_classes = model(points[:1]).shape[1]
+        exact = jacobian_norm(model, points).mean()
+        for k in sorted({4, max(4, -(-num_classes // 8)), num_classes // 4}):
+            errors = [
+                (jacobian_norm(model, points, method="projection", num_projections=k, generator=torch.Generator().manual_seed(s)).mean() / exact - 1).item()
+                for s in range(5)
+            ]
+            t = timed(
+                {
+                    "exact": functools.partial(jacobian_norm, model, points),
+                    "proj": functools.partial(jacobian_norm, model, points, method="projection", num_projections=k),
+                },
+                repeats,
+            )
+            mean_error = statistics.mean(errors)
+            worst = max(abs(e) for e in errors)
+            print(f"{name:34s} {k:3d} {mean_error:+13.4%} ({worst:8.4%}) {t['proj'] / t['exact']:16.2f}")
+
+
+def monitor_overhead(repeats: int, epochs: int) -> None:
+    print(f"\n== JacobianNormMonitor overhead: digits training ({epochs} epochs), median of {repeats} interleaved runs ==")
+    import tempfile
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from examples.digits import train
+    from lightning_sensitivity import JacobianNormMonitor
+
+    def run(callbacks: list) -> float:
+        start = time.perf_counter()
+        train(callbacks, max_epochs=epochs, logger=TensorBoardLogger(tempfile.mkdtemp()))
+        return time.perf_counter() - start
+
+    configurations = {
+        "without": list,
+        "default JacobianNormMonitor()": lambda: [JacobianNormMonitor()],
+        "JacobianNormMonitor(every_n_epochs=1)": lambda: [JacobianNormMonitor(every_n_epochs=1)],
+    }
+    run([])
+    samples: dict[str, list[float]] = {name: [] for name in configurations}
+    for _ in range(repeats):
+        for name, make in configurations.items():
+            samples[name].append(run(make()))
+    base = statistics.median(samples["without"])
+    for name, values in samples.items():
+        print(f"{name:40s} {statistics.median(values):7.3f} s   ratio {statistics.median(values) / base:5.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    exact_speed(repeats=3 if args.quick else 7, scale=0.25 if args.quick else 1.0)
+    repeats = 3 if args.quick else 7
+    exact_speed(repeats=repeats, scale=0.25 if args.quick else 1.0)
+    projection_accuracy(repeats=repeats, quick=args.quick)
+    monitor_overhead(repeats=3 if args.quick else 9, epochs=30)
 
 
 if __name__ == "__main__":

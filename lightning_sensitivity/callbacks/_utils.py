@@ -105,8 +105,9 @@ def _dataset_length(dataloader: Any) -> int | None:
 
 
 def _step(trainer: pl.Trainer) -> int:
-    """The x-axis of every logged value: the global step, as Lightning's own ``self.log`` uses."""
-    return trainer.global_step
+    """The x-axis of every value a monitor logs: the step Lightning's own ``self.log`` gives epoch-end values,
+    so that a monitor's histograms and figures line up with its scalars."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

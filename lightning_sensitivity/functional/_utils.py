@@ -50,7 +50,11 @@ def _check_continuous(x: Tensor, name: str = "x") -> None:
         )
 
 
-def _check_logits(z: Tensor, batch_size: int, hint: str = "") -> None:
+def _check_logits(z: object, batch_size: int, hint: str = "") -> None:
+    if not isinstance(z, Tensor):
+        raise ValueError(
+            f"Expected the model to return logits of shape [batch, num_classes], got a {type(z).__name__}.{hint}"
+        )
     if z.ndim != 2 or z.shape[0] != batch_size:
         raise ValueError(
             f"Expected the model to return logits of shape [batch, num_classes] = [{batch_size}, C], got "

@@ -83,20 +83,24 @@ def jacobian_norm(
     :math:`\lVert A W \rVert_F^2 = \operatorname{tr}(A G A^\top)` with :math:`A = \partial p / \partial h`.
     Any other model takes the general path; both are exact.
 
-    ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019):
-    :math:`\lVert J\rVert_F^2 = C\, \mathbb{E}\,\lVert v^\top J \rVert^2` for :math:`v` uniform on the unit
-    sphere. It draws ``num_projections`` = :math:`K` orthonormal directions per point (rows of a random
-    rotation, which keeps the estimate unbiased for :math:`\lVert J\rVert_F^2` with lower variance than
-    independent directions, and exact when :math:`K = C`) and costs :math:`K` products instead of
-    :math:`C`. Its square root is biased low for :math:`s(x)`; ``benchmarks/jacobian.py`` prints how far.
+    ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019),
+    :math:`\lVert J\rVert_F^2 = n\, \mathbb{E}\,\lVert v^\top J \rVert^2` for :math:`v` uniform on the unit
+    sphere of :math:`\mathbb{R}^n`, at ``num_projections`` = :math:`K` vector-Jacobian products instead of
+    :math:`C`. For the softmax, whose row :math:`c` is :math:`p_c (e_c - p)^\top J_z` and so is small for
+    improbable classes, the rows of the :math:`\lfloor K/2 \rfloor` most probable classes are computed
+    exactly and the estimator is applied to the other :math:`n = C - \lfloor K/2 \rfloor` rows only; for the
+    logits, to all :math:`n = C` rows. The directions of each point are orthonormal (columns of a random
+    rotation), which keeps the estimate of :math:`\lVert J\rVert_F^2` unbiased with less variance than
+    independent draws, and makes it exact at :math:`K = C`. Its square root is biased low for :math:`s(x)`;
+    ``benchmarks/jacobian.py`` prints how far the mean over a validation set lands from the exact mean.
 
     Args:
         model: an ``nn.Module`` or any callable mapping a batch ``[B, ...]`` to logits ``[B, C]``.
         x: the points, ``[B, ...]``, floating point. Labels are not needed.
         output: ``"softmax"`` (the paper's measure) or ``"logits"``.
         method: ``"exact"`` or ``"projection"``.
-        num_projections: directions per point for ``method="projection"``; default ``ceil(C / 8)``,
-            at least 1 and at most :math:`C`.
+        num_projections: vector-Jacobian products per point for ``method="projection"``; default
+            ``max(4, ceil(C / 8))``, at most :math:`C`.
         chunk_size: points measured together. Never more than ``chunk_size * C * D`` Jacobian entries are
             alive at once. Default: as many as keep that product under :math:`2^{24}`.
         generator: the ``torch.Generator`` for the projection directions; the global random state is never
@@ -225,7 +229,7 @@ class _Plan:
         self.num_classes = max(2, probe.shape[1]) if self.softmax else probe.shape[1]
         self.single_logit = probe.shape[1] == 1
         if self.projection:
-            k = num_projections if num_projections is not None else math.ceil(self.num_classes / 8)
+            k = num_projections if num_projections is not None else max(4, math.ceil(self.num_classes / 8))
             self.rows_per_point = min(k, self.num_classes)
         else:
             self.rows_per_point = self.num_classes
@@ -254,16 +258,29 @@ class _Plan:
         _check_logits(z, x.shape[0], _LOGITS_HINT)
         return _Forward(self._outputs(z), leaf, None)
 
-    def _cotangents(self, batch: int, like: Tensor) -> Tensor:
-        """Rows to pull back, ``[K, B, C]``: the basis (exact), or K orthonormal directions per point."""
-        c = self.num_classes
+    def _cotangents(self, out: Tensor) -> Tensor:
+        """Rows to pull back, ``[K, B, C]``: the basis (exact), or the rows of the projection estimator."""
+        batch, c = out.shape
         if not self.projection:
-            eye = torch.eye(c, dtype=like.dtype, device=like.device)
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
             return eye[:, None, :].expand(c, batch, c)
         k = self.rows_per_point
-        gaussian = torch.randn(batch, c, k, generator=self._generator(), dtype=torch.float64)
-        q, _ = torch.linalg.qr(gaussian)  # Haar-distributed orthonormal columns
-        return (q.permute(2, 0, 1) * math.sqrt(c / k)).to(dtype=like.dtype, device=like.device)
+        # Softmax rows p_c (e_c - p)^T J_z are small for improbable classes: the rows of the most probable
+        # classes are taken exactly and only the others are projected, which keeps the estimate unbiased and
+        # cuts its variance where a confident classifier puts it. Logits have no such ordering.
+        num_exact = min(k // 2, c - 1) if self.softmax and k < c else 0
+        order = out.detach().argsort(dim=1, descending=True).cpu()
+        rest = c - num_exact
+        gaussian = torch.randn(batch, rest, k - num_exact, generator=self._generator(), dtype=torch.float64)
+        q, _ = torch.linalg.qr(gaussian)  # Haar-distributed orthonormal columns in the other classes' space
+        rows = torch.zeros(k, batch, c, dtype=torch.float64)
+        index = torch.arange(batch)
+        for j in range(num_exact):
+            rows[j, index, order[:, j]] = 1.0
+        rows[num_exact:].scatter_(
+            2, order[None, :, num_exact:].expand(k - num_exact, -1, -1), q.permute(2, 0, 1) * math.sqrt(rest / (k - num_exact))
+        )
+        return rows.to(dtype=out.dtype, device=out.device)
 
     def _generator(self) -> torch.Generator:
         if self.generator is None:
@@ -272,7 +289,7 @@ class _Plan:
 
     def chunk_norms(self, x: Tensor) -> Tensor:
         fwd = self._forward(x)
-        cotangents = self._cotangents(x.shape[0], fwd.out)
+        cotangents = self._cotangents(fwd.out)
         rows = _pullback(fwd.out, fwd.wrt, cotangents).flatten(2)  # [K, B, D or H]
         with torch.no_grad():
             if fwd.gram is None:

@@ -1,0 +1,228 @@
+"""``JacobianNormMonitor`` inside real ``Trainer`` runs on digits."""
+
+import csv
+import glob
+import os
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional import spearman_corrcoef
+
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import JacobianNormMonitor
+from lightning_sensitivity.functional import jacobian_norm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+
+
+def events(log_dir: str) -> EventAccumulator:
+    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_logs_scalar_and_histogram_equal_to_direct_measurement(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer, model = train([JacobianNormMonitor(max_points=100)], max_epochs=2, logger=logger)
+    data = DigitsDataModule()
+    expected = jacobian_norm(model, data.x_val[:100])
+
+    ea = events(logger.log_dir)
+    scalars = ea.Scalars("sensitivity/jacobian_norm")
+    assert [s.step for s in scalars] == [trainer.global_step // 2 - 1, trainer.global_step - 1]
+    assert scalars[-1].value == pytest.approx(expected.mean().item(), rel=1e-5)
+    histograms = ea.Histograms("sensitivity/jacobian_norm")
+    assert [h.step for h in histograms] == [s.step for s in scalars]
+    histogram = histograms[-1].histogram_value
+    assert histogram.num == 100
+    assert histogram.sum == pytest.approx(expected.sum().item(), rel=1e-4)
+    assert histogram.min == pytest.approx(expected.min().item(), rel=1e-4)
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_training_is_bit_identical_with_the_monitor():
+    def run(callbacks):
+        trainer, model = train(callbacks, max_epochs=2)
+        optimizer = trainer.optimizers[0].state_dict()
+        return model.state_dict(), optimizer, torch.get_rng_state()
+
+    weights_a, optim_a, rng_a = run([])
+    weights_b, optim_b, rng_b = run([JacobianNormMonitor(method="projection"), JacobianNormMonitor(max_points=None)])
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    for state_a, state_b in zip(optim_a["state"].values(), optim_b["state"].values(), strict=True):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(rng_a, rng_b)
+
+
+def test_validate_under_inference_mode_gives_the_no_grad_values():
+    pl.seed_everything(0)
+    model = MLPClassifier().eval()
+    with torch.inference_mode():
+        x = torch.rand(40, 1, 8, 8)
+        y = torch.randint(0, 10, (40,))
+    assert x.is_inference()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = pl.Trainer(callbacks=[JacobianNormMonitor()], logger=False, enable_progress_bar=False)
+    trainer.validate(model, loader, verbose=False)
+    logged = trainer.callback_metrics["sensitivity/jacobian_norm"]
+    with torch.no_grad():
+        expected = jacobian_norm(model, x.clone()).mean()
+    assert logged.item() > 0
+    assert logged.item() == pytest.approx(expected.item(), rel=1e-5)
+    trainer.test(model, loader, verbose=False)
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_per_point_records_and_spearman(tmp_path):
+    logger = CSVLogger(tmp_path)
+    trainer, model = train([JacobianNormMonitor(max_points=None)], max_epochs=2, logger=logger)
+    files = glob.glob(os.path.join(logger.log_dir, "jacobian_norm_records", "*.csv"))
+    assert [os.path.basename(f) for f in files] == ["fit_epoch=1.csv"]
+    with open(files[0]) as handle:
+        rows = list(csv.DictReader(handle))
+    data = DigitsDataModule()
+    assert [int(r["index"]) for r in rows] == list(range(len(data.x_val)))
+    assert [int(r["label"]) for r in rows] == data.y_val.tolist()
+    logits = model(data.x_val)
+    assert [int(r["prediction"]) for r in rows] == logits.argmax(1).tolist()
+    losses = torch.tensor([float(r["loss"]) for r in rows])
+    torch.testing.assert_close(losses, F.cross_entropy(logits, data.y_val, reduction="none").detach(), rtol=1e-4, atol=1e-6)
+    norms = torch.tensor([float(r["jacobian_norm"]) for r in rows])
+    torch.testing.assert_close(norms, jacobian_norm(model, data.x_val), rtol=1e-4, atol=1e-7)
+    rho = trainer.callback_metrics["sensitivity/jacobian_loss_spearman"]
+    assert rho.item() == pytest.approx(spearman_corrcoef(norms, losses).item(), abs=1e-3)
+
+
+class TensorOnly(pl.LightningModule):
+    """Batches are bare tensors (no labels) or dicts; the logits are one head of a dict output."""
+
+    def __init__(self, dict_output: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.dict_output = dict_output
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"logits": logits, "features": x} if self.dict_output else logits
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        pass
+
+
+def _validate(module, loader, **monitor_kwargs):
+    trainer = pl.Trainer(callbacks=[JacobianNormMonitor(**monitor_kwargs)], logger=False, enable_progress_bar=False)
+    trainer.validate(module, loader, verbose=False)
+    return trainer
+
+
+def test_batch_formats_get_input_and_forward_fn():
+    x = torch.randn(20, 5)
+    module = TensorOnly()
+    expected = jacobian_norm(module.net, x).mean().item()
+    for loader, kwargs in [
+        (DataLoader(x, batch_size=8), {}),
+        (DataLoader([{"image": row} for row in x], batch_size=8), {"input_key": "image"}),
+        (DataLoader([(0, row) for row in x], batch_size=8), {"get_input": lambda batch: batch[1]}),
+    ]:
+        trainer = _validate(module, loader, **kwargs)
+        assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected, rel=1e-5)
+    trainer = _validate(TensorOnly(dict_output=True), DataLoader(x, batch_size=8), forward_fn=lambda m, v: m(v)["logits"])
+    assert "sensitivity/jacobian_norm" in trainer.callback_metrics
+
+
+def test_bad_outputs_and_inputs_fail_with_clear_messages():
+    x = torch.randn(20, 5)
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, num_classes\].*forward_fn"):
+        _validate(TensorOnly(dict_output=True), DataLoader(x, batch_size=8))
+
+    class Tokens(TensorOnly):
+        def forward(self, ids):
+            return self.net(ids.float())
+
+    ids = torch.randint(0, 10, (20, 5))
+    with pytest.raises(TypeError, match="continuous inputs.*forward_fn"):
+        _validate(Tokens(), DataLoader(ids, batch_size=8))
+    with pytest.raises(KeyError, match="input_key"):
+        _validate(TensorOnly(), DataLoader([{"image": row} for row in x], batch_size=8))
+    for bad in [{"max_points": 0}, {"every_n_epochs": 0}, {"output": "probs"}, {"method": "fast"}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _validate(TensorOnly(), DataLoader(x, batch_size=8), **bad)
+
+
+def test_non_finite_points_are_excluded_and_warned_once():
+    x = torch.randn(20, 5)
+    x[3, 1] = float("nan")
+    x[11, 0] = float("inf")
+    module = TensorOnly()
+    finite = torch.ones(20, dtype=torch.bool)
+    finite[[3, 11]] = False
+    with pytest.warns(UserWarning, match="2 point"):
+        trainer = _validate(module, DataLoader(x, batch_size=8))
+    expected = jacobian_norm(module.net, x[finite]).mean().item()
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_empty_batches_no_logger_and_no_validation_data(tmp_path):
+    x = torch.randn(8, 5)
+
+    class Batches:  # an iterable of batches whose first batch is empty (a filtering collate can do that)
+        def __iter__(self):
+            return iter([torch.zeros(0, 5), x])
+
+        def __len__(self):
+            return 2
+
+    module = TensorOnly()
+    trainer = _validate(module, Batches())
+    expected = jacobian_norm(module.net, x).mean().item()
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected, rel=1e-5)
+
+    class NoValidation(TensorOnly):
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    trainer = pl.Trainer(
+        callbacks=[JacobianNormMonitor()], max_epochs=1, logger=False, enable_progress_bar=False,
+        limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="no validation point"):
+        trainer.fit(NoValidation(), DataLoader(x, batch_size=4), DataLoader(x, batch_size=4))
+
+
+def test_every_n_epochs_and_sanity_check(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer, _ = train([JacobianNormMonitor(every_n_epochs=2, max_points=32)], max_epochs=5, logger=logger,
+                       num_sanity_val_steps=2)
+    steps = [s.step for s in events(logger.log_dir).Scalars("sensitivity/jacobian_norm")]
+    per_epoch = trainer.global_step // 5
+    assert steps == [2 * per_epoch - 1, 4 * per_epoch - 1, 5 * per_epoch - 1]  # epochs 2, 4 and the last; no sanity check
+
+
+def test_several_validation_dataloaders_are_logged_separately():
+    module = TensorOnly()
+    a, b = torch.randn(10, 5), 3 * torch.randn(12, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _validate(module, [DataLoader(a, batch_size=4), DataLoader(b, batch_size=5)])
+    for idx, x in enumerate((a, b)):
+        logged = trainer.callback_metrics[f"sensitivity/jacobian_norm/dataloader_idx_{idx}"].item()
+        assert logged == pytest.approx(jacobian_norm(module.net, x).mean().item(), rel=1e-5)
+
+
+def test_state_dict_round_trip():
+    monitor = JacobianNormMonitor(method="projection", seed=5)
+    monitor._generator.manual_seed(123)
+    restored = JacobianNormMonitor(method="projection")
+    restored.load_state_dict(monitor.state_dict())
+    assert torch.equal(restored._generator.get_state(), monitor._generator.get_state())
+    assert monitor.state_key != JacobianNormMonitor(output="logits").state_key
