@@ -1,3 +1,7 @@
 """Sensitivity and generalization measurements (Novak et al., ICLR 2018) for PyTorch Lightning."""
 
 __version__ = "0.1.0"
+
+from lightning_sensitivity.callbacks import GeneralizationGapMonitor, JacobianNormMonitor
+
+__all__ = ["GeneralizationGapMonitor", "JacobianNormMonitor", "__version__"]

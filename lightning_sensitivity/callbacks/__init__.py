@@ -1,1 +1,6 @@
 """Lightning callbacks that measure sensitivity and generalization while a model trains."""
+
+from lightning_sensitivity.callbacks.generalization_gap_monitor import GeneralizationGapMonitor
+from lightning_sensitivity.callbacks.jacobian_norm_monitor import JacobianNormMonitor
+
+__all__ = ["GeneralizationGapMonitor", "JacobianNormMonitor"]

@@ -1,0 +1,175 @@
+"""The TensorBoard side of the monitors that goes beyond scalars: one dashboard layout, and the monitors' values
+as the hparam metrics of the run.
+
+Every monitor calls :func:`_register_dashboard` from ``on_fit_start``; it acts once per run however many monitors
+call it, so the monitors need not know about each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.tensorboard.summary import hparams
+
+from lightning_sensitivity.callbacks._utils import _tensorboard_writers
+
+_DASHBOARD_CATEGORY = "sensitivity and generalization (Novak et al. 2018)"
+
+
+def _first_time(obj: Any, what: str) -> bool:
+    """True the first time it is asked about ``what`` for ``obj``, False afterwards.
+
+    The mark lives on the object (a writer, a trainer), not in this module: a module can be imported twice (pytest
+    imports every module again for its doctests), and both copies must agree.
+    """
+    flag = f"_lightning_sensitivity_{what}"
+    if getattr(obj, flag, False):
+        return False
+    setattr(obj, flag, True)
+    return True
+
+
+def _exact_tag(key: str) -> str:
+    # The custom-scalars plugin matches tags with `re.match`: anchor the end too, so that
+    # `sensitivity/jacobian_norm` does not also pull in `sensitivity/jacobian_norm_<anything>`.
+    return f"^{re.escape(key)}$"
+
+
+def _dashboard_layout(sensitivity_prefix: str, generalization_prefix: str) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: one category, one chart per comparison the paper makes.
+
+    >>> charts = _dashboard_layout("sensitivity", "generalization")[_DASHBOARD_CATEGORY]
+    >>> charts["Jacobian norm beside the generalization gap (loss)"]
+    ['Multiline', ['^sensitivity/jacobian_norm$', '^generalization/gap_loss$']]
+    """
+    s, g = sensitivity_prefix, generalization_prefix
+    return {
+        _DASHBOARD_CATEGORY: {
+            "Jacobian norm beside the generalization gap (loss)": [
+                "Multiline",
+                [_exact_tag(f"{s}/jacobian_norm"), _exact_tag(f"{g}/gap_loss")],
+            ],
+            "Transition density: on against off the data manifold": [
+                "Multiline",
+                [
+                    _exact_tag(f"{s}/transition_density_on_manifold"),
+                    _exact_tag(f"{s}/transition_density_off_manifold"),
+                ],
+            ],
+            "Loss in eval mode: training subset against validation": [
+                "Multiline",
+                [_exact_tag(f"{g}/train_loss"), _exact_tag(f"{g}/val_loss")],
+            ],
+        }
+    }
+
+
+def _register_dashboard(
+    trainer: pl.Trainer,
+    *,
+    sensitivity_prefix: str = "sensitivity",
+    generalization_prefix: str = "generalization",
+) -> None:
+    """Write the dashboard layout to every TensorBoard logger of the trainer, once per writer, and declare the
+    hparam metrics (:func:`_log_hparam_metrics`). Call it from ``on_fit_start``.
+
+    Without a TensorBoard logger, says once per trainer (``rank_zero_info``) that scalars still reach the other
+    loggers while the layout, histograms and figures are skipped.
+    """
+    writers = _tensorboard_writers(trainer)
+    if not writers:
+        if _first_time(trainer, "told_no_tensorboard"):
+            loggers = [type(logger).__name__ for logger in trainer.loggers] or ["no logger"]
+            rank_zero_info(
+                f"lightning_sensitivity: the trainer has no TensorBoardLogger ({', '.join(loggers)}); the monitors' "
+                "scalars go to the loggers it has, their dashboard layout, histograms and figures are skipped."
+            )
+        return
+    layout = _dashboard_layout(sensitivity_prefix, generalization_prefix)
+    for writer in writers:
+        if _first_time(writer, "dashboard"):
+            writer.add_custom_scalars(layout)
+    _log_hparam_metrics(
+        trainer,
+        trainer.lightning_module,
+        sensitivity_prefix=sensitivity_prefix,
+        generalization_prefix=generalization_prefix,
+    )
+
+
+def _hyperparameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The hyper-parameters Lightning logs at the start of a fit (the data module's, then the module's), flattened
+    to the numbers, booleans and strings an hparams summary holds.
+
+    >>> _flat_params({"lr": 0.1, "net": {"hidden_sizes": (128, 128)}, "act": "relu", "ckpt": None})
+    {'lr': 0.1, 'net/hidden_sizes': '(128, 128)', 'act': 'relu'}
+    """
+    params: dict[str, Any] = {}
+    datamodule = trainer.datamodule
+    if datamodule is not None:
+        params.update(datamodule.hparams_initial)
+    params.update(pl_module.hparams_initial)
+    return _flat_params(params)
+
+
+def _flat_params(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{parent}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_params(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def _hparam_metric_keys(sensitivity_prefix: str, generalization_prefix: str) -> list[str]:
+    """Every scalar key the package's monitors log (SPEC section 6), under the given prefixes."""
+    sensitivity = ["jacobian_norm", "jacobian_loss_spearman", "transition_density_on_manifold"]
+    sensitivity.append("transition_density_off_manifold")
+    generalization = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
+    return [f"{sensitivity_prefix}/{key}" for key in sensitivity] + [
+        f"{generalization_prefix}/{key}" for key in generalization
+    ]
+
+
+def _log_hparam_metrics(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    sensitivity_prefix: str = "sensitivity",
+    generalization_prefix: str = "generalization",
+) -> None:
+    """Make the monitors' keys the hparam metrics of the run, so the HPARAMS tab compares the runs of a sweep by
+    their final ``sensitivity/*`` and ``generalization/*`` values.
+
+    TensorBoard keeps the *first* hparams summary of a run and reads each metric's value from the last point of the
+    scalar with the metric's name. So this writes, when the module (or data module) saved hyper-parameters, one
+    hparams summary that names those hyper-parameters and every key of the package (``hp_metric`` too when the
+    logger logs it), before Lightning writes its own just after ``on_fit_start``. The final values then come from
+    the scalars the monitors log, and nothing is logged twice. A key no monitor logs stays an empty column.
+    :func:`_register_dashboard` calls this; it acts once per trainer, and a later call (say from ``on_fit_end``)
+    does nothing.
+    """
+    if not _first_time(trainer, "hparam_metrics"):
+        return
+    params = _hyperparameters(trainer, pl_module)
+    if not params:
+        return
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    metrics = dict.fromkeys(_hparam_metric_keys(sensitivity_prefix, generalization_prefix), 0.0)
+    if any(logger._default_hp_metric for logger in loggers):
+        metrics["hp_metric"] = -1.0
+    experiment, session_start, session_end = hparams(params, metrics)
+    for writer in _tensorboard_writers(trainer):
+        # The run's own event file (SummaryWriter.add_hparams would open a new run in a subdirectory).
+        file_writer = writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)

@@ -1,0 +1,131 @@
+"""The TensorBoard dashboard layout and the hparam metrics, read back from the event files."""
+
+import glob
+import logging
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from examples.digits import MLPClassifier, train
+from lightning_sensitivity import GeneralizationGapMonitor
+from lightning_sensitivity.callbacks._dashboard import _log_hparam_metrics, _register_dashboard
+
+KEYS = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
+FAST = dict(limit_train_batches=2, max_epochs=2)
+
+
+def _tag_count(log_dir: str, tag: str) -> int:
+    """How many summary values with ``tag`` the run's event files hold."""
+    return sum(
+        value.tag == tag
+        for path in glob.glob(f"{log_dir}/events.out.tfevents.*")
+        for event in EventFileLoader(path).Load()
+        for value in event.summary.value
+    )
+
+
+def _events(log_dir: str) -> EventAccumulator:
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return events
+
+
+def test_layout_is_written_once_and_names_the_charts(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitors = [GeneralizationGapMonitor(prefix="generalization"), GeneralizationGapMonitor(prefix="gen2")]
+    trainer, _ = train(monitors, logger=logger, **FAST)
+    _register_dashboard(trainer)  # a third caller (another monitor) on the same writer adds nothing
+    logger.experiment.flush()
+    assert _tag_count(logger.log_dir, "custom_scalars__config__") == 1
+
+    tensor = _events(logger.log_dir).Tensors("custom_scalars__config__")[-1].tensor_proto
+    layout = layout_pb2.Layout.FromString(tensor.string_val[0])
+    (category,) = layout.category
+    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    assert charts == {
+        "Jacobian norm beside the generalization gap (loss)": [
+            "^sensitivity/jacobian_norm$",
+            "^generalization/gap_loss$",
+        ],
+        "Transition density: on against off the data manifold": [
+            "^sensitivity/transition_density_on_manifold$",
+            "^sensitivity/transition_density_off_manifold$",
+        ],
+        "Loss in eval mode: training subset against validation": [
+            "^generalization/train_loss$",
+            "^generalization/val_loss$",
+        ],
+    }
+
+
+def test_hparam_metrics_are_the_final_values(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer, model = train([GeneralizationGapMonitor()], logger=logger, model=MLPClassifier(lr=0.03), **FAST)
+    _log_hparam_metrics(trainer, model)  # a later call, from another monitor's on_fit_end, adds nothing
+    logger.experiment.flush()
+    # Ours, then Lightning's own (hp_metric only), which TensorBoard ignores: it keeps a run's first summary.
+    assert _tag_count(logger.log_dir, "_hparams_/experiment") == 2
+
+    events = _events(logger.log_dir)
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metric_tags = {info.name.tag for info in experiment.metric_infos}
+    assert {f"generalization/{k}" for k in KEYS} | {"sensitivity/jacobian_norm", "hp_metric"} <= metric_tags
+    assert {"lr", "hidden_sizes", "activation", "optimizer"} <= {h.name for h in experiment.hparam_infos}
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["lr"].number_value == 0.03
+    assert session.session_start_info.hparams["hidden_sizes"].string_value == "(128, 128)"
+    # TensorBoard takes each metric's value from the last point of its scalar: the final logged value, and no
+    # point was added to the chart for it.
+    for key in KEYS:
+        points = events.Scalars(f"generalization/{key}")
+        assert len(points) == 2
+        assert points[-1].value == float(trainer.callback_metrics[f"generalization/{key}"])
+
+
+class _NoHyperparameters(MLPClassifier):
+    def save_hyperparameters(self, *args, **kwargs) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class _PlainData(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        from examples.digits import DigitsDataModule
+
+        self._digits = DigitsDataModule()
+        self.train_dataloader = self._digits.train_dataloader
+        self.val_dataloader = self._digits.val_dataloader
+
+
+def test_no_hparam_metrics_without_hyperparameters(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    train(
+        [GeneralizationGapMonitor()],
+        logger=logger,
+        model=_NoHyperparameters(),
+        datamodule=_PlainData(),
+        **FAST,
+    )
+    logger.experiment.flush()
+    assert _tag_count(logger.log_dir, "_hparams_/experiment") == 0
+
+
+def test_without_tensorboard_one_info_line_and_nothing_else(tmp_path, caplog):
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(
+        logger=logger, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
+    )
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            _register_dashboard(trainer)
+    messages = [r.getMessage() for r in caplog.records if "TensorBoardLogger" in r.getMessage()]
+    assert len(messages) == 1 and "CSVLogger" in messages[0]

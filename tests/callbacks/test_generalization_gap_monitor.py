@@ -1,0 +1,218 @@
+"""GeneralizationGapMonitor: the gap against a direct evaluation, a fixed subset, training left unchanged."""
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import GeneralizationGapMonitor
+
+KEYS = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
+FAST = dict(limit_train_batches=3, max_epochs=2)
+
+
+def _direct(model: pl.LightningModule, x: Tensor, y: Tensor) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def _expected(model: pl.LightningModule, dm: DigitsDataModule, indices: Tensor) -> dict[str, float]:
+    train_loss, train_acc = _direct(model, dm.x_train[indices], dm.y_train[indices])
+    val_loss, val_acc = _direct(model, dm.x_val, dm.y_val)
+    return {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "gap_loss": val_loss - train_loss,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "gap_accuracy": train_acc - val_acc,
+    }
+
+
+def _logged(trainer: pl.Trainer, prefix: str = "generalization") -> dict[str, float]:
+    return {key: float(trainer.callback_metrics[f"{prefix}/{key}"]) for key in KEYS}
+
+
+def test_gap_equals_direct_evaluation_on_the_same_subsets():
+    dm = DigitsDataModule()
+    monitor = GeneralizationGapMonitor(prefix="gen")
+    trainer, model = train([monitor], datamodule=dm, **FAST)
+    indices = monitor.train_indices
+    assert len(indices) == len(dm.x_val) == 539  # as large as the validation set
+    assert len(set(indices.tolist())) == len(indices)
+    assert _logged(trainer, "gen") == pytest.approx(_expected(model, dm, indices), abs=1e-5)
+    assert not model.training  # left as Lightning leaves it after fit; the monitor restored eval mode itself
+
+
+def test_the_subset_is_capped_and_seeded():
+    dm = DigitsDataModule()
+    first, same, other = (GeneralizationGapMonitor(max_train_points=100, seed=s) for s in (1, 1, 2))
+    trainer, model = train([first], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    train([same], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    train([other], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    assert len(first.train_indices) == 100
+    assert torch.equal(first.train_indices, same.train_indices)
+    assert not torch.equal(first.train_indices, other.train_indices)
+    assert _logged(trainer) == pytest.approx(_expected(model, dm, first.train_indices), abs=1e-5)
+
+
+def _recording_forward(records: list[tuple[int, Tensor]]):
+    def forward(module: pl.LightningModule, x: Tensor) -> Tensor:
+        records.append((module.trainer.current_epoch, x.detach().clone()))
+        return module(x)
+
+    return forward
+
+
+def test_shuffle_and_augmentation_keep_the_same_training_points():
+    dm = DigitsDataModule(augment=True, batch_size=32)
+    records: list[tuple[int, Tensor]] = []
+    monitor = GeneralizationGapMonitor(forward_fn=_recording_forward(records), batch_size=100)
+    train([monitor], datamodule=dm, limit_train_batches=2, max_epochs=3)
+    num_val = len(dm.x_val)
+    per_epoch = [torch.cat([x for epoch, x in records if epoch == e]) for e in range(3)]
+    train_inputs = [inputs[num_val:] for inputs in per_epoch]  # validation batches first, then the subset
+    assert len(train_inputs[0]) == num_val
+    assert torch.equal(train_inputs[0], train_inputs[1]) and torch.equal(train_inputs[0], train_inputs[2])
+    # Each evaluated training input is its indexed digit, shifted by at most one pixel (the augmentation).
+    originals = dm.x_train[monitor.train_indices]
+    padded = F.pad(originals, [1, 1, 1, 1])
+    shifts = torch.stack(
+        [padded[..., 1 + dy : 9 + dy, 1 + dx : 9 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    )
+    matches = (shifts == train_inputs[0]).flatten(2).all(-1).any(0)
+    assert matches.all()
+
+
+def _weights_after(callbacks: list[pl.Callback]) -> tuple[dict[str, Tensor], Tensor]:
+    _, model = train(callbacks, datamodule=DigitsDataModule(augment=True, batch_size=32), **FAST)
+    return model.state_dict(), torch.get_rng_state()
+
+
+def test_training_is_bit_identical_with_and_without_the_monitor():
+    reference, rng_reference = _weights_after([])
+    weights, rng = _weights_after([GeneralizationGapMonitor(every_n_epochs=1)])
+    assert reference.keys() == weights.keys()
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    assert torch.equal(rng_reference, rng)
+
+
+def test_state_dict_restores_the_subset():
+    dm = DigitsDataModule()
+    monitor = GeneralizationGapMonitor(max_train_points=50, seed=3)
+    train([monitor], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    resumed = GeneralizationGapMonitor(max_train_points=50, seed=4)
+    resumed.load_state_dict(monitor.state_dict())
+    trainer, model = train([resumed], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    assert torch.equal(resumed.train_indices, monitor.train_indices)
+    assert _logged(trainer) == pytest.approx(_expected(model, dm, monitor.train_indices), abs=1e-5)
+    assert monitor.state_key != GeneralizationGapMonitor(prefix="other").state_key
+
+
+def test_loss_fn_per_point_or_mean_and_another_loss():
+    dm = DigitsDataModule()
+    per_point = GeneralizationGapMonitor(
+        loss_fn=lambda z, y: F.cross_entropy(z, y, reduction="none"), prefix="a"
+    )
+    margin = GeneralizationGapMonitor(loss_fn=F.multi_margin_loss, prefix="b")
+    trainer, model = train([per_point, margin], datamodule=dm, limit_train_batches=1, max_epochs=1)
+    assert _logged(trainer, "a") == pytest.approx(_expected(model, dm, per_point.train_indices), abs=1e-5)
+    model.eval()
+    with torch.no_grad():
+        val_margin = F.multi_margin_loss(model(dm.x_val), dm.y_val).item()
+    assert float(trainer.callback_metrics["b/val_loss"]) == pytest.approx(val_margin, abs=1e-6)
+
+
+def test_every_n_epochs_and_the_last_epoch_with_csv_logger_only(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(
+            [GeneralizationGapMonitor(every_n_epochs=2)],
+            logger=CSVLogger(tmp_path, name="csv"),
+            limit_train_batches=1,
+            max_epochs=3,
+        )
+    lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert {f"generalization/{k}" for k in KEYS} <= set(header)
+    column = header.index("generalization/gap_loss")
+    epochs = [row.split(",")[header.index("epoch")] for row in lines[1:] if row.split(",")[column]]
+    assert epochs == ["1", "2"]  # every second epoch, and the last; never the sanity check
+    assert sum("no TensorBoardLogger" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_several_loggers_receive_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb, csv = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    train([GeneralizationGapMonitor()], logger=[tb, csv], **FAST)
+    events = EventAccumulator(tb.log_dir)
+    events.Reload()
+    for key in KEYS:
+        assert len(events.Scalars(f"generalization/{key}")) == 2
+    assert {f"generalization/{k}" for k in KEYS} <= set(
+        (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    )
+
+
+class _Stream(IterableDataset):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x))  # global RNG, as a shuffling stream would
+        return iter(zip(self.x[order], self.y[order], strict=True))
+
+
+class _StreamData(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(self.x_train, self.y_train), batch_size=64)
+
+
+def test_iterable_dataset_uses_the_first_batches():
+    dm = _StreamData()
+    monitor = GeneralizationGapMonitor(max_train_points=100, batch_size=64)
+    trainer, model = train([monitor], datamodule=dm, limit_train_batches=2, max_epochs=2)
+    assert torch.equal(monitor.train_indices, torch.arange(128))  # two whole batches of 64 hold 100 points
+    torch.manual_seed(monitor.seed)  # the monitor reads the stream with the global RNG seeded by `seed`
+    x, y = next(iter(DataLoader(_Stream(dm.x_train, dm.y_train), batch_size=128)))
+    train_loss, train_acc = _direct(model, x, y)
+    assert float(trainer.callback_metrics["generalization/train_loss"]) == pytest.approx(train_loss, abs=1e-5)
+    assert float(trainer.callback_metrics["generalization/train_accuracy"]) == pytest.approx(
+        train_acc, abs=1e-6
+    )
+
+
+class _NoValidation(MLPClassifier):
+    validation_step = pl.LightningModule.validation_step
+
+
+def test_misconfiguration_fails_early():
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        GeneralizationGapMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match="max_train_points"):
+        GeneralizationGapMonitor(max_train_points=0)
+    with pytest.raises(MisconfigurationException, match="validation_step"):
+        train([GeneralizationGapMonitor()], model=_NoValidation(), max_epochs=1)
+    with pytest.raises(MisconfigurationException, match="limit_val_batches"):
+        train([GeneralizationGapMonitor()], max_epochs=1, limit_val_batches=0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_ranks_combine_into_the_one_process_result():
+    dm = DigitsDataModule()  # 539 validation points: the sampler pads the second rank's share with a repeat
+    monitor = GeneralizationGapMonitor(max_train_points=101, seed=5)  # unequal shares of the training subset
+    trainer, model = train(
+        [monitor], datamodule=dm, strategy="ddp_spawn", devices=2, limit_train_batches=2, max_epochs=1
+    )
+    indices = torch.randperm(len(dm.x_train), generator=torch.Generator().manual_seed(5))[:101]
+    assert _logged(trainer) == pytest.approx(_expected(model, dm, indices), abs=1e-5)
