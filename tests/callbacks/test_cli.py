@@ -30,6 +30,9 @@ trainer:
         max_train_points: 200
         loss_fn: torch.nn.functional.multi_margin_loss
         prefix: gen
+    - class_path: lightning_sensitivity.JacobianNormMonitor
+      init_args:
+        max_points: 64
 model:
   hidden_sizes: [32]
 data:
@@ -57,7 +60,7 @@ def test_monitor_from_a_yaml_config(tmp_path):
         "multi_margin_loss",
     )
     assert len(monitor.train_indices) == 200
-    assert {f"gen/{key}" for key in KEYS} <= _logged_keys(tmp_path)
+    assert {f"gen/{key}" for key in KEYS} | {"sensitivity/jacobian_norm"} <= _logged_keys(tmp_path)
 
 
 def test_monitor_from_the_command_line(tmp_path):
