@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._utils import (
@@ -58,12 +59,13 @@ class _Records:
         for key, value in values.items():
             self.columns[key].append(value.detach())
 
-    def gathered(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Every process's rows (a collective under DDP), sorted by position."""
-        local = {k: dim_zero_cat(v).to(pl_module.device) if v else None for k, v in self.columns.items()}
-        if any(v is None for v in local.values()):
-            local = {k: torch.zeros(0, device=pl_module.device) for k in local}
-        columns = {k: pl_module.all_gather(v.double()).reshape(-1) for k, v in local.items()}
+    def gathered(self, device: torch.device) -> dict[str, Tensor]:
+        """Every process's rows (a collective under DDP; ranks may hold different numbers), sorted by position."""
+        columns = {
+            k: (dim_zero_cat(v) if v else torch.zeros(0)).double().to(device) for k, v in self.columns.items()
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            columns = {k: torch.cat(gather_all_tensors(v)) for k, v in columns.items()}
         order = columns["index"].argsort()
         return {k: v[order].cpu() for k, v in columns.items()}
 
@@ -211,8 +213,11 @@ class JacobianNormMonitor(Callback):
         positions = _global_positions(loader, start, x.shape[0], x.device)
         limits = [v for v in (self.max_points, _dataset_length(loader)) if v is not None]
         keep = positions < min(limits) if limits else torch.ones_like(positions, dtype=torch.bool)
+        # Every rank creates the same states, even with no point to measure: the epoch end gathers them.
         if idx not in self._metrics:
             self._metrics[idx] = JacobianNorm().to(pl_module.device)
+        if self._records_wanted(trainer):
+            self._records.setdefault(idx, _Records())
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
@@ -272,7 +277,7 @@ class JacobianNormMonitor(Callback):
         if logits.shape[1] == 1:
             logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
         y = y[keep].to(logits.device)
-        self._records.setdefault(idx, _Records()).add(
+        self._records[idx].add(
             index=positions,
             label=y,
             prediction=logits.argmax(dim=1),
@@ -293,7 +298,7 @@ class JacobianNormMonitor(Callback):
             values = metric.per_point() if self.log_histogram else None
             key = f"{self.prefix}/jacobian_norm{suffix}"
             scalars = {key: mean}
-            records = self._records[idx].gathered(pl_module) if idx in self._records else None
+            records = self._records[idx].gathered(pl_module.device) if idx in self._records else None
             if records is not None and records["norm"].numel() > 1:
                 finite = torch.isfinite(records["norm"]) & torch.isfinite(records["loss"])
                 rho = spearman_corrcoef(records["norm"][finite].float(), records["loss"][finite].float())

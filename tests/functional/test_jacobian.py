@@ -210,3 +210,14 @@ def test_errors():
         jacobian_norm(model, torch.randn(2, 4), chunk_size=0)
     with pytest.raises(ValueError, match="`num_projections`"):
         jacobian_norm(model, torch.randn(2, 4), method="projection", num_projections=0)
+
+
+def test_projection_is_unbiased_for_the_squared_norm_at_one_point():
+    """Many independent estimates at one point average to the exact squared norm (softmax and logits)."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12))
+    x = torch.randn(1, 6).expand(4000, 6)
+    for output in ("softmax", "logits"):
+        exact = jacobian_norm(model, x[:1], output=output)[0]
+        estimates = jacobian_norm(model, x, output=output, method="projection", num_projections=3)
+        assert estimates.std() > 0  # really random
+        assert estimates.pow(2).mean().item() == pytest.approx(exact.pow(2).item(), rel=0.05)
