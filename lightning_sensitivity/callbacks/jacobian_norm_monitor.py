@@ -19,13 +19,14 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
+from lightning_sensitivity.callbacks._dashboard import _register_dashboard
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
@@ -37,7 +38,6 @@ from lightning_sensitivity.callbacks._utils import (
     _log_histogram,
     _log_scalars,
     _should_measure,
-    _tensorboard_writers,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
 from lightning_sensitivity.functional.jacobian import jacobian_norm
@@ -53,7 +53,9 @@ class _Records:
     """Per-point rows (position, label, prediction, loss, Jacobian norm) of one evaluation epoch."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[Tensor]] = {k: [] for k in ("index", "label", "prediction", "loss", "norm")}
+        self.columns: dict[str, list[Tensor]] = {
+            k: [] for k in ("index", "label", "prediction", "loss", "norm")
+        }
 
     def add(self, **values: Tensor) -> None:
         for key, value in values.items():
@@ -187,12 +189,13 @@ class JacobianNormMonitor(Callback):
         if self.method not in ("exact", "projection"):
             raise ValueError(f"`method` must be 'exact' or 'projection', got {self.method!r}.")
         if not (self.record_epochs in (None, "last", "all") or isinstance(self.record_epochs, Sequence)):
-            raise ValueError(f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {self.record_epochs!r}.")
-        if self.log_histogram and not _tensorboard_writers(trainer) and trainer.loggers:
-            rank_zero_info(
-                "JacobianNormMonitor: no TensorBoardLogger, so the per-point histogram is not logged "
-                "(the scalars reach every logger)."
+            raise ValueError(
+                f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {self.record_epochs!r}."
             )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _register_dashboard(trainer, sensitivity_prefix=self.prefix)
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
@@ -318,7 +321,13 @@ class JacobianNormMonitor(Callback):
                 )
 
     def _write_records(
-        self, trainer: pl.Trainer, stage: str, epoch: int, idx: int, multiple: bool, records: dict[str, Tensor]
+        self,
+        trainer: pl.Trainer,
+        stage: str,
+        epoch: int,
+        idx: int,
+        multiple: bool,
+        records: dict[str, Tensor],
     ) -> None:
         if trainer.global_rank != 0:
             return

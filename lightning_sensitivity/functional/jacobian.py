@@ -45,7 +45,9 @@ _METADATA_CALLS = frozenset(
     {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
 )
 _LOGITS_HINT = " Pass a model (in the monitors: a `forward_fn`) that returns the classifier's logits."
-_REORDER_CALLS = frozenset({"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"})
+_REORDER_CALLS = frozenset(
+    {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"}
+)
 
 
 def jacobian_norm(
@@ -278,7 +280,9 @@ class _Plan:
         for j in range(num_exact):
             rows[j, index, order[:, j]] = 1.0
         rows[num_exact:].scatter_(
-            2, order[None, :, num_exact:].expand(k - num_exact, -1, -1), q.permute(2, 0, 1) * math.sqrt(rest / (k - num_exact))
+            2,
+            order[None, :, num_exact:].expand(k - num_exact, -1, -1),
+            q.permute(2, 0, 1) * math.sqrt(rest / (k - num_exact)),
         )
         return rows.to(dtype=out.dtype, device=out.device)
 
