@@ -9,6 +9,9 @@ os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_scratch_directory(tmp_path, monkeypatch):
+    """Every test starts from the same global seed, in its own working directory: runs with ``logger=False``
+    write their files (records, checkpoints) under the working directory, never into the repository."""
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
     yield

@@ -85,8 +85,9 @@ class JacobianNormMonitor(Callback):
 
     **Logged Metrics**
 
-    - ``{prefix}/jacobian_norm``: the mean of :math:`s(x)` over the measured points (scalar), and a TensorBoard
-      histogram of the per-point values under the same name.
+    - ``{prefix}/jacobian_norm``: the mean of :math:`s(x)` over the measured points (scalar).
+    - ``{prefix}/jacobian_norm_per_point``: a TensorBoard histogram of the per-point values. (Not under the
+      scalar's own name: TensorBoard keeps one kind of data per tag, and a histogram there hides the scalar.)
     - ``{prefix}/jacobian_loss_spearman``: when the batches carry labels and records are kept (every measured
       epoch with ``record_epochs="last"`` or ``"all"``, the listed epochs otherwise), the Spearman correlation
       between the per-point Jacobian norm and the per-point cross-entropy loss (finding F4).
@@ -311,7 +312,7 @@ class JacobianNormMonitor(Callback):
                     self._write_records(trainer, stage, trainer.current_epoch, idx, multiple, records)
             _log_scalars(pl_module, scalars)
             if values is not None:
-                _log_histogram(trainer, key, values)
+                _log_histogram(trainer, f"{self.prefix}/jacobian_norm_per_point{suffix}", values)
             num_excluded = int(metric.num_excluded)
             if num_excluded:
                 self._warn_once(
@@ -329,9 +330,10 @@ class JacobianNormMonitor(Callback):
         multiple: bool,
         records: dict[str, Tensor],
     ) -> None:
+        # `trainer.log_dir` is a broadcast under DDP: every rank takes part before the others return.
+        root = trainer.log_dir or trainer.default_root_dir
         if trainer.global_rank != 0:
             return
-        root = trainer.log_dir or trainer.default_root_dir
         folder = os.path.join(root, "jacobian_norm_records")
         os.makedirs(folder, exist_ok=True)
         name = f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")

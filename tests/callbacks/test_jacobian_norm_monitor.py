@@ -38,7 +38,7 @@ def test_logs_scalar_and_histogram_equal_to_direct_measurement(tmp_path):
     scalars = ea.Scalars("sensitivity/jacobian_norm")
     assert [s.step for s in scalars] == [trainer.global_step // 2 - 1, trainer.global_step - 1]
     assert scalars[-1].value == pytest.approx(expected.mean().item(), rel=1e-5)
-    histograms = ea.Histograms("sensitivity/jacobian_norm")
+    histograms = ea.Histograms("sensitivity/jacobian_norm_per_point")
     assert [h.step for h in histograms] == [s.step for s in scalars]
     histogram = histograms[-1].histogram_value
     assert histogram.num == 100
