@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from lightning_sensitivity.callbacks import GeneralizationGapMonitor, JacobianNormMonitor
+from lightning_sensitivity.callbacks import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 
-__all__ = ["GeneralizationGapMonitor", "JacobianNormMonitor", "__version__"]
+__all__ = ["GeneralizationGapMonitor", "JacobianNormMonitor", "TransitionMonitor", "__version__"]

@@ -1,6 +1,26 @@
 """Plain-PyTorch measurements of sensitivity (no Lightning import): Jacobian norms, activation codes,
 trajectories through the data, and linear-region transitions along them."""
 
+from lightning_sensitivity.functional.activations import ActivationCodes, activation_codes
 from lightning_sensitivity.functional.jacobian import jacobian_norm
+from lightning_sensitivity.functional.trajectories import (
+    Trajectory,
+    ellipse_through,
+    gaussian_anchors,
+    shuffled_anchors,
+    trajectory_through,
+)
+from lightning_sensitivity.functional.transitions import TransitionCount, count_transitions
 
-__all__ = ["jacobian_norm"]
+__all__ = [
+    "ActivationCodes",
+    "Trajectory",
+    "TransitionCount",
+    "activation_codes",
+    "count_transitions",
+    "ellipse_through",
+    "gaussian_anchors",
+    "jacobian_norm",
+    "shuffled_anchors",
+    "trajectory_through",
+]

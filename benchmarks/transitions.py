@@ -1,0 +1,151 @@
+"""Speed of the transition counts and overhead of ``TransitionMonitor``, printed.
+
+    python -m benchmarks.transitions            # full run (a few minutes on 2 CPU cores)
+    python -m benchmarks.transitions --quick    # fewer points and repeats
+
+Every figure is measured in this run, on this machine. Ratios compare timings taken interleaved, as the median
+of repeats, so that load from other processes affects both sides alike. ``--threads`` (default 1) sets torch's
+intra-op threads for the whole run: on a small shared machine, the thread pool's synchronization dominates the
+many small operations of digits-sized models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from examples.digits import DigitsDataModule, train
+from lightning_sensitivity import TransitionMonitor
+from lightning_sensitivity.functional import count_transitions, ellipse_through
+
+
+def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, calls interleaved round-robin (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def forward_in_chunks(model: nn.Module, points: Tensor, chunk_size: int) -> None:
+    with torch.no_grad():
+        for start in range(0, len(points), chunk_size):
+            model(points[start : start + chunk_size])
+
+
+def digits_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, 10),
+    ).eval()  # fmt: skip
+
+
+def throughput(models: dict[str, nn.Module], points: Tensor, chunk_sizes: list[int], repeats: int) -> None:
+    print(f"\n1. Sampled count against a plain forward pass over the same {len(points)} points")
+    print("   model              chunk   forward [ms]   sampled count [ms]   ratio   (target <= 1.5x)")
+    for name, model in models.items():
+        for chunk_size in chunk_sizes:
+            samples = timed(
+                {
+                    "forward": lambda m=model, c=chunk_size: forward_in_chunks(m, points, c),
+                    "sampled": lambda m=model, c=chunk_size: count_transitions(m, points, chunk_size=c),
+                },
+                repeats,
+            )
+            forward, sampled = statistics.median(samples["forward"]), statistics.median(samples["sampled"])
+            print(
+                f"   {name:17s} {chunk_size:6d}   {forward * 1e3:12.1f}   {sampled * 1e3:18.1f}   "
+                f"{sampled / forward:5.2f}x"
+            )
+
+
+def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> None:
+    print("\n2. Time to the exact count along on-manifold ellipses of the trained digits MLP")
+    print(
+        "   trajectory  transitions  regions  exact [s]   first k that matches  sampled at that k [s]  k..2k agree"
+    )
+    for i, curve in enumerate(curves):
+        exact = count_transitions(model, curve, method="exact")
+        k = 8
+        while int(count_transitions(model, curve, num_points=k)) != exact.transitions:
+            k *= 2
+        samples = timed(
+            {
+                "exact": lambda curve=curve: count_transitions(model, curve, method="exact"),
+                "sampled": lambda curve=curve, k=k: count_transitions(model, curve, num_points=k),
+            },
+            repeats,
+        )
+        at_2k = count_transitions(model, curve, num_points=2 * k).transitions == exact.transitions
+        print(
+            f"   {i:10d}  {exact.transitions:11d}  {exact.regions:7d}  {statistics.median(samples['exact']):9.3f}"
+            f"   {k:20d}  {statistics.median(samples['sampled']):21.3f}  {at_2k}"
+        )
+
+
+def monitor_overhead(max_epochs: int, repeats: int, logger: bool) -> None:
+    import tempfile
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    root = tempfile.mkdtemp()
+
+    def run(callbacks: list[Any]) -> None:
+        train(callbacks, max_epochs=max_epochs, logger=TensorBoardLogger(root) if logger else False)
+
+    samples = timed({"without": lambda: run([]), "with": lambda: run([TransitionMonitor()])}, repeats)
+    ratios = [w / wo for w, wo in zip(samples["with"], samples["without"], strict=True)]
+    where = "TensorBoardLogger (figure logged)" if logger else "no logger (scalars only)"
+    print(
+        f"\n3. TransitionMonitor() at its defaults, examples.digits.train(max_epochs={max_epochs}), {where}"
+    )
+    print(f"   without           {statistics.median(samples['without']):8.2f} s (median of {repeats})")
+    print(f"   with              {statistics.median(samples['with']):8.2f} s")
+    print(
+        f"   ratio             {statistics.median(ratios):8.3f}x  (median of paired ratios; target <= 1.05x)"
+    )
+
+
+def _times(k: int) -> Tensor:
+    return torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 7
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)")
+
+    _, model = train([], max_epochs=20)
+    model.eval()
+    x = DigitsDataModule().x_train
+    anchors = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:9]].view(3, 3, 1, 8, 8)
+    curves = [ellipse_through(*a, num_points=512) for a in anchors]
+
+    points = curves[0].at(_times(16_384 if args.quick else 65_536))
+    throughput({"digits MLP (trained)": model, "digits CNN": digits_cnn()}, points, [1024, 4096], repeats)
+    exact_against_sampled(model, curves, repeats)
+    monitor_overhead(20, repeats, logger=False)
+    monitor_overhead(20, repeats, logger=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+r"""
+Transition Monitor
+==================
+
+Counts the linear-region transitions of a piecewise-linear classifier along closed trajectories through its
+training data and off the data manifold (Novak et al., ICLR 2018, finding F2), and logs their densities while
+the model trains.
+
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sensitivity.callbacks._utils import (
+    ForwardFn,
+    GetInput,
+    _batch_input,
+    _default_forward,
+    _log_figure,
+    _log_scalars,
+    _new_generator,
+    _should_measure,
+    _tensorboard_writers,
+)
+from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.functional.activations import activation_codes
+from lightning_sensitivity.functional.jacobian import jacobian_norm
+from lightning_sensitivity.functional.trajectories import (
+    Trajectory,
+    gaussian_anchors,
+    shuffled_anchors,
+    trajectory_through,
+)
+from lightning_sensitivity.functional.transitions import TransitionCount, count_transitions
+from lightning_sensitivity.metrics.transitions import TransitionDensity
+
+_KINDS = ("on_manifold", "off_manifold")
+#: Points along the figure's trajectory at which the Jacobian norm is drawn.
+_FIGURE_JACOBIAN_POINTS = 96
+#: Bars of the figure's transitions-per-segment histogram.
+_FIGURE_BINS = 96
+
+
+class TransitionMonitor(Callback):
+    r"""Logs the linear-region transition density along trajectories on and off the data manifold.
+
+    Each trajectory is the ellipse through three anchor points (see
+    :func:`~lightning_sensitivity.functional.ellipse_through`), discretized at ``num_points`` points. Its
+    transitions :math:`T` are the piecewise-linear unit boundaries it crosses
+    (:func:`~lightning_sensitivity.functional.count_transitions`), and its density is :math:`T` per unit of arc
+    length. *On-manifold* anchors are training points; *off-manifold* anchors are points that match the training
+    data's per-feature mean and standard deviation (``off_manifold="gaussian"``) or training points with their
+    features shuffled (``"shuffled"``).
+
+    The anchors are chosen once, during the first training epoch, from the batches that training itself loads
+    (a reservoir sample drawn with the monitor's own generator, so no extra data is loaded and no random stream
+    of training is touched), and are kept in the callback's ``state_dict``: a resumed run measures the same
+    trajectories. The model is measured in eval mode (restored afterwards) without gradients after every
+    ``every_n_epochs``-th training epoch and after the last one. Weights, gradients, optimizer state and the
+    global random streams are untouched, so training is the same with or without the monitor.
+
+    **Logged Metrics**
+
+    - ``{prefix}/transition_density_on_manifold``, ``{prefix}/transition_density_off_manifold``: the mean over
+      trajectories of transitions per unit of arc length.
+    - ``{prefix}/transitions_on_manifold``, ``{prefix}/transitions_off_manifold``: the mean raw count per
+      trajectory (counts do not compare networks of different sizes; densities along the same trajectories
+      compare epochs).
+    - ``{prefix}/transitions_along_trajectory`` (TensorBoard image, only with a ``TensorBoardLogger``): along the
+      first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors marked.
+
+    **Cost.** Per measurement, ``2 * num_trajectories * num_points`` points of forward passes (no gradient), and
+    for the figure a Jacobian norm at 96 points plus drawing the figure (about 0.1 s).
+
+    Args:
+        num_trajectories: trajectories of each kind (on and off the manifold).
+        num_points: points per trajectory; even and at least 6 (the sampled count also counts on every other
+            point, its convergence evidence).
+        every_n_epochs: measure after every n-th training epoch (and after the last).
+        off_manifold: ``"gaussian"`` or ``"shuffled"`` anchors off the data manifold.
+        method: ``"sampled"``, or ``"exact"`` for piecewise-linear models (slower: one forward pass per region).
+        chunk_size: points per forward pass (bounds memory).
+        input_key: where the input is in a batch: a dict key (default ``"x"``) or a tuple index (default 0).
+        get_input: ``get_input(batch) -> Tensor``, overrides ``input_key``.
+        forward_fn: ``forward_fn(pl_module, x)``, the function whose linear regions are counted; default
+            ``pl_module(x)``. Its output need not be a classifier's (then the figure has no Jacobian curve).
+        prefix: the first part of every logged key.
+        log_figure: log the figure when a ``TensorBoardLogger`` is attached.
+        convergence_tolerance: warn once when a sampled count on ``num_points`` differs from the count on half as
+            many points by more than this fraction (raise ``num_points`` then).
+        seed: seeds the monitor's own generator (anchors).
+
+    Raises:
+        ValueError: in ``setup``, if an argument is out of range or ``log_figure`` is set without matplotlib; at the
+            first training batch, if the model has no piecewise-linear unit (the message names the
+            non-linearities it found).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_sensitivity import TransitionMonitor
+        >>> trainer = Trainer(callbacks=[TransitionMonitor(num_trajectories=8, every_n_epochs=5)], max_epochs=20)
+    """
+
+    def __init__(
+        self,
+        num_trajectories: int = 4,
+        num_points: int = 256,
+        every_n_epochs: int = 10,
+        off_manifold: Literal["gaussian", "shuffled"] = "gaussian",
+        method: Literal["sampled", "exact"] = "sampled",
+        chunk_size: int = 1024,
+        input_key: str | int | None = None,
+        get_input: GetInput | None = None,
+        forward_fn: ForwardFn | None = None,
+        prefix: str = "sensitivity",
+        log_figure: bool = True,
+        convergence_tolerance: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        self.num_trajectories = num_trajectories
+        self.num_points = num_points
+        self.every_n_epochs = every_n_epochs
+        self.off_manifold = off_manifold
+        self.method = method
+        self.chunk_size = chunk_size
+        self.input_key, self.get_input = input_key, get_input
+        self.forward_fn = forward_fn or _default_forward
+        self.prefix = prefix
+        self.log_figure = log_figure
+        self.convergence_tolerance = convergence_tolerance
+        self.seed = seed
+        self._generator = _new_generator(seed)
+        # Lightning reads `state_key` around every hook call: build it once.
+        self._state_key = self._generate_state_key(prefix=prefix, off_manifold=off_manifold, seed=seed)
+        self._anchors: dict[str, Tensor] | None = (
+            None  # [num_trajectories, 3, *input_shape] per kind, on the CPU
+        )
+        self._reservoir: list[Tensor] = []
+        self._seen = 0
+        self._sums: tuple[Tensor, Tensor] | None = None  # per-feature sum and sum of squares, float64
+        self._checked = False
+        self._warned: set[str] = set()
+        self._densities = {kind: TransitionDensity() for kind in _KINDS}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
+
+    @property
+    def anchors(self) -> dict[str, Tensor] | None:
+        """The fixed anchors, ``{"on_manifold": [N, 3, ...], "off_manifold": [N, 3, ...]}``, once chosen."""
+        return self._anchors
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.num_trajectories < 1:
+            raise ValueError(f"`num_trajectories` must be a positive integer, got {self.num_trajectories}.")
+        if self.num_points < 6 or self.num_points % 2:
+            raise ValueError(
+                f"`num_points` must be even and at least 6 (the count on every other point is the convergence "
+                f"evidence), got {self.num_points}."
+            )
+        if self.every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs}.")
+        if self.off_manifold not in ("gaussian", "shuffled"):
+            raise ValueError(f"`off_manifold` must be 'gaussian' or 'shuffled', got {self.off_manifold!r}.")
+        if self.method not in ("sampled", "exact"):
+            raise ValueError(f"`method` must be 'sampled' or 'exact', got {self.method!r}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size}.")
+        if self.log_figure and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "`log_figure=True` needs matplotlib: `pip install matplotlib`, or pass `log_figure=False`."
+            )
+
+    # --- the anchors, collected during the first epoch -----------------------------------------------------------
+
+    @property
+    def _reservoir_size(self) -> int:
+        return 3 * self.num_trajectories * (2 if self.off_manifold == "shuffled" else 1)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._anchors is not None:
+            return
+        x = _batch_input(batch, self.input_key, self.get_input).detach()
+        if not self._checked:
+            with _eval_mode(pl_module):  # fail at once for a model without piecewise-linear units
+                activation_codes(functools.partial(self.forward_fn, pl_module), x[:1])
+            self._checked = True
+        flat = x.flatten(1).to(torch.float64)
+        sums = (flat.sum(0).cpu(), flat.pow(2).sum(0).cpu())
+        self._sums = sums if self._sums is None else (self._sums[0] + sums[0], self._sums[1] + sums[1])
+        # Reservoir sampling (Algorithm R): point n replaces a random slot with probability size / (n + 1).
+        size = self._reservoir_size
+        positions = self._seen + torch.arange(len(x))
+        slots = (torch.rand(len(x), generator=self._generator, dtype=torch.float64) * (positions + 1)).long()
+        for i, (n, slot) in enumerate(zip(positions.tolist(), slots.tolist(), strict=True)):
+            if n < size:
+                self._reservoir.append(x[i].cpu())
+            elif slot < size:
+                self._reservoir[slot] = x[i].cpu()
+        self._seen += len(x)
+
+    def _choose_anchors(self, trainer: pl.Trainer) -> None:
+        n = self.num_trajectories
+        if len(self._reservoir) < self._reservoir_size:
+            self._warn_once(
+                "few points",
+                f"TransitionMonitor: the first epoch had {self._seen} training points, fewer than the "
+                f"{self._reservoir_size} anchors needed; lower `num_trajectories`. Nothing is measured.",
+            )
+            return
+        points = torch.stack(self._reservoir)
+        points = points[torch.randperm(len(points), generator=self._generator)]
+        on = points[: 3 * n]
+        if self.off_manifold == "shuffled":
+            off = shuffled_anchors(points[3 * n :], generator=self._generator)
+        else:
+            mean = self._sums[0] / self._seen
+            std = (self._sums[1] / self._seen - mean.pow(2)).clamp_min(0).sqrt()
+            shape = on.shape[1:]
+            off = gaussian_anchors(mean.view(shape), std.view(shape), 3 * n, generator=self._generator).to(
+                on.dtype
+            )
+        anchors = {"on_manifold": on.view(n, 3, *on.shape[1:]), "off_manifold": off.view(n, 3, *on.shape[1:])}
+        self._anchors = trainer.strategy.broadcast(anchors, src=0)  # every process measures the same curves
+        self._reservoir, self._sums = [], None
+
+    # --- the measurement --------------------------------------------------------------------------------------
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._anchors is None and self._seen > 0:
+            self._choose_anchors(trainer)
+        if self._anchors is None or not _should_measure(trainer, self.every_n_epochs):
+            return
+        forward = functools.partial(self.forward_fn, pl_module)
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
+        figure = self.log_figure and bool(_tensorboard_writers(trainer))
+        logged: dict[str, Tensor] = {}
+        with _eval_mode(pl_module):
+            for kind in _KINDS:
+                curves = [
+                    trajectory_through(a.to(pl_module.device, dtype), self.num_points)
+                    for a in self._anchors[kind]
+                ]
+                counts = [self._count(forward, curve, segments=figure and kind == "on_manifold" and i == 0)
+                          for i, curve in enumerate(curves)]  # fmt: skip
+                metric = self._densities[kind].to(pl_module.device)
+                metric.reset()
+                metric.update(
+                    torch.tensor([c.transitions for c in counts], device=pl_module.device),
+                    torch.tensor([c.arc_length for c in counts], device=pl_module.device),
+                )
+                logged[f"{self.prefix}/transition_density_{kind}"] = metric.compute().float()
+                logged[f"{self.prefix}/transitions_{kind}"] = (
+                    metric.transitions / metric.num_trajectories
+                ).float()
+                if figure and kind == "on_manifold":
+                    _log_figure(
+                        trainer,
+                        f"{self.prefix}/transitions_along_trajectory",
+                        self._figure(trainer, forward, curves[0], counts[0]),
+                    )
+        _log_scalars(pl_module, logged)
+
+    def _count(self, forward: Any, curve: Trajectory, segments: bool) -> TransitionCount:
+        if self.method == "exact":
+            return count_transitions(forward, curve, "exact")
+        result = count_transitions(forward, curve, chunk_size=self.chunk_size, return_segments=segments)
+        if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
+            result.transitions, 1
+        ):
+            self._warn_once(
+                "convergence",
+                f"TransitionMonitor: a sampled count has not converged: {result.transitions} transitions on "
+                f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. Raise "
+                "`num_points` (or use `method='exact'` for a piecewise-linear model).",
+            )
+        return result
+
+    def _figure(self, trainer: pl.Trainer, forward: Any, curve: Trajectory, count: TransitionCount) -> Any:
+        """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked.
+
+        Drawn on a bare ``matplotlib.figure.Figure`` with a fixed layout: no pyplot state and no backend switch
+        for the user's session, and cheap enough to render at every measurement.
+        """
+        from matplotlib.figure import Figure
+
+        segments = count.segments
+        if segments is None:  # an exact count: draw the sampled per-segment counts
+            segments = count_transitions(
+                forward, curve, chunk_size=self.chunk_size, return_segments=True
+            ).segments
+        bins = min(_FIGURE_BINS, len(segments))
+        per_bin = torch.zeros(bins).index_add_(
+            0, torch.arange(len(segments)) * bins // len(segments), segments.float()
+        )
+        figure = Figure(figsize=(6.4, 3.0), dpi=72)
+        axis = figure.add_axes((0.09, 0.16, 0.8, 0.7))
+        axis.stairs(
+            per_bin.numpy(), (torch.arange(bins + 1) / bins).numpy(), fill=True, color="tab:blue", alpha=0.6
+        )
+        axis.set_xlim(0, 1)
+        axis.set_xlabel("position along the trajectory, t / 2 pi")
+        axis.set_ylabel(f"transitions per 1/{bins} of the curve", color="tab:blue")
+        for i, t in enumerate(curve.anchor_times.tolist()):
+            axis.axvline(t / (2 * math.pi), color="black", linestyle="--", linewidth=1)
+            axis.text(
+                t / (2 * math.pi), 1.01, f" anchor {i}", transform=axis.get_xaxis_transform(), fontsize=8
+            )
+        norms = self._jacobian_norms(forward, curve)
+        if norms is not None:
+            jacobian_axis = axis.twinx()
+            # log10 on a linear axis: a log axis's tick labels go through mathtext, the slowest part of drawing
+            positions = (torch.arange(len(norms)) / len(norms)).numpy()
+            jacobian_axis.plot(positions, norms.clamp_min(1e-12).log10().numpy(), color="tab:red")
+            jacobian_axis.set_ylabel("log10 Jacobian norm", color="tab:red")
+        axis.set_title(f"epoch {trainer.current_epoch}: {count.transitions} transitions", fontsize=9, pad=14)
+        return figure
+
+    def _jacobian_norms(self, forward: Any, curve: Trajectory) -> Tensor | None:
+        points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))
+        try:
+            return jacobian_norm(forward, points).cpu()
+        except (ValueError, TypeError) as error:
+            self._warn_once("jacobian", f"TransitionMonitor: the figure has no Jacobian norm curve: {error}")
+            return None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": self._anchors, "generator_state": self._generator.get_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._anchors = state_dict["anchors"]
+        self._generator.set_state(state_dict["generator_state"])

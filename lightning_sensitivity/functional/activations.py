@@ -1,0 +1,433 @@
+r"""Activation codes: which linear piece every piecewise-linear unit of a network is on (SPEC section 3).
+
+A piecewise-linear unit maps its input :math:`u` through one of a few affine pieces. Its *piece index* is
+
+- ReLU, LeakyReLU, PReLU, ``clamp(min=...)`` or ``clamp(max=...)``: :math:`[u > \theta]` (2 pieces);
+- ReLU6, Hardtanh, ``clamp(min, max)``, Hardsigmoid: :math:`[u > \theta_1] + [u > \theta_2]` (3 pieces);
+- max-pooling: the index of the winning input of each window (its position in the pooled plane).
+
+The activation code :math:`c(x)` of a network at :math:`x` is the concatenation of the indices of all units
+of its forward pass. Two points with the same code lie in the same linear region, where the network is one
+affine map. The number of unit boundaries between two codes is
+
+.. math::
+
+    d(c, c') = \sum_{\text{ordered units}} \lvert c_u - c'_u \rvert + \sum_{\text{pooling windows}} [w \ne w'],
+
+so a 3-piece unit jumping from piece 0 to piece 2 counts 2, and a changed max-pooling winner counts 1.
+
+Ordered units are stored as the side of each of their boundaries, :math:`[u > \theta_j]`, one bit per
+boundary: the piece index is the sum of a unit's bits, and since :math:`[u > \theta_2]` implies
+:math:`[u > \theta_1]`, :math:`\lvert c_u - c'_u \rvert` is the number of bits that differ. The distance is then
+one comparison of two boolean tensors.
+
+Units are found by intercepting the forward pass at the torch-function level
+(:class:`torch.overrides.TorchFunctionMode`): modules (``nn.ReLU``, ``nn.MaxPool2d``, ...) and functional calls
+inside ``forward`` (``F.relu``, ``torch.relu``, ``x.clamp(min=0)``, ``F.max_pool2d``, ...) are seen alike.
+A mode is switched off while it handles a call, so ``nn.ReLU -> F.relu -> torch.relu`` is one unit, not three.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_sensitivity.functional._utils import _eval_mode
+
+__all__ = ["ActivationCodes", "activation_codes"]
+
+Threshold = float | Tensor
+
+_RELU = frozenset({"relu", "relu_"})
+_LEAKY_RELU = frozenset({"leaky_relu", "leaky_relu_"})
+_CLAMP = frozenset({"clamp", "clamp_", "clip", "clip_"})
+_CLAMP_MIN = frozenset({"clamp_min", "clamp_min_"})
+_CLAMP_MAX = frozenset({"clamp_max", "clamp_max_"})
+_HARDTANH = frozenset({"hardtanh", "hardtanh_"})
+_HARDSIGMOID = frozenset({"hardsigmoid", "hardsigmoid_"})
+_MAX_POOL = {
+    "max_pool1d": 1,
+    "max_pool2d": 2,
+    "max_pool3d": 3,
+    "max_pool1d_with_indices": 1,
+    "max_pool2d_with_indices": 2,
+    "max_pool3d_with_indices": 3,
+}
+_POOL_WITH_INDICES = {
+    1: F.max_pool1d_with_indices,
+    2: F.max_pool2d_with_indices,
+    3: F.max_pool3d_with_indices,
+}
+_POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
+# Smooth non-linearities, named in the error for models without any piecewise-linear unit.
+_SMOOTH = frozenset(
+    {
+        "tanh", "tanh_", "sigmoid", "sigmoid_", "gelu", "silu", "elu", "elu_", "selu", "selu_", "celu", "celu_",
+        "softplus", "mish", "hardswish", "logsigmoid", "softsign", "tanhshrink", "softmax", "log_softmax",
+        "layer_norm", "group_norm", "exp", "log", "erf", "sin", "cos",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ActivationCodes:
+    """The activation codes of a batch of points.
+
+    Attributes:
+        sides: ``[B, S]`` ``bool``, for every boundary of every ordered unit, whether the unit's input is above
+            it (one bit for the ReLU family, two for ReLU6, Hardtanh, Hardsigmoid and two-sided clamps).
+        winners: ``[B, W]`` small integers, the index of the winning input (in its pooled plane) of every
+            max-pooling window.
+        units: the name of every piecewise-linear call of the forward pass, in call order.
+        layout: for every ordered unit call, its number of boundaries and of elements per point.
+    """
+
+    sides: Tensor
+    winners: Tensor
+    units: tuple[str, ...]
+    layout: tuple[tuple[int, int], ...]
+
+    def __len__(self) -> int:
+        return self.sides.shape[0]
+
+    def __getitem__(self, index: slice) -> ActivationCodes:
+        return ActivationCodes(self.sides[index], self.winners[index], self.units, self.layout)
+
+    @property
+    def pieces(self) -> Tensor:
+        """``[B, U]`` ``uint8``: the piece index of every ordered unit (0 or 1; 0, 1 or 2 for 3-piece units)."""
+        chunks = self.sides.split([boundaries * elements for boundaries, elements in self.layout], dim=1)
+        pieces = [
+            chunk.view(len(self), boundaries, elements).sum(1, dtype=torch.uint8)
+            for chunk, (boundaries, elements) in zip(chunks, self.layout, strict=True)
+        ]
+        return torch.cat(pieces, dim=1) if pieces else self.sides.new_zeros((len(self), 0), dtype=torch.uint8)
+
+    @property
+    def num_units(self) -> int:
+        """Ordered units plus max-pooling windows per point."""
+        return sum(elements for _, elements in self.layout) + self.winners.shape[1]
+
+    def distance(self, other: ActivationCodes) -> Tensor:
+        r"""Unit boundaries between two codes, row by row: :math:`d(c, c')` of the module docstring, ``[B]`` int32."""
+        distance = (self.sides != other.sides).sum(dim=1, dtype=torch.int32)
+        if self.winners.shape[1]:
+            distance += (self.winners != other.winners).sum(dim=1, dtype=torch.int32)
+        return distance
+
+
+def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> ActivationCodes:
+    r"""The activation code :math:`c(x)` of every point of a batch.
+
+    One forward pass (no autograd) with every piecewise-linear call of the forward pass intercepted, whether it
+    comes from a module or from a functional call. An ``nn.Module`` is evaluated in eval mode (dropout off,
+    batch-norm running statistics) and every submodule's previous mode is restored afterwards. Codes are stored
+    as booleans (one per unit boundary) and small integers (pooling winners), never as float activations.
+
+    Only calls on tensors whose first dimension is the batch are units, so a ``clamp`` on a parameter is not.
+
+    Args:
+        model: an ``nn.Module`` or any callable of a batch ``[B, ...]``. Its output is not used (transitions need
+            no classifier).
+        x: the points ``[B, ...]``.
+
+    Returns:
+        The codes, see :class:`ActivationCodes`.
+
+    Raises:
+        ValueError: if the forward pass has no piecewise-linear unit; the message names the non-linearities found.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_sensitivity.functional import activation_codes
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(2, 3)
+        ...     def forward(self, x):
+        ...         return F.relu(self.fc(x)).clamp(max=0.5)
+        >>> net = Net()
+        >>> with torch.no_grad():
+        ...     _ = net.fc.weight.copy_(torch.eye(3, 2)); _ = net.fc.bias.zero_()
+        >>> codes = activation_codes(net, torch.tensor([[1.0, -1.0], [0.2, 0.3]]))
+        >>> codes.units
+        ('relu', 'clamp')
+        >>> codes.pieces
+        tensor([[1, 0, 0, 1, 0, 0],
+                [1, 1, 0, 0, 0, 0]], dtype=torch.uint8)
+        >>> codes[:1].distance(codes[1:]).tolist()
+        [2]
+    """
+    module = model if isinstance(model, nn.Module) else nn.Identity()
+    with torch.no_grad(), _eval_mode(module):
+        return _codes(model, x)
+
+
+def _codes(model: Callable[[Tensor], Tensor], x: Tensor) -> ActivationCodes:
+    """:func:`activation_codes` without the set-up: the caller sets eval mode and disables autograd."""
+    recorder = _CodeRecorder(x.shape[0])
+    with recorder:
+        model(x)
+    return recorder.codes(x)
+
+
+def _no_units_error(smooth: set[str]) -> ValueError:
+    found = ", ".join(sorted(smooth)) if smooth else "none that this package recognizes"
+    return ValueError(
+        "The model has no piecewise-linear unit (ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, Hardsigmoid, clamp, "
+        "max-pooling, as modules or functional calls), so it has no linear regions and no transitions to count. "
+        f"Non-linearities found in its forward pass: {found}."
+    )
+
+
+def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, default: Any) -> Any:
+    return args[index] if len(args) > index else kwargs.get(key, default)
+
+
+def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, Sequence) else (value,) * n
+
+
+@dataclass
+class _Unit:
+    """An ordered piecewise-linear call: piece index = number of ``thresholds`` below the input."""
+
+    name: str
+    input: Tensor
+    thresholds: tuple[Threshold, ...]
+    slopes: tuple[Threshold, ...]  # the slope of each piece
+    inplace: bool
+
+    def sides(self, u: Tensor) -> Tensor:
+        """``[B, boundaries * elements]``: whether each element is above each threshold."""
+        if len(self.thresholds) == 1:
+            return (u > self.thresholds[0]).flatten(1)
+        return torch.stack([u > threshold for threshold in self.thresholds], dim=1).flatten(1)
+
+    def pieces(self, u: Tensor) -> Tensor:
+        index = (u > self.thresholds[0]).to(torch.uint8)
+        for threshold in self.thresholds[1:]:
+            index += u > threshold
+        return index
+
+    def slope(self, pieces: Tensor, like: Tensor) -> Tensor:
+        slope = torch.zeros((), dtype=like.dtype, device=like.device)
+        for index, value in enumerate(self.slopes):
+            slope = torch.where(
+                pieces == index, torch.as_tensor(value, dtype=like.dtype, device=like.device), slope
+            )
+        return slope
+
+
+@dataclass
+class _Pool:
+    """A max-pooling call, with its window geometry."""
+
+    name: str
+    input: Tensor
+    dims: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+    return_indices: bool
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The smallest integer type that holds an index into one pooled plane."""
+        plane = math.prod(self.input.shape[2:])
+        return torch.uint8 if plane <= 256 else torch.int16 if plane <= 2**15 else torch.int32
+
+    def pool(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return _POOL_WITH_INDICES[self.dims](
+            u, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
+        )
+
+    def window_table(self, out_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Flat input position of every (output position, window position) pair, ``[O, K]``, and its validity."""
+        device = self.input.device
+        flat = torch.zeros(1, 1, dtype=torch.long, device=device)
+        valid = torch.ones(1, 1, dtype=torch.bool, device=device)
+        for d, size in enumerate(self.input.shape[2:]):
+            out = torch.arange(out_shape[d], device=device)[:, None]
+            pos = (
+                out * self.stride[d]
+                - self.padding[d]
+                + torch.arange(self.kernel[d], device=device) * self.dilation[d]
+            )
+            inside = (pos >= 0) & (pos < size)
+            shape = (flat.shape[0] * pos.shape[0], flat.shape[1] * pos.shape[1])
+            flat = (flat[:, None, :, None] * size + pos.clamp(0, size - 1)[None, :, None, :]).reshape(shape)
+            valid = (valid[:, None, :, None] & inside[None, :, None, :]).reshape(shape)
+        return flat, valid
+
+
+def _parse_unit(
+    name: str, args: Sequence[Any], kwargs: dict[str, Any], batch_size: int
+) -> _Unit | _Pool | None:
+    """The piecewise-linear unit that a torch-function call is, or ``None``."""
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    u = args[0]
+    if u.ndim == 0 or u.shape[0] != batch_size or not u.is_floating_point():
+        return None
+    in_place = name.endswith("_")
+    if name in _RELU:
+        return _Unit(name, u, (0.0,), (0.0, 1.0), in_place or bool(_arg(args, kwargs, 1, "inplace", False)))
+    if name in _LEAKY_RELU:
+        slope = _arg(args, kwargs, 1, "negative_slope", 0.01)
+        return _Unit(name, u, (0.0,), (slope, 1.0), in_place or bool(_arg(args, kwargs, 2, "inplace", False)))
+    if name == "prelu":
+        weight = _arg(args, kwargs, 1, "weight", None)
+        if weight.numel() > 1:
+            weight = weight.reshape(1, -1, *[1] * (u.ndim - 2))
+        return _Unit(name, u, (0.0,), (weight, 1.0), False)
+    if name in _CLAMP | _CLAMP_MIN | _CLAMP_MAX:
+        if name in _CLAMP:
+            low, high = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+        elif name in _CLAMP_MIN:
+            low, high = _arg(args, kwargs, 1, "min", None), None
+        else:
+            low, high = None, _arg(args, kwargs, 1, "max", None)
+        if low is not None and high is not None:
+            return _Unit(name, u, (low, high), (0.0, 1.0, 0.0), in_place)
+        if low is not None:
+            return _Unit(name, u, (low,), (0.0, 1.0), in_place)
+        return _Unit(name, u, (high,), (1.0, 0.0), in_place) if high is not None else None
+    if name in _HARDTANH:
+        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        return _Unit(
+            name, u, (low, high), (0.0, 1.0, 0.0), in_place or bool(_arg(args, kwargs, 3, "inplace", False))
+        )
+    if name == "relu6":
+        return _Unit(name, u, (0.0, 6.0), (0.0, 1.0, 0.0), bool(_arg(args, kwargs, 1, "inplace", False)))
+    if name in _HARDSIGMOID:
+        inplace = in_place or bool(_arg(args, kwargs, 1, "inplace", False))
+        return _Unit(name, u, (-3.0, 3.0), (0.0, 1.0 / 6.0, 0.0), inplace)
+    if name in _MAX_POOL:
+        dims = _MAX_POOL[name]
+        if u.ndim != dims + 2:
+            return None
+        bound = _POOL_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        kernel = _tuple(options["kernel_size"], dims)
+        stride = _tuple(options["stride"], dims) if options["stride"] not in (None, []) else kernel
+        return _Pool(
+            name,
+            u,
+            dims,
+            kernel,
+            stride,
+            _tuple(options["padding"], dims),
+            _tuple(options["dilation"], dims),
+            bool(options["ceil_mode"]),
+            bool(options["return_indices"]) or name.endswith("_with_indices"),
+        )
+    return None
+
+
+class _CodeRecorder(TorchFunctionMode):
+    """Records the piece index of every piecewise-linear call of a forward pass (the call itself is unchanged)."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.sides: list[Tensor] = []
+        self.layout: list[tuple[int, int]] = []
+        self.winners: list[Tensor] = []
+        self.winner_dtype = torch.uint8
+        self.units: list[str] = []
+        self.smooth: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        unit = _parse_unit(name, args, kwargs, self.batch_size)
+        if unit is None:
+            if name in _SMOOTH:
+                self.smooth.add(name)
+            return func(*args, **kwargs)
+        self.units.append(name)
+        if isinstance(unit, _Pool):
+            out, indices = unit.pool(unit.input)
+            self._record_winners(unit, indices)
+            return (out, indices) if unit.return_indices else out
+        self._record_sides(unit, unit.input)  # before the call: it may be in place
+        return func(*args, **kwargs)
+
+    def _record_winners(self, unit: _Pool, indices: Tensor) -> None:
+        self.winners.append(indices.flatten(1).to(unit.index_dtype))
+        self.winner_dtype = torch.promote_types(self.winner_dtype, unit.index_dtype)
+
+    def _record_sides(self, unit: _Unit, u: Tensor) -> None:
+        self.sides.append(unit.sides(u))
+        self.layout.append((len(unit.thresholds), u[0].numel()))
+
+    def codes(self, x: Tensor) -> ActivationCodes:
+        if not self.units:
+            raise _no_units_error(self.smooth)
+        sides = torch.cat(self.sides, dim=1) if self.sides else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
+        empty = x.new_zeros((x.shape[0], 0), dtype=self.winner_dtype)
+        winners = torch.cat([w.to(self.winner_dtype) for w in self.winners], dim=1) if self.winners else empty
+        return ActivationCodes(sides, winners, tuple(self.units), tuple(self.layout))
+
+
+class _RegionRecorder(_CodeRecorder):
+    r"""Runs a batch through the linear region of its first row, and records every unit's boundary functions.
+
+    Row 0 goes through the network unchanged. Every other row goes through the affine map that the network is
+    inside row 0's linear region: each unit applies row 0's piece, :math:`f(u_0) + f'_{p_0}\,(u - u_0)`, and each
+    pooling window picks row 0's winner. For each unit it records, for every row, the values whose sign changes
+    where the unit changes piece: :math:`u - \theta` for each threshold, and :math:`u_k - u_{w}` for each input
+    :math:`k` of a pooling window with winner :math:`w`. Inside the region all of these are affine in the input.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(batch_size)
+        self.boundaries: list[Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        unit = _parse_unit(name, args, kwargs, self.batch_size)
+        if unit is None:
+            if name in _SMOOTH:
+                self.smooth.add(name)
+            return func(*args, **kwargs)
+        self.units.append(name)
+        u = unit.input
+        if isinstance(unit, _Pool):
+            return self._pool(unit, u)
+        pieces = unit.pieces(u[:1])
+        self._record_sides(unit, u[:1])
+        first = func(u[:1].clone(), *args[1:], **kwargs)
+        out = first + unit.slope(pieces, u) * (u - u[:1])
+        for threshold in unit.thresholds:
+            self.boundaries.append((u - threshold).flatten(1))
+        if unit.inplace:
+            return u.copy_(out)
+        return out
+
+    def _pool(self, unit: _Pool, u: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        first, indices = unit.pool(u[:1])
+        self._record_winners(unit, indices)
+        flat = u.flatten(2)
+        winner = flat.gather(2, indices.flatten(2).expand(u.shape[0], -1, -1))  # [R, C, O]
+        table, valid = unit.window_table(first.shape[2:])
+        window = flat[:, :, table]  # [R, C, O, K]
+        others = valid & (table != indices.flatten(2)[..., None])
+        self.boundaries.append((window - winner[..., None]).masked_fill(~others, math.nan).flatten(1))
+        out = winner.view(u.shape[0], *first.shape[1:])
+        return (out, indices.expand_as(out)) if unit.return_indices else out

@@ -1,0 +1,321 @@
+r"""Linear-region transitions along a closed trajectory (Novak et al., ICLR 2018; SPEC section 3).
+
+With :math:`k` points :math:`z_i = z(2\pi i / k)` of a closed curve and the activation codes :math:`c` of
+:mod:`~lightning_sensitivity.functional.activations`, the number of transitions is
+
+.. math::
+
+    T_k = \sum_{i=0}^{k-1} d\big(c(z_i),\, c(z_{(i+1) \bmod k})\big),
+
+the unit boundaries crossed between consecutive points, and the *transition density* is :math:`T_k` divided by
+the arc length of the same polygon. A unit that flips twice between two points is missed, so
+:math:`T_k` grows towards the true count as :math:`k` grows; the sampled count therefore also reports
+:math:`T_{k/2}`, the count on every other point, computed in the same pass: :math:`T_k = T_{k/2}` is the evidence
+that the discretization is fine enough.
+
+For a piecewise-linear network the true count can be computed exactly along an ellipse
+:math:`z(t) = a + b \cos t + c \sin t`. Inside one linear region the network is affine, so the input of every
+unit is :math:`g(z(t)) = \alpha + \beta \cos t + \gamma \sin t` with :math:`\alpha = g(a)`,
+:math:`\beta = g(a + b) - g(a)`, :math:`\gamma = g(a + c) - g(a)`, all read off one forward pass through the
+region's affine map. Writing :math:`\beta \cos t + \gamma \sin t = R \cos(t - \varphi)`, the unit's boundary is
+crossed at :math:`t = \varphi \pm \arccos(-\alpha / R)` when :math:`\lvert\alpha\rvert < R`. The earliest such
+crossing after the current :math:`t`, over all units, ends the region; the count steps just past it, reads the
+new code there, adds the boundaries between the two codes, and repeats until :math:`t = 2\pi`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.functional.activations import (
+    ActivationCodes,
+    _codes,
+    _no_units_error,
+    _RegionRecorder,
+)
+from lightning_sensitivity.functional.trajectories import Trajectory, _times
+
+__all__ = ["TransitionCount", "count_transitions"]
+
+#: The exact count reads each new region's code this far (in t) past the boundary that ends the previous one.
+_STEP_PAST = 1e-8
+#: Relative tolerance of the check that the network is affine inside a region.
+_AFFINE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class TransitionCount:
+    """The transitions along one trajectory. ``int(result)`` is the number of transitions.
+
+    Attributes:
+        transitions: :math:`T`, the unit boundaries crossed along the closed curve.
+        arc_length: the curve's Euclidean arc length, on the discretization used for the density.
+        method: ``"sampled"`` or ``"exact"``.
+        num_points: :math:`k`, the points of the discretization.
+        transitions_half: sampled: :math:`T_{k/2}`, the count on every other point (the convergence evidence);
+            exact: equal to ``transitions``.
+        regions: exact: the forward passes made, one per linear region visited; sampled: ``None``.
+        segments: the boundaries crossed on each segment ``i -> i + 1`` (``[k]``, int64), if asked for.
+    """
+
+    transitions: int
+    arc_length: float
+    method: str
+    num_points: int
+    transitions_half: int
+    regions: int | None = None
+    segments: Tensor | None = None
+
+    def __int__(self) -> int:
+        return self.transitions
+
+    @property
+    def density(self) -> float:
+        """Transitions per unit of arc length."""
+        return self.transitions / self.arc_length if self.arc_length > 0 else 0.0
+
+    @property
+    def converged(self) -> bool:
+        """Exact, or the sampled count on ``k`` points equals the count on ``k / 2``."""
+        return self.transitions == self.transitions_half
+
+
+def count_transitions(
+    model: Callable[[Tensor], Tensor],
+    trajectory: Trajectory | Tensor,
+    method: Literal["sampled", "exact"] = "sampled",
+    *,
+    num_points: int | None = None,
+    chunk_size: int = 1024,
+    return_segments: bool = False,
+    max_regions: int = 1_000_000,
+) -> TransitionCount:
+    r"""Count the linear-region boundaries that a closed trajectory crosses (see the module docstring).
+
+    ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
+    points, so memory is bounded by one chunk for any :math:`k` (points of a :class:`Trajectory` are generated
+    chunk by chunk too). It costs :math:`k` forward passes' worth of compute, batched. It also reports
+    :math:`T_{k/2}` as its convergence evidence.
+
+    ``method="exact"`` needs an ellipse (a :class:`Trajectory` through 3 anchors) and a piecewise-linear
+    network. It costs one forward pass of 5 points per linear region the curve visits, run in ``float64``
+    (an ``nn.Module``'s parameters and buffers are cast for the call, the module itself is untouched). It checks
+    inside every region that the units' inputs are affine in the input, and raises if not (a tanh, a layer norm
+    or a product of activations upstream of a unit). Crossings closer than :math:`10^{-8}` in :math:`t` are
+    merged, which changes nothing unless one unit crosses twice that close (a near-tangency).
+
+    An ``nn.Module`` is evaluated in eval mode and its submodules' modes are restored; no gradient is taken.
+
+    Args:
+        model: an ``nn.Module`` or a callable of a batch ``[B, *shape]``; any output (no classifier needed).
+        trajectory: a :class:`Trajectory`, or (sampled only) the closed polygon's points ``[k, *shape]``.
+        method: ``"sampled"`` or ``"exact"``.
+        num_points: sampled, with a :class:`Trajectory`: :math:`k` (default: the trajectory's ``num_points``);
+            exact: the discretization for the arc length. Must be even and at least 6 for the sampled count,
+            so that :math:`k/2` points still make a closed polygon.
+        chunk_size: points per forward pass of the sampled count.
+        return_segments: also return the boundaries crossed on each segment (sampled only).
+        max_regions: exact: stop with an error after this many regions.
+
+    Returns:
+        A :class:`TransitionCount`.
+
+    Raises:
+        ValueError: for a model with no piecewise-linear unit (naming its non-linearities), too few points, an
+            exact count along a tensor of points or a curve of higher order than an ellipse, or a model that is
+            not piecewise linear along the curve (exact).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_sensitivity.functional import count_transitions, ellipse_through
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> curve = ellipse_through(torch.randn(2), torch.randn(2), torch.randn(2), num_points=4096)
+        >>> exact = count_transitions(model, curve, method="exact")
+        >>> sampled = count_transitions(model, curve)
+        >>> int(exact) == int(sampled), sampled.converged
+        (True, True)
+    """
+    if method not in ("sampled", "exact"):
+        raise ValueError(f"`method` must be 'sampled' or 'exact', got {method!r}.")
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    if isinstance(trajectory, Trajectory):
+        k = num_points or trajectory.num_points
+    else:
+        if num_points is not None:
+            raise ValueError("`num_points` resamples a Trajectory; a tensor of points is counted as it is.")
+        k = trajectory.shape[0]
+    module = model if isinstance(model, nn.Module) else nn.Identity()
+    if method == "exact":
+        if not isinstance(trajectory, Trajectory):
+            raise ValueError(
+                "The exact count follows the curve itself: pass a Trajectory, not a tensor of points."
+            )
+        if trajectory.order != 1:
+            raise ValueError(
+                f"The exact count is implemented along ellipses (3 anchors); this trajectory has "
+                f"{trajectory.num_anchors} anchors (order {trajectory.order}). Use method='sampled'."
+            )
+        if return_segments:
+            raise ValueError("`return_segments` is available for the sampled count only.")
+        with torch.no_grad(), _eval_mode(module):
+            transitions, regions = _count_exact(model, trajectory, max_regions)
+        return TransitionCount(transitions, trajectory.arc_length(k), method, k, transitions, regions)
+    if k < 6 or k % 2:
+        raise ValueError(
+            f"The sampled count needs an even number of at least 6 points (it also counts on every other point "
+            f"as its convergence evidence), got {k}."
+        )
+    if isinstance(trajectory, Trajectory):
+        times = _times(k)
+        points = lambda start, stop: trajectory.at(times[start:stop])  # noqa: E731
+    else:
+        points = lambda start, stop: trajectory[start:stop]  # noqa: E731
+    with torch.no_grad(), _eval_mode(module):
+        return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments)
+
+
+def _count_sampled(
+    model: Callable[[Tensor], Tensor],
+    points: Callable[[int, int], Tensor],
+    k: int,
+    chunk_size: int,
+    return_segments: bool,
+) -> TransitionCount:
+    """Stream the closed polygon in chunks (``chunk_size`` even), carrying the last code and point across."""
+    total, half, length = 0, 0, 0.0
+    first: ActivationCodes | None = None
+    last = last_even = first_point = last_point = None
+    segments: list[Tensor] = []
+    for start in range(0, k, chunk_size):
+        z = points(start, min(start + chunk_size, k))
+        codes = _codes(model, z)
+        flat = z.detach().flatten(1).to(torch.float64)
+        if first is None:
+            first, last, last_even, first_point, last_point = (
+                codes[:1],
+                codes[:1],
+                codes[:1],
+                flat[:1],
+                flat[:1],
+            )
+        steps = torch.cat([last.distance(codes[:1]), codes[:-1].distance(codes[1:])])[int(start == 0) :]
+        even = codes[::2]  # start is even, so these are the even global indices
+        total += int(steps.sum())
+        half += int(last_even.distance(even[:1]).sum() + even[:-1].distance(even[1:]).sum())
+        length += float(torch.cat([last_point, flat]).diff(dim=0).norm(dim=1).sum())
+        if return_segments:
+            segments.append(steps)
+        last, last_even, last_point = codes[-1:], even[-1:], flat[-1:]
+    closing = int(last.distance(first).sum())
+    total += closing
+    half += int(last_even.distance(first).sum())
+    length += float((first_point - last_point).norm())
+    segment_counts = torch.cat([*segments, torch.tensor([closing])]) if return_segments else None
+    return TransitionCount(total, length, "sampled", k, half, segments=segment_counts)
+
+
+def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The model evaluated in float64, without touching it: a module gets float64 copies of its tensors."""
+    if not isinstance(model, nn.Module):
+        return model
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state = {
+        name: t.detach().to(torch.float64) if t.is_floating_point() else t for name, t in tensors.items()
+    }
+    return lambda x: torch.func.functional_call(model, state, (x,))
+
+
+def _count_exact(
+    model: Callable[[Tensor], Tensor], trajectory: Trajectory, max_regions: int
+) -> tuple[int, int]:
+    """Step from region to region along the ellipse; returns the transitions and the regions visited."""
+    forward = _float64_model(model)
+    a, b, c = trajectory.constant[None], trajectory.cosines, trajectory.sines
+    probes = torch.cat(
+        [a, a + b, a + c, a + b + c]
+    )  # the region's affine map at these gives alpha, beta, gamma
+    t, total, regions = 0.0, 0, 0
+    first: ActivationCodes | None = None
+    last: ActivationCodes | None = None
+    while True:
+        regions += 1
+        if regions > max_regions:
+            raise RuntimeError(
+                f"The exact count visited more than `max_regions={max_regions}` linear regions."
+            )
+        recorder = _RegionRecorder(1 + probes.shape[0])
+        rows = torch.cat([trajectory.at(torch.tensor([t]), torch.float64), probes])
+        with recorder:
+            forward(rows)
+        if not recorder.units:
+            raise _no_units_error(recorder.smooth)
+        codes = recorder.codes(rows[:1])
+        if last is None:
+            first = codes
+        else:
+            total += int(codes.distance(last).sum())
+        last = codes
+        g = torch.cat(recorder.boundaries, dim=1)
+        _check_affine(g, recorder.smooth)
+        crossing = _next_crossing(g[1], g[2] - g[1], g[3] - g[1], after=t)
+        if crossing is None or crossing + _STEP_PAST >= 2 * math.pi:
+            break
+        t = crossing + _STEP_PAST
+    return total + int(last.distance(first).sum()), regions
+
+
+def _check_affine(g: Tensor, smooth: set[str]) -> None:
+    """Inside a region, ``g(a + b + c) - g(a + b) - g(a + c) + g(a)`` vanishes for an affine ``g``."""
+    residual = (g[4] - g[2] - g[3] + g[1]).abs().nan_to_num(0.0).max()
+    scale = g[1:].abs().nan_to_num(0.0).max()
+    if residual > _AFFINE_TOLERANCE * (1.0 + scale):
+        found = f" Smooth non-linearities found: {', '.join(sorted(smooth))}." if smooth else ""
+        raise ValueError(
+            "The exact count needs a piecewise-linear network, but inside a linear region the inputs of its "
+            f"piecewise-linear units are not affine in the model's input.{found} Use method='sampled'."
+        )
+
+
+def _next_crossing(alpha: Tensor, beta: Tensor, gamma: Tensor, after: float) -> float | None:
+    r"""The first :math:`t \in (\text{after}, 2\pi)` where some :math:`\alpha + \beta\cos t + \gamma\sin t`
+    changes sign, or ``None``. Tangencies (:math:`\lvert\alpha\rvert = R`) touch without crossing."""
+    radius = torch.hypot(beta, gamma)
+    crosses = alpha.abs() < radius  # False for NaN entries (pooling inputs that cannot win)
+    if not bool(crosses.any()):
+        return None
+    alpha, beta, gamma, radius = alpha[crosses], beta[crosses], gamma[crosses], radius[crosses]
+    phase = torch.atan2(gamma, beta)
+    half_width = torch.arccos((-alpha / radius).clamp(-1.0, 1.0))
+    zeros = torch.cat([phase + half_width, phase - half_width]).remainder(2 * math.pi)
+    later = zeros[zeros > after]
+    return float(later.min()) if later.numel() else None
+
+
+def _transition_density_update(transitions: Tensor, arc_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-trajectory densities summed, transitions summed, and the number of trajectories."""
+    if transitions.shape != arc_lengths.shape or transitions.ndim != 1:
+        raise ValueError(
+            "Expected one transition count and one arc length per trajectory (two 1-D tensors of the same length), "
+            f"got shapes {tuple(transitions.shape)} and {tuple(arc_lengths.shape)}."
+        )
+    if bool((arc_lengths <= 0).any()):
+        raise ValueError("Every trajectory needs a positive arc length (its anchors must not all coincide).")
+    transitions = transitions.to(torch.float64)
+    density = transitions / arc_lengths.to(torch.float64)
+    count = torch.tensor(float(len(transitions)), dtype=torch.float64, device=transitions.device)
+    return density.sum(), transitions.sum(), count
+
+
+def _transition_density_compute(density_sum: Tensor, num_trajectories: Tensor) -> Tensor:
+    r"""The mean transition density over trajectories, :math:`\frac{1}{N}\sum_n T_n / L_n`."""
+    return density_sum / num_trajectories

@@ -1,0 +1,79 @@
+r"""``TransitionDensity``: the mean linear-region transition density over trajectories, as a torchmetrics ``Metric``.
+
+The per-trajectory counts :math:`T_n` and arc lengths :math:`L_n` come from
+:func:`lightning_sensitivity.functional.count_transitions` (a forward pass does not belong in ``Metric.update``).
+The metric accumulates
+
+.. math::
+
+    \bar\rho = \frac{1}{N} \sum_{n=1}^{N} \frac{T_n}{L_n}
+
+with ``sum``-reduced states, so that DDP ranks combine into exactly the one-process result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_sensitivity.functional.transitions import (
+    _transition_density_compute,
+    _transition_density_update,
+)
+
+__all__ = ["TransitionDensity"]
+
+
+class TransitionDensity(Metric):
+    r"""Mean transitions per unit of arc length, over trajectories.
+
+    ``update(transitions, arc_lengths)`` takes one count and one arc length per trajectory (two 1-D tensors).
+    ``compute()`` returns :math:`\frac{1}{N}\sum_n T_n / L_n` (NaN before any update); the states
+    ``transitions`` (:math:`\sum_n T_n`) and ``num_trajectories`` give the raw mean count.
+
+    Args:
+        kwargs: passed to ``torchmetrics.Metric``.
+
+    Raises:
+        ValueError: if ``update`` gets tensors of different shapes, not 1-D, or a non-positive arc length.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sensitivity.metrics import TransitionDensity
+        >>> metric = TransitionDensity()
+        >>> metric.update(torch.tensor([4, 10]), torch.tensor([2.0, 5.0]))
+        >>> metric.update(torch.tensor([3]), torch.tensor([1.0]))
+        >>> metric.compute()
+        tensor(2.3333, dtype=torch.float64)
+        >>> float(metric.transitions / metric.num_trajectories)  # the mean raw count
+        5.666666666666667
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    density_sum: Tensor
+    transitions: Tensor
+    num_trajectories: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("density_sum", "transitions", "num_trajectories"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, transitions: Tensor, arc_lengths: Tensor) -> None:
+        """Add the counts ``[N]`` and arc lengths ``[N]`` of ``N`` trajectories."""
+        density_sum, total, count = _transition_density_update(transitions, arc_lengths)
+        self.density_sum += density_sum
+        self.transitions += total
+        self.num_trajectories += count
+
+    def compute(self) -> Tensor:
+        """The mean transition density."""
+        if self.num_trajectories == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.density_sum.device)
+        return _transition_density_compute(self.density_sum, self.num_trajectories)

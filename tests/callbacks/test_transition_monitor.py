@@ -1,0 +1,117 @@
+"""``TransitionMonitor`` inside real ``Trainer`` runs on digits."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import TransitionMonitor
+from lightning_sensitivity.functional import count_transitions, trajectory_through
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+
+KEYS = [
+    f"sensitivity/{name}_{kind}"
+    for name in ("transition_density", "transitions")
+    for kind in ("on_manifold", "off_manifold")
+]
+FIGURE = "sensitivity/transitions_along_trajectory"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Digits batches are small: on a shared machine, intra-op threads only add synchronization."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_monitor(**kwargs):
+    return TransitionMonitor(num_trajectories=2, num_points=128, every_n_epochs=1, **kwargs)
+
+
+def test_scalars_and_figure_are_read_back_from_the_event_files(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    monitor = small_monitor()
+    trainer, model = train([monitor], max_epochs=2, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for key in KEYS:
+        assert len(events.Scalars(key)) == 2
+    images = events.Images(FIGURE)
+    assert len(images) == 2 and images[-1].width > 100 and images[-1].height > 100
+
+    # the logged values are those of the trained model along the monitor's fixed trajectories
+    anchors = monitor.anchors
+    assert anchors["on_manifold"].shape == anchors["off_manifold"].shape == (2, 3, 1, 8, 8)
+    for kind in ("on_manifold", "off_manifold"):
+        counts = [count_transitions(model, trajectory_through(a, 128)) for a in anchors[kind]]
+        density = sum(c.density for c in counts) / 2
+        assert events.Scalars(f"sensitivity/transition_density_{kind}")[-1].value == pytest.approx(
+            density, rel=1e-5
+        )
+        assert (
+            events.Scalars(f"sensitivity/transitions_{kind}")[-1].value
+            == sum(c.transitions for c in counts) / 2
+        )
+    on_manifold = {tuple(p.flatten().tolist()) for p in anchors["on_manifold"].flatten(0, 1)}
+    training_points = {tuple(p.flatten().tolist()) for p in DigitsDataModule().x_train}
+    assert on_manifold <= training_points
+
+
+def test_training_is_unchanged_by_the_monitor():
+    _, plain = train([], max_epochs=2)
+    rng = torch.get_rng_state()
+    _, monitored = train([small_monitor(off_manifold="shuffled")], max_epochs=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert monitored.training
+
+
+def test_resume_from_a_checkpoint_measures_the_same_trajectories(tmp_path):
+    first = small_monitor()
+    trainer, _ = train([first], max_epochs=2)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+
+    second = small_monitor()
+    resumed = pl.Trainer(
+        max_epochs=3, accelerator="cpu", callbacks=[second], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    resumed.fit(MLPClassifier(), datamodule=DigitsDataModule(), ckpt_path=path)
+    assert resumed.current_epoch == 3
+    for kind in ("on_manifold", "off_manifold"):
+        assert torch.equal(second.anchors[kind], first.anchors[kind])
+    assert torch.equal(second._generator.get_state(), first._generator.get_state())
+    assert "sensitivity/transition_density_on_manifold" in resumed.callback_metrics
+
+
+def test_outputs_that_are_not_logits_still_count(tmp_path):
+    monitor = small_monitor(forward_fn=lambda module, x: module(x)[:, :, None])
+    with pytest.warns(UserWarning, match="no Jacobian norm curve"):
+        trainer, _ = train([monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path))
+    assert set(KEYS) <= set(trainer.callback_metrics)
+
+
+def test_a_model_without_piecewise_linear_units_fails_at_the_first_batch():
+    with pytest.raises(ValueError, match="tanh"):
+        train([small_monitor()], max_epochs=1, model=MLPClassifier(activation="tanh"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_points": 7}, "num_points"),
+        ({"num_trajectories": 0}, "num_trajectories"),
+        ({"off_manifold": "x"}, "off_manifold"),
+    ],
+)
+def test_misconfiguration_fails_in_setup(kwargs, match):
+    monitor = TransitionMonitor(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        train([monitor], max_epochs=1)

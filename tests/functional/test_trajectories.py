@@ -1,0 +1,82 @@
+"""Trajectories: trigonometric interpolation through anchors, arc length, off-manifold anchors."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_sensitivity.functional import (
+    ellipse_through,
+    gaussian_anchors,
+    shuffled_anchors,
+    trajectory_through,
+)
+
+
+def test_ellipse_passes_through_its_anchors_and_is_closed():
+    a, b, c = torch.randn(3, 2, 5)
+    curve = ellipse_through(a, b, c, num_points=30)
+    points = curve.points
+    assert points.shape == (30, 2, 5) and points.dtype == torch.float32
+    assert curve.order == 1
+    torch.testing.assert_close(points[0], a)
+    torch.testing.assert_close(points[10], b)
+    torch.testing.assert_close(points[20], c)
+    # closed: the point after the last one is the first
+    torch.testing.assert_close(curve.at(torch.tensor([2 * math.pi])), a[None])
+    # the coefficients in closed form
+    torch.testing.assert_close(curve.constant.float(), (a + b + c) / 3)
+    torch.testing.assert_close(curve.sines[0].float(), (b - c) / math.sqrt(3))
+
+
+@pytest.mark.parametrize("n", [4, 5, 8])
+def test_higher_order_interpolation_through_any_number_of_anchors(n):
+    anchors = torch.randn(n, 7, dtype=torch.float64)
+    curve = trajectory_through(anchors, num_points=4 * n)
+    assert curve.order == n // 2
+    torch.testing.assert_close(curve.points[::4], anchors)
+    torch.testing.assert_close(curve.at(curve.anchor_times), anchors)
+
+
+def test_arc_length_of_a_circle():
+    radius = 2.5
+    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
+    anchors = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    circle = ellipse_through(*anchors, num_points=12)
+    # on its own discretization: the regular 12-gon, 12 * 2r sin(pi / 12)
+    assert circle.arc_length() == pytest.approx(12 * 2 * radius * math.sin(math.pi / 12), rel=1e-6)
+    assert circle.arc_length(num_points=20_000, chunk_size=999) == pytest.approx(
+        2 * math.pi * radius, rel=1e-6
+    )
+
+
+def test_bad_anchors():
+    with pytest.raises(ValueError, match="at least 3 anchors"):
+        trajectory_through(torch.randn(2, 4), 10)
+    with pytest.raises(ValueError, match="same shape"):
+        ellipse_through(torch.randn(4), torch.randn(4), torch.randn(5), 10)
+    with pytest.raises(TypeError, match="floating point"):
+        trajectory_through(torch.arange(12).reshape(3, 4), 10)
+    with pytest.raises(ValueError, match="num_points"):
+        ellipse_through(torch.randn(4), torch.randn(4), torch.randn(4), 2)
+
+
+def test_gaussian_anchors_match_mean_and_std_and_use_only_their_generator():
+    mean, std = torch.tensor([0.0, 5.0, -1.0]), torch.tensor([1.0, 0.1, 3.0])
+    state = torch.get_rng_state()
+    points = gaussian_anchors(mean, std, 20_000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(points.mean(0), mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(points.std(0), std, atol=0.05, rtol=0.02)
+    again = gaussian_anchors(mean, std, 20_000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(points, again)
+
+
+def test_shuffled_anchors_permute_each_point_independently():
+    x = torch.randn(5, 2, 3, 3)
+    state = torch.get_rng_state()
+    shuffled = shuffled_anchors(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert shuffled.shape == x.shape
+    assert torch.equal(shuffled.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    assert not torch.equal(shuffled, x)

@@ -1,0 +1,164 @@
+"""``count_transitions``: a hand-computed case, exact against dense sampling, streaming, convergence, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sensitivity.functional import count_transitions, ellipse_through, trajectory_through
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The exact count makes many forward passes of 5 points: intra-op threads only add synchronization."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit_circle(num_points, radius=1.0):
+    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
+    return ellipse_through(
+        *(radius * torch.stack([angles.cos(), angles.sin()], dim=1)), num_points=num_points
+    )
+
+
+def lines_network(distances):
+    """One hidden ReLU layer on 2-D inputs: unit i is the line at distance ``distances[i]`` from the origin."""
+    angles = torch.linspace(0.3, 5.0, len(distances))
+    layer = nn.Linear(2, len(distances))
+    with torch.no_grad():
+        layer.weight.copy_(torch.stack([angles.cos(), angles.sin()], dim=1) * 2.0)
+        layer.bias.copy_(-2.0 * torch.tensor(distances))
+    return nn.Sequential(layer, nn.ReLU(), nn.Linear(len(distances), 3))
+
+
+def test_hand_computed_circle():
+    # A line at distance d < 1 from the centre cuts the unit circle twice, a farther one never: 3 * 2 crossings.
+    model = lines_network([0.0, 0.5, -0.9, 1.2, 3.0])
+    circle = unit_circle(600)
+    exact = count_transitions(model, circle, method="exact")
+    sampled = count_transitions(model, circle)
+    assert int(exact) == int(sampled) == 6
+    assert exact.regions == 7  # one region per crossing, plus the return to the start
+    assert sampled.converged and sampled.transitions_half == 6
+    assert sampled.density == pytest.approx(6 / (600 * 2 * math.sin(math.pi / 600)))
+    assert exact.density == pytest.approx(sampled.density)
+
+
+def test_the_same_network_with_functional_relu_counts_the_same():
+    class Functional(nn.Module):
+        def __init__(self, reference):
+            super().__init__()
+            self.first, self.last = reference[0], reference[2]
+
+        def forward(self, x):
+            return self.last(F.relu(self.first(x)))
+
+    model = lines_network([0.1, 0.7, 2.0])
+    assert int(count_transitions(Functional(model), unit_circle(600), method="exact")) == 4
+
+
+def test_three_piece_jump_counts_two_and_the_half_count_is_the_evidence():
+    points = torch.tensor([[-1.0], [7.0]]).repeat(3, 1)  # ReLU6: pieces 0, 2, 0, 2, 0, 2
+    result = count_transitions(nn.ReLU6(), points)
+    assert int(result) == 12
+    assert result.transitions_half == 0  # every other point: always piece 0
+    assert not result.converged
+
+
+def random_mlp():
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(12, 24), nn.ReLU(),
+        nn.Linear(24, 24), nn.ReLU6(),
+        nn.Linear(24, 16), nn.LeakyReLU(0.1),
+        nn.Linear(16, 16), nn.Hardsigmoid(),
+        nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+class RandomCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 2)
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn(self.conv1(x))), 2)
+        h = nn.functional.hardtanh(self.conv2(h), -0.5, 0.5)
+        h = F.max_pool2d(h, 2, stride=1, padding=1, ceil_mode=True)
+        return self.fc(h.flatten(1)[:, :24])
+
+
+@pytest.mark.parametrize("make, shape", [(random_mlp, (3, 4)), (RandomCNN, (1, 6, 6))])
+def test_exact_equals_dense_sampling(make, shape):
+    model = make()
+    if isinstance(model, RandomCNN):
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    curve = ellipse_through(*torch.randn(3, *shape), num_points=600)
+    exact = count_transitions(model, curve, method="exact")
+    assert exact.transitions > 20
+    dense = count_transitions(model, curve, num_points=60_000, chunk_size=8192)
+    assert dense.converged
+    assert int(dense) == int(exact)
+    coarse = count_transitions(model, curve, num_points=60)
+    assert coarse.transitions <= exact.transitions  # coarse sampling misses crossings, never invents them
+
+
+def test_streaming_does_not_change_the_count_and_segments_add_up():
+    model, curve = random_mlp(), ellipse_through(*torch.randn(3, 3, 4), num_points=2000)
+    whole = count_transitions(model, curve, chunk_size=4096, return_segments=True)
+    chunked = count_transitions(model, curve, chunk_size=37, return_segments=True)  # odd: rounded up to even
+    on_points = count_transitions(model, curve.points, chunk_size=100)
+    assert int(whole) == int(chunked) == int(on_points)
+    assert whole.transitions_half == chunked.transitions_half == on_points.transitions_half
+    assert chunked.arc_length == pytest.approx(whole.arc_length) and on_points.arc_length == pytest.approx(
+        whole.arc_length
+    )
+    assert torch.equal(whole.segments, chunked.segments)
+    assert whole.segments.shape == (2000,) and int(whole.segments.sum()) == int(whole)
+
+
+def test_the_model_and_the_global_random_state_are_untouched():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    curve = ellipse_through(*torch.randn(3, 3), num_points=100)
+    state = torch.get_rng_state()
+    counts = {int(count_transitions(model, curve, method=m)) for m in ("exact", "sampled")}
+    assert len(counts) == 1  # dropout is off: both methods see the same network
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_outputs_that_are_not_a_classifiers_are_fine():
+    model = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Unflatten(1, (5, 1)))  # output [B, 5, 1]
+    assert int(count_transitions(model, unit_circle(100), method="exact")) >= 0
+
+
+def test_bad_input():
+    circle = unit_circle(100)
+    with pytest.raises(ValueError, match="tanh"):
+        count_transitions(nn.Sequential(nn.Linear(2, 3), nn.Tanh()), circle)
+    with pytest.raises(ValueError, match="tanh"):
+        count_transitions(nn.Sequential(nn.Linear(2, 3), nn.Tanh()), circle, method="exact")
+    with pytest.raises(ValueError, match="not affine"):
+        count_transitions(
+            nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.ReLU()), circle, method="exact"
+        )
+    with pytest.raises(ValueError, match="even number of at least 6"):
+        count_transitions(nn.ReLU(), circle, num_points=7)
+    with pytest.raises(ValueError, match="even number of at least 6"):
+        count_transitions(nn.ReLU(), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="pass a Trajectory"):
+        count_transitions(nn.ReLU(), circle.points, method="exact")
+    with pytest.raises(ValueError, match="ellipses"):
+        count_transitions(nn.ReLU(), trajectory_through(torch.randn(4, 2), 100), method="exact")
+    with pytest.raises(ValueError, match="method"):
+        count_transitions(nn.ReLU(), circle, method="dense")
