@@ -404,6 +404,19 @@ class JacobianNormMonitor(Callback):
                 "(no `val_dataloader`, `limit_val_batches=0`, or fewer epochs than `every_n_epochs`).",
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # `ddp_spawn` pickles the callbacks for its processes. A `torch.Generator` pickles its state as a temporary
+        # tensor that `torch.multiprocessing` shares through a file descriptor, closed before the process starts
+        # ("bad value(s) in fds_to_keep"); the state travels as bytes instead.
+        state = self.__dict__.copy()
+        state["_generator"] = bytes(self._generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, _generator=generator)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"generator_state": self._generator.get_state()}

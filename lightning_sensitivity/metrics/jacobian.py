@@ -95,4 +95,7 @@ class JacobianNorm(Metric):
         if not self.keep_values:
             raise RuntimeError("`per_point` needs `JacobianNorm(keep_values=True)`.")
         with self.sync_context(should_sync=True, should_unsync=True):
-            return dim_zero_cat(self.values) if self.values else torch.zeros(0, device=self.total.device)
+            # Synchronized across processes, the list state is one concatenated tensor (possibly empty).
+            if isinstance(self.values, Tensor) or self.values:
+                return dim_zero_cat(self.values)
+            return torch.zeros(0, device=self.total.device)

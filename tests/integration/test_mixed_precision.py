@@ -1,0 +1,93 @@
+"""Mixed precision: the monitors measure in float32 whatever the training precision.
+
+Tolerance: the logged values equal the float32 measurement of the same weights to a relative 1e-5 (Jacobian norm,
+losses; float32 summation order) and exactly for transition counts. A bf16 run trains to other weights than a
+float32 run, so "the full-precision value" is the float32 measurement of the weights the bf16 run reached.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
+from tests.integration._helpers import all_monitors
+from tests.integration._models import DigitsCNN
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning")]
+
+RELATIVE_TOLERANCE = 1e-5
+
+
+def float32_measurements(
+    model: pl.LightningModule, monitors: list[pl.Callback], dm: DigitsDataModule
+) -> dict:
+    """What the monitors should log, measured here in float32 without autocast, model in eval mode."""
+    jacobian, transitions, gap = monitors
+    model = model.float().eval()
+    x_val, y_val = dm.x_val.to(model.device), dm.y_val.to(model.device)
+    expected = {"sensitivity/jacobian_norm": jacobian_norm(model, x_val[: jacobian.max_points]).mean().item()}
+    for kind in ("on_manifold", "off_manifold"):
+        counts = [
+            count_transitions(model, trajectory_through(a.to(model.device), 64))
+            for a in transitions.anchors[kind]
+        ]
+        expected[f"sensitivity/transitions_{kind}"] = sum(c.transitions for c in counts) / len(counts)
+        expected[f"sensitivity/transition_density_{kind}"] = sum(c.density for c in counts) / len(counts)
+    with torch.no_grad():
+        expected["generalization/val_loss"] = F.cross_entropy(model(x_val), y_val).item()
+        indices = gap.train_indices
+        x_train, y_train = dm.x_train[indices].to(model.device), dm.y_train[indices].to(model.device)
+        expected["generalization/train_loss"] = F.cross_entropy(model(x_train), y_train).item()
+    return expected
+
+
+def check_mixed_precision_run(precision: str, accelerator: str) -> None:
+    pl.seed_everything(0)
+    model, dm, monitors = DigitsCNN(), DigitsDataModule(), all_monitors()
+    trainer, _ = train(
+        monitors, max_epochs=2, model=model, datamodule=dm, precision=precision, accelerator=accelerator
+    )
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    expected = float32_measurements(model, monitors, dm)
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=RELATIVE_TOLERANCE), key
+
+
+def test_bf16_mixed_on_cpu_logs_float32_measurements():
+    check_mixed_precision_run("bf16-mixed", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a CUDA device")
+def test_16_mixed_on_cuda_logs_float32_measurements():
+    check_mixed_precision_run("16-mixed", "cuda")
+
+
+def test_jacobian_norm_inside_an_autocast_region_is_the_float32_value():
+    pl.seed_everything(0)
+    model, x = DigitsCNN().eval(), DigitsDataModule().x_val[:32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = jacobian_norm(model, x)
+    assert inside.dtype == torch.float32
+    assert torch.allclose(inside, jacobian_norm(model, x), rtol=RELATIVE_TOLERANCE)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="functional.count_transitions does not disable autocast as jacobian_norm does: "
+    "called inside an autocast region, the pre-activations are computed in bfloat16 and the count changes "
+    "(260 against 264 transitions here). The monitors are not affected in Lightning 2.6 (its hooks run outside "
+    "the autocast of the step), but a forward_fn or a user calling the functional API inside autocast is.",
+)
+def test_count_transitions_inside_an_autocast_region_is_the_float32_count():
+    pl.seed_everything(0)
+    model = MLPClassifier().eval()
+    curve = trajectory_through(DigitsDataModule().x_train[:3], 256)
+    outside = count_transitions(model, curve)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = count_transitions(model, curve)
+    assert int(inside) == int(outside)
+    assert inside.density == pytest.approx(outside.density, rel=1e-6)
