@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python tests/integration/_ddp_script.py --strategy ddp --out /tmp/run
 
-Every rank writes ``{out}/rank{r}.pt`` (its monitors' ``state_dict``); rank 0 also writes ``{out}/metrics.json``
+The rank-zero-only paths run too: TensorBoard scalars, histograms, the transitions figure and the dashboard
+layout. Every rank writes ``{out}/rank{r}.pt`` (its monitors' ``state_dict``); rank 0 also writes ``{out}/metrics.json``
 (``trainer.callback_metrics``) and ``{out}/weights.pt`` (the trained weights). ``test_ddp.py`` compares them with
 one process measuring the same weights, trajectories and subsets.
 """
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from examples.digits import DigitsDataModule, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
@@ -32,7 +34,7 @@ def monitors(without: Sequence[str] = ()) -> list[Callback]:
     every = [
         JacobianNormMonitor(max_points=JACOBIAN_MAX_POINTS),
         JacobianNormMonitor(max_points=None, prefix="all_points", record_epochs=None),
-        TransitionMonitor(num_trajectories=2, num_points=64, every_n_epochs=1, log_figure=False),
+        TransitionMonitor(num_trajectories=2, num_points=64, every_n_epochs=1),
         GeneralizationGapMonitor(max_train_points=GAP_MAX_TRAIN_POINTS, seed=5),
     ]
     return [m for m in every if type(m).__name__ not in without]
@@ -70,6 +72,7 @@ def main() -> None:
         strategy=args.strategy,
         devices=2,
         default_root_dir=args.out,
+        logger=TensorBoardLogger(args.out, name="tensorboard"),
         limit_train_batches=4,
     )
 

@@ -63,16 +63,17 @@ class ResNet18(_Classifier):
         return self.net(x)
 
 
-def resnet_digits(num_train: int = 48, num_val: int = 21) -> DigitsDataModule:
+class ResNetDigits(DigitsDataModule):
     """A few digits as 3 x 32 x 32 images (upsampled, the channel repeated): resnet18's smallest usual input."""
-    data = DigitsDataModule()
 
-    def grow(x: Tensor) -> Tensor:
-        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    def __init__(self, num_train: int = 48, num_val: int = 21) -> None:
+        super().__init__(batch_size=16)
+        self.x_train, self.y_train = _grow(self.x_train[:num_train]), self.y_train[:num_train]
+        self.x_val, self.y_val = _grow(self.x_val[:num_val]), self.y_val[:num_val]
 
-    x_train, y_train = grow(data.x_train[:num_train]), data.y_train[:num_train]
-    x_val, y_val = grow(data.x_val[:num_val]), data.y_val[:num_val]
-    return DigitsDataModule(batch_size=16, data=(x_train, y_train, x_val, y_val))
+
+def _grow(x: Tensor) -> Tensor:
+    return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
 
 class _DictDataset(Dataset):

@@ -70,9 +70,7 @@ def _text_validation(dm: Any, model: pl.LightningModule) -> tuple[Tensor, Tensor
 CASES = {
     "mlp": Case(MLPClassifier, DigitsDataModule),
     "cnn_batchnorm_maxpool_functional_relu": Case(_models.DigitsCNN, DigitsDataModule),
-    "resnet18_32x32": Case(
-        _models.ResNet18, _models.resnet_digits, trainer_kwargs={"limit_train_batches": 2}
-    ),
+    "resnet18_32x32": Case(_models.ResNet18, _models.ResNetDigits, trainer_kwargs={"limit_train_batches": 2}),
     "dict_forward": Case(
         _models.DictInputMLP,
         _models.DictDigits,

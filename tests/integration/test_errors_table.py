@@ -1,0 +1,310 @@
+"""``docs/errors.md`` lists every error and warning the package emits, and each row is triggered here.
+
+The table is the source of truth: a row gives the exception (or warning) class, where it is raised, and a piece of
+its message. ``test_every_raise_and_warning_has_a_row`` reads the package's source and fails when a ``raise`` or a
+warning is added or removed without its row; ``test_the_row_is_triggered`` runs each row's trigger below and checks
+the class and the message.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from lightning_sensitivity.callbacks._utils import _batch_input, _batch_target
+from lightning_sensitivity.functional import (
+    activation_codes,
+    count_transitions,
+    ellipse_through,
+    jacobian_norm,
+    trajectory_through,
+)
+from lightning_sensitivity.metrics import JacobianNorm, TransitionDensity
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "lightning_sensitivity"
+TABLE = ROOT / "docs" / "errors.md"
+CLASSES = {
+    cls.__name__: cls
+    for cls in (ValueError, TypeError, KeyError, RuntimeError, MisconfigurationException, UserWarning)
+}
+#: Functions that build an exception for a ``raise`` elsewhere.
+EXCEPTION_FACTORIES = {"_no_units_error": "ValueError"}
+WARNING_CALLS = {"rank_zero_warn", "_warn_once", "warn"}
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
+    pytest.mark.filterwarnings("ignore:.*sampled count has not converged.*"),
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    raised: str
+    where: str
+    message: str
+
+
+def read_table() -> list[Row]:
+    rows = []
+    for line in TABLE.read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        rows.append(
+            Row(cells[0].strip("`"), cells[1].strip("`"), cells[2].strip("`"), cells[3][2:-2].strip())
+        )
+    return rows
+
+
+def package_sites() -> list[tuple[str, str]]:
+    """``(where, class)`` of every ``raise`` and every warning call in the package's source."""
+    sites = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+
+        def visit(node: ast.AST, scope: list[str], module: str = module) -> None:
+            for child in ast.iter_child_nodes(node):
+                inner = scope + [child.name] if isinstance(child, (ast.FunctionDef, ast.ClassDef)) else scope
+                if isinstance(child, ast.Raise) and child.exc is not None:
+                    exc = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                    name = getattr(exc, "id", getattr(exc, "attr", "?"))
+                    sites.append((f"{module}::{'.'.join(inner)}", EXCEPTION_FACTORIES.get(name, name)))
+                if isinstance(child, ast.Call) and inner and inner[-1] != "_warn_once":
+                    name = getattr(child.func, "id", getattr(child.func, "attr", None))
+                    if name in WARNING_CALLS:
+                        sites.append((f"{module}::{'.'.join(inner)}", "UserWarning"))
+                visit(child, inner)
+
+        visit(ast.parse(path.read_text()), [])
+    return sites
+
+
+# --- triggers ------------------------------------------------------------------------------------------------------
+
+
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    options = dict(logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def _setup(monitor: pl.Callback, **trainer_kwargs: Any) -> None:
+    monitor.setup(_trainer(**trainer_kwargs), MLPClassifier(), "fit")
+
+
+def _fit(callbacks: list[pl.Callback], **kwargs: Any) -> None:
+    train(callbacks, max_epochs=1, **{"limit_train_batches": 2, **kwargs})
+
+
+class _NoValidation(MLPClassifier):
+    validation_step = pl.LightningModule.validation_step
+
+
+class _InputsOnly(MLPClassifier):
+    """Validation batches that are bare input tensors (no labels)."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self(batch)
+
+
+class _TwoValidationSets(MLPClassifier):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val")
+
+
+class _Uncopyable(TensorDataset):
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+
+def _digits(n: int = 16) -> TensorDataset:
+    data = DigitsDataModule()
+    return TensorDataset(data.x_val[:n], data.y_val[:n])
+
+
+def _model_and_x() -> tuple[nn.Module, torch.Tensor]:
+    return MLPClassifier().eval(), DigitsDataModule().x_val[:4]
+
+
+def _curve(num_points: int = 64, anchors: int = 3):
+    return trajectory_through(DigitsDataModule().x_train[:anchors], num_points)
+
+
+def _validate_with(monitor: pl.Callback, model: pl.LightningModule, loader: DataLoader) -> None:
+    _trainer(callbacks=[monitor]).validate(model, loader, verbose=False)
+
+
+def _not_affine() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _Square(), nn.ReLU(), nn.Linear(16, 10))
+    count_transitions(model, _curve(), method="exact")
+
+
+class _Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+TRIGGERS: dict[str, Callable[[], Any]] = {
+    # callbacks/_utils.py
+    "input-key-missing": lambda: _batch_input({"image": torch.zeros(1)}),
+    "input-not-found": lambda: _batch_input(object()),
+    "input-not-tensor": lambda: _batch_input(([1.0, 2.0], torch.zeros(1))),
+    "target-key-missing": lambda: _batch_target({"x": torch.zeros(1)}),
+    "target-not-found": lambda: _batch_target(torch.zeros(4)),
+    # callbacks/generalization_gap_monitor.py
+    "gap-every-n-epochs": lambda: GeneralizationGapMonitor(every_n_epochs=0),
+    "gap-max-train-points": lambda: GeneralizationGapMonitor(max_train_points=0),
+    "gap-batch-size": lambda: GeneralizationGapMonitor(batch_size=0),
+    "gap-no-validation-step": lambda: GeneralizationGapMonitor().setup(_trainer(), _NoValidation(), "fit"),
+    "gap-limit-val-batches": lambda: _setup(GeneralizationGapMonitor(), limit_val_batches=0),
+    "gap-train-loader": lambda: _trainer(max_epochs=1, callbacks=[GeneralizationGapMonitor()]).fit(
+        MLPClassifier(), {"digits": DataLoader(_digits(), batch_size=8)}, DataLoader(_digits(), batch_size=8)
+    ),
+    "gap-no-validation-batch": lambda: _fit(
+        [GeneralizationGapMonitor()],
+        model=_TwoValidationSets(),
+        datamodule=_FirstValidationSetEmpty(),
+    ),
+    "gap-dataset-not-copied": lambda: _fit(
+        [GeneralizationGapMonitor(train_dataset=_Uncopyable(*_digits(32).tensors))]
+    ),
+    # callbacks/jacobian_norm_monitor.py
+    "jacobian-monitor-max-points": lambda: _setup(JacobianNormMonitor(max_points=0)),
+    "jacobian-monitor-every-n-epochs": lambda: _setup(JacobianNormMonitor(every_n_epochs=0)),
+    "jacobian-monitor-output": lambda: _setup(JacobianNormMonitor(output="probabilities")),
+    "jacobian-monitor-method": lambda: _setup(JacobianNormMonitor(method="sampled")),
+    "jacobian-monitor-record-epochs": lambda: _setup(JacobianNormMonitor(record_epochs=3)),
+    "jacobian-monitor-no-labels": lambda: _validate_with(
+        JacobianNormMonitor(), _InputsOnly(), DataLoader(DigitsDataModule().x_val[:16], batch_size=8)
+    ),
+    "jacobian-monitor-non-finite": lambda: _validate_with(
+        JacobianNormMonitor(),
+        MLPClassifier(),
+        DataLoader(TensorDataset(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))),
+    ),
+    "jacobian-monitor-no-validation": lambda: _fit([JacobianNormMonitor()], limit_val_batches=0),
+    # callbacks/transition_monitor.py
+    "transition-monitor-num-trajectories": lambda: _setup(TransitionMonitor(num_trajectories=0)),
+    "transition-monitor-num-points": lambda: _setup(TransitionMonitor(num_points=7)),
+    "transition-monitor-every-n-epochs": lambda: _setup(TransitionMonitor(every_n_epochs=0)),
+    "transition-monitor-off-manifold": lambda: _setup(TransitionMonitor(off_manifold="uniform")),
+    "transition-monitor-method": lambda: _setup(TransitionMonitor(method="exactly")),
+    "transition-monitor-chunk-size": lambda: _setup(TransitionMonitor(chunk_size=0)),
+    "transition-monitor-matplotlib": lambda: _without_matplotlib(lambda: _setup(TransitionMonitor())),
+    "transition-monitor-few-points": lambda: _fit(
+        [TransitionMonitor(num_trajectories=4, every_n_epochs=1, log_figure=False)],
+        datamodule=DigitsDataModule(batch_size=4),
+        limit_train_batches=1,
+    ),
+    "transition-monitor-not-converged": lambda: _fit(
+        [TransitionMonitor(num_trajectories=1, num_points=6, every_n_epochs=1, log_figure=False)]
+    ),
+    "transition-monitor-figure-jacobian": lambda: _fit(
+        [TransitionMonitor(num_points=64, every_n_epochs=1, forward_fn=lambda m, x: m(x)[:, :, None])],
+        logger=TensorBoardLogger("logs"),
+    ),
+    # functional/_utils.py
+    "input-not-continuous": lambda: jacobian_norm(MLPClassifier(), torch.zeros(2, 1, 8, 8, dtype=torch.long)),
+    "output-not-tensor": lambda: jacobian_norm(lambda x: {"logits": x.flatten(1)}, torch.zeros(2, 4)),
+    "output-shape": lambda: jacobian_norm(lambda x: x[:, :, None], torch.zeros(2, 4)),
+    # functional/activations.py
+    "no-piecewise-linear-unit": lambda: activation_codes(
+        MLPClassifier(activation="tanh"), torch.zeros(2, 1, 8, 8)
+    ),
+    # functional/jacobian.py
+    "jacobian-output": lambda: jacobian_norm(*_model_and_x(), output="probabilities"),
+    "jacobian-method": lambda: jacobian_norm(*_model_and_x(), method="sampled"),
+    "jacobian-num-projections": lambda: jacobian_norm(
+        *_model_and_x(), method="projection", num_projections=0
+    ),
+    "jacobian-chunk-size": lambda: jacobian_norm(*_model_and_x(), chunk_size=0),
+    # functional/trajectories.py
+    "trajectory-anchors": lambda: trajectory_through(torch.zeros(2, 4), 16),
+    "trajectory-anchors-dtype": lambda: trajectory_through(torch.zeros(3, 4, dtype=torch.long), 16),
+    "trajectory-num-points": lambda: trajectory_through(torch.randn(3, 4), 2),
+    "ellipse-anchor-shapes": lambda: ellipse_through(torch.zeros(4), torch.zeros(4), torch.zeros(5), 16),
+    # functional/transitions.py
+    "transitions-method": lambda: count_transitions(MLPClassifier(), _curve(), method="exactly"),
+    "transitions-chunk-size": lambda: count_transitions(MLPClassifier(), _curve(), chunk_size=0),
+    "transitions-num-points-tensor": lambda: count_transitions(
+        MLPClassifier(), _curve().points, num_points=8
+    ),
+    "transitions-exact-tensor": lambda: count_transitions(MLPClassifier(), _curve().points, method="exact"),
+    "transitions-exact-order": lambda: count_transitions(MLPClassifier(), _curve(anchors=5), method="exact"),
+    "transitions-exact-segments": lambda: count_transitions(
+        MLPClassifier(), _curve(), method="exact", return_segments=True
+    ),
+    "transitions-sampled-points": lambda: count_transitions(MLPClassifier(), _curve(num_points=4)),
+    "transitions-max-regions": lambda: count_transitions(
+        MLPClassifier(), _curve(), method="exact", max_regions=1
+    ),
+    "transitions-exact-no-units": lambda: count_transitions(
+        MLPClassifier(activation="tanh"), _curve(), method="exact"
+    ),
+    "transitions-not-affine": _not_affine,
+    "density-shapes": lambda: TransitionDensity().update(torch.tensor([1.0, 2.0]), torch.tensor([1.0])),
+    "density-arc-length": lambda: TransitionDensity().update(torch.tensor([1.0]), torch.tensor([0.0])),
+    # metrics/jacobian.py
+    "jacobian-metric-shape": lambda: JacobianNorm().update(torch.ones(2, 3)),
+    "jacobian-metric-keep-values": lambda: JacobianNorm(keep_values=False).per_point(),
+}
+
+
+class _FirstValidationSetEmpty(DigitsDataModule):
+    def val_dataloader(self) -> list[DataLoader]:
+        empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+        return [DataLoader(empty, batch_size=8), DataLoader(_digits(), batch_size=8)]
+
+
+def _without_matplotlib(call: Callable[[], Any]) -> Any:
+    real = __import__("importlib.util").util.find_spec
+    with mock.patch(
+        "importlib.util.find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    ):
+        return call()
+
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+
+ROWS = read_table()
+
+
+def test_every_raise_and_warning_has_a_row():
+    documented = collections.Counter((row.where, row.raised) for row in ROWS)
+    in_source = collections.Counter(package_sites())
+    assert documented - in_source == {}, "rows without a raise or warning in the source"
+    assert in_source - documented == {}, "raises or warnings without a row in docs/errors.md"
+
+
+def test_every_row_has_one_trigger():
+    ids = [row.id for row in ROWS]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == set(TRIGGERS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_the_row_is_triggered(row):
+    expected = CLASSES[row.raised]
+    if issubclass(expected, Warning):
+        with pytest.warns(expected, match=re.escape(row.message)):
+            TRIGGERS[row.id]()
+    else:
+        with pytest.raises(expected, match=re.escape(row.message)):
+            TRIGGERS[row.id]()
