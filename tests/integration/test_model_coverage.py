@@ -28,6 +28,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*sampled count has not converged.*"),
 ]
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
 MAX_POINTS = 50
 NUM_POINTS = 32
 
@@ -64,7 +68,7 @@ class Case:
 def _text_validation(dm: Any, model: pl.LightningModule) -> tuple[Tensor, Tensor]:
     tokens, labels = dm.val_set.tensors
     with torch.no_grad():
-        return model.embedding(tokens), labels
+        return model.embedding(tokens.to(model.device)), labels
 
 
 CASES = {
@@ -104,29 +108,32 @@ def monitors(reading: dict[str, Any]) -> list[pl.Callback]:
     ]
 
 
-def expected_transition_density(forward: Callable[[Tensor], Tensor], anchors: Tensor) -> float:
-    counts = [count_transitions(forward, trajectory_through(a, NUM_POINTS)) for a in anchors]
+def expected_transition_density(forward: Callable[[Tensor], Tensor], anchors: Tensor, device: str) -> float:
+    counts = [count_transitions(forward, trajectory_through(a.to(device), NUM_POINTS)) for a in anchors]
     return sum(c.density for c in counts) / len(counts)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_monitor_logs_the_direct_measurement(name):
+def test_every_monitor_logs_the_direct_measurement(name, device):
     case = CASES[name]
     pl.seed_everything(0)
     model, dm = case.model(), case.datamodule()
-    jacobian, transitions, gap = watched = monitors(case.reading(model))
-    trainer, _ = train(watched, max_epochs=1, model=model, datamodule=dm, **case.trainer_kwargs)
+    _, transitions, _ = watched = monitors(case.reading(model))
+    trainer, _ = train(
+        watched, max_epochs=1, model=model, datamodule=dm, accelerator=device, **case.trainer_kwargs
+    )
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    model.eval()
-    inputs, labels = case.validation(dm, model)
+    model.to(device).eval()  # measured directly on the device the monitors measured on
+    inputs, labels = (t.to(device) for t in case.validation(dm, model))
     forward = functools.partial(case.forward, model)
     assert logged["sensitivity/jacobian_norm"] > 0
     assert logged["sensitivity/jacobian_norm"] == pytest.approx(
         jacobian_norm(forward, inputs[:MAX_POINTS]).mean().item(), rel=1e-4
     )
     for kind in ("on_manifold", "off_manifold"):
-        expected = expected_transition_density(forward, transitions.anchors[kind])
+        expected = expected_transition_density(forward, transitions.anchors[kind], device)
         assert logged[f"sensitivity/transition_density_{kind}"] == pytest.approx(expected, rel=1e-5), kind
     assert logged["sensitivity/transition_density_on_manifold"] > 0
     with torch.no_grad():
