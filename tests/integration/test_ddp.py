@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
@@ -53,6 +54,8 @@ def run_ddp(strategy: str, out: Path, without: list[str]) -> None:
 
 
 def one_process_reference(out: Path, without: list[str]) -> dict[str, float]:
+    """The monitors' values of one process on the DDP run's final weights; its TensorBoard logs and per-point
+    records go to ``out / "reference"``."""
     model = MLPClassifier(lr=0.0)
     model.load_state_dict(torch.load(out / "weights.pt"))
     states = torch.load(out / "rank0.pt", weights_only=False)
@@ -60,7 +63,12 @@ def one_process_reference(out: Path, without: list[str]) -> dict[str, float]:
     for monitor in watched:
         monitor.load_state_dict(states[type(monitor).__name__ + "/" + monitor.state_key])
     trainer, trained = train(
-        watched, max_epochs=1, model=model, datamodule=DigitsDataModule(), limit_train_batches=1
+        watched,
+        max_epochs=1,
+        model=model,
+        datamodule=DigitsDataModule(),
+        limit_train_batches=1,
+        logger=TensorBoardLogger(out, name="reference"),
     )
     assert all(
         torch.equal(a, b)
@@ -108,15 +116,34 @@ def test_two_processes_log_the_one_process_values(tmp_path, strategy, without):
             assert len(state["train_indices"]) == GAP_MAX_TRAIN_POINTS
             assert state["train_indices"] == rank1[key]["train_indices"]
 
-    # each validation point is measured once, none twice: the per-point records and histograms
+    # each validation point is measured once, none twice, with the one-process value: records and histograms
     (log_dir,) = glob.glob(str(tmp_path / "tensorboard" / "version_*"))
-    with open(os.path.join(log_dir, "jacobian_norm_records", "fit_epoch=1.csv")) as handle:
-        indices = [int(row["index"]) for row in csv.DictReader(handle)]
-    assert indices == list(range(JACOBIAN_MAX_POINTS))
-    events = EventAccumulator(log_dir, size_guidance={"histograms": 0})
-    events.Reload()
+    (reference_dir,) = glob.glob(str(tmp_path / "reference" / "version_*"))
+    records = read_records(os.path.join(log_dir, "jacobian_norm_records", "fit_epoch=1.csv"))
+    reference = read_records(os.path.join(reference_dir, "jacobian_norm_records", "fit_epoch=0.csv"))
+    assert records["index"] == list(range(JACOBIAN_MAX_POINTS)) == reference["index"]
+    assert records["label"] == reference["label"] and records["prediction"] == reference["prediction"]
+    for column in ("loss", "jacobian_norm"):  # written with 6 significant digits
+        assert records[column] == pytest.approx(reference[column], rel=2e-5), column
     num_validation = len(DigitsDataModule().x_val)
     assert num_validation % 2 == 1  # so the sampler pads
     for key, num_points in [("sensitivity", JACOBIAN_MAX_POINTS), ("all_points", num_validation)]:
-        histograms = events.Histograms(f"{key}/jacobian_norm_per_point")
-        assert [h.histogram_value.num for h in histograms] == [num_points, num_points], key
+        tag = f"{key}/jacobian_norm_per_point"
+        ddp, one = (last_histogram(directory, tag) for directory in (log_dir, reference_dir))
+        assert ddp.num == one.num == num_points, key
+        assert (ddp.sum, ddp.min, ddp.max) == pytest.approx((one.sum, one.min, one.max), rel=1e-5), key
+
+
+def read_records(path: str) -> dict[str, list]:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        column: [(int if column in ("index", "label", "prediction") else float)(row[column]) for row in rows]
+        for column in rows[0]
+    }
+
+
+def last_histogram(log_dir: str, tag: str):
+    events = EventAccumulator(log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    return events.Histograms(tag)[-1].histogram_value
