@@ -45,19 +45,17 @@ class FaultyMLP(MLPClassifier):
 
 
 class Trap(pl.Callback):
-    """In ``hook`` of the second epoch, arms the model and records every module's mode and the grad mode; listed
+    """In ``hook`` of the second epoch, arms the model and records every module's mode; listed
     before a monitor, the monitor's measurement in the same hook is the next call of the model."""
 
     def __init__(self, hook: str, error: BaseException) -> None:
         self.error = error
         self.modes: dict[str, bool] | None = None
-        self.grad_enabled: bool | None = None
         setattr(self, hook, self._arm)
 
     def _arm(self, trainer: pl.Trainer, pl_module: FaultyMLP, *args: Any) -> None:
         if trainer.current_epoch == 1 and pl_module.armed is None:
             self.modes = {name: m.training for name, m in pl_module.named_modules()}
-            self.grad_enabled = torch.is_grad_enabled()
             pl_module.armed = self.error
 
 
