@@ -3,9 +3,10 @@
     PYTHONPATH=. python tests/integration/_ddp_script.py --strategy ddp --out /tmp/run
 
 The rank-zero-only paths run too: TensorBoard scalars, histograms, the transitions figure and the dashboard
-layout. Every rank writes ``{out}/rank{r}.pt`` (its monitors' ``state_dict``); rank 0 also writes ``{out}/metrics.json``
-(``trainer.callback_metrics``) and ``{out}/weights.pt`` (the trained weights). ``test_ddp.py`` compares them with
-one process measuring the same weights, trajectories and subsets.
+layout. At the end of ``fit`` every rank writes ``{out}/rank{r}.pt`` (its monitors' ``state_dict``), and rank 0
+``{out}/metrics.json`` (``trainer.callback_metrics``) and ``{out}/weights.pt`` (the trained weights). Then
+``trainer.validate`` runs on those weights, and rank 0 writes its ``callback_metrics`` to ``{out}/validate.json``.
+``test_ddp.py`` compares them with one process measuring the same weights, trajectories and subsets.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     watched = monitors(args.without)
-    train(
+    trainer, model = train(
         [*watched, _Dump(args.out, watched)],
         max_epochs=args.max_epochs,
         datamodule=DigitsDataModule(),
@@ -75,6 +76,11 @@ def main() -> None:
         logger=TensorBoardLogger(args.out, name="tensorboard"),
         limit_train_batches=4,
     )
+    # `trainer.validate` measures under `torch.inference_mode()`, and writes its per-point records at once.
+    trainer.validate(model, datamodule=DigitsDataModule(), verbose=False)
+    if trainer.global_rank == 0:
+        with open(os.path.join(args.out, "validate.json"), "w") as handle:
+            json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, handle, indent=1)
 
 
 if __name__ == "__main__":

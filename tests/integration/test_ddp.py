@@ -34,6 +34,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_ddp_script.py")
 TIMEOUT_S = 300
+RECORDS = "jacobian_norm_records"
 MONITOR_PREFIXES = ("sensitivity/", "all_points/", "generalization/")
 
 
@@ -106,6 +107,14 @@ def test_two_processes_log_the_one_process_values(tmp_path, strategy, without):
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
+    # `trainer.validate` on the same weights: the Jacobian monitors measure again, under inference mode
+    validated = json.loads((tmp_path / "validate.json").read_text())
+    # (under ddp_spawn the main process's `callback_metrics` still hold the values of `fit` beside them)
+    validated = {k: v for k, v in validated.items() if k.startswith(MONITOR_PREFIXES) and "jacobian" in k}
+    assert set(validated) == {k for k in expected if "jacobian" in k}
+    for key, value in validated.items():
+        assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
     # every rank measures the same trajectories and the same training subset
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
     assert rank0.keys() == rank1.keys()
@@ -117,14 +126,21 @@ def test_two_processes_log_the_one_process_values(tmp_path, strategy, without):
             assert state["train_indices"] == rank1[key]["train_indices"]
 
     # each validation point is measured once, none twice, with the one-process value: records and histograms
-    (log_dir,) = glob.glob(str(tmp_path / "tensorboard" / "version_*"))
+    # (ddp_spawn's `validate` starts a second TensorBoard version: each file is looked for in every version)
+    (fit_records,) = glob.glob(str(tmp_path / "tensorboard" / "version_*" / RECORDS / "fit_epoch=1.csv"))
+    (validate_records,) = glob.glob(
+        str(tmp_path / "tensorboard" / "version_*" / RECORDS / "validate_epoch=*.csv")
+    )
     (reference_dir,) = glob.glob(str(tmp_path / "reference" / "version_*"))
-    records = read_records(os.path.join(log_dir, "jacobian_norm_records", "fit_epoch=1.csv"))
-    reference = read_records(os.path.join(reference_dir, "jacobian_norm_records", "fit_epoch=0.csv"))
-    assert records["index"] == list(range(JACOBIAN_MAX_POINTS)) == reference["index"]
-    assert records["label"] == reference["label"] and records["prediction"] == reference["prediction"]
-    for column in ("loss", "jacobian_norm"):  # written with 6 significant digits
-        assert records[column] == pytest.approx(reference[column], rel=2e-5), column
+    reference = read_records(os.path.join(reference_dir, RECORDS, "fit_epoch=0.csv"))
+    assert reference["index"] == list(range(JACOBIAN_MAX_POINTS))
+    for path in (fit_records, validate_records):
+        records = read_records(path)
+        assert records["index"] == reference["index"], path
+        assert records["label"] == reference["label"] and records["prediction"] == reference["prediction"]
+        for column in ("loss", "jacobian_norm"):  # written with 6 significant digits
+            assert records[column] == pytest.approx(reference[column], rel=2e-5), (path, column)
+    log_dir = os.path.dirname(os.path.dirname(fit_records))
     num_validation = len(DigitsDataModule().x_val)
     assert num_validation % 2 == 1  # so the sampler pads
     for key, num_points in [("sensitivity", JACOBIAN_MAX_POINTS), ("all_points", num_validation)]:
