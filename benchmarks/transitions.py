@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 
 from examples.digits import DigitsDataModule, train
@@ -96,7 +97,7 @@ def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> 
         )
 
 
-def monitor_overhead(max_epochs: int, repeats: int, logger: bool) -> None:
+def monitor_overhead(max_epochs: int, repeats: int, logger: bool, **monitor_kwargs: Any) -> None:
     import tempfile
 
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -106,17 +107,26 @@ def monitor_overhead(max_epochs: int, repeats: int, logger: bool) -> None:
     def run(callbacks: list[Any]) -> None:
         train(callbacks, max_epochs=max_epochs, logger=TensorBoardLogger(root) if logger else False)
 
-    samples = timed({"without": lambda: run([]), "with": lambda: run([TransitionMonitor()])}, repeats)
-    ratios = [w / wo for w, wo in zip(samples["with"], samples["without"], strict=True)]
-    where = "TensorBoardLogger (figure logged)" if logger else "no logger (scalars only)"
-    print(
-        f"\n3. TransitionMonitor() at its defaults, examples.digits.train(max_epochs={max_epochs}), {where}"
+    samples = timed(
+        {
+            "without": lambda: run([]),
+            "empty": lambda: run([Callback()]),
+            "with": lambda: run([TransitionMonitor(**monitor_kwargs)]),
+        },
+        repeats,
     )
-    print(f"   without           {statistics.median(samples['without']):8.2f} s (median of {repeats})")
-    print(f"   with              {statistics.median(samples['with']):8.2f} s")
+    where = "TensorBoardLogger" if logger else "no logger (scalars only)"
+    settings = ", ".join(f"{k}={v!r}" for k, v in monitor_kwargs.items()) or "defaults"
+    print(f"\n3. TransitionMonitor({settings}), examples.digits.train(max_epochs={max_epochs}), {where}")
     print(
-        f"   ratio             {statistics.median(ratios):8.3f}x  (median of paired ratios; target <= 1.05x)"
+        f"   without                   {statistics.median(samples['without']):6.2f} s (median of {repeats})"
     )
+    for name, label in (("empty", "an empty Callback()"), ("with", "TransitionMonitor()")):
+        ratios = [w / wo for w, wo in zip(samples[name], samples["without"], strict=True)]
+        print(
+            f"   with {label:20s} {statistics.median(samples[name]):6.2f} s   ratio {statistics.median(ratios):.3f}x "
+            "(median of paired ratios; target <= 1.05x)"
+        )
 
 
 def _times(k: int) -> Tensor:
@@ -143,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     points = curves[0].at(_times(16_384 if args.quick else 65_536))
     throughput({"digits MLP (trained)": model, "digits CNN": digits_cnn()}, points, [1024, 4096], repeats)
     exact_against_sampled(model, curves, repeats)
-    monitor_overhead(20, repeats, logger=False)
-    monitor_overhead(20, repeats, logger=True)
+    monitor_overhead(20, 2 * repeats + 1, logger=False)
+    monitor_overhead(20, 2 * repeats + 1, logger=True)
+    monitor_overhead(20, 2 * repeats + 1, logger=True, log_figure=False)
 
 
 if __name__ == "__main__":

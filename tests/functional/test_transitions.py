@@ -49,17 +49,21 @@ def test_hand_computed_circle():
     assert exact.density == pytest.approx(sampled.density)
 
 
-def test_the_same_network_with_functional_relu_counts_the_same():
+@pytest.mark.parametrize(
+    "relu", [F.relu, lambda h: F.relu(h, inplace=True), lambda h: h.clamp(min=0), torch.relu_], ids=str
+)
+def test_the_same_network_with_functional_relu_counts_the_same(relu):
     class Functional(nn.Module):
         def __init__(self, reference):
             super().__init__()
             self.first, self.last = reference[0], reference[2]
 
         def forward(self, x):
-            return self.last(F.relu(self.first(x)))
+            return self.last(relu(self.first(x)))
 
     model = lines_network([0.1, 0.7, 2.0])
-    assert int(count_transitions(Functional(model), unit_circle(600), method="exact")) == 4
+    for method in ("exact", "sampled"):
+        assert int(count_transitions(Functional(model), unit_circle(600), method=method)) == 4
 
 
 def test_three_piece_jump_counts_two_and_the_half_count_is_the_evidence():
