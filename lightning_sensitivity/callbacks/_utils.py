@@ -124,7 +124,11 @@ def _log_scalars(pl_module: pl.LightningModule, metrics: dict[str, Tensor | floa
     ``ModelCheckpoint`` can monitor them, and every logger of the trainer receives them.
     """
     for key, value in metrics.items():
-        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+        # The values are already the same on every rank; "syncing" them with `max` keeps them exact and tells
+        # Lightning so (it warns about epoch-level values logged without `sync_dist` under DDP).
+        pl_module.log(
+            key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False
+        )
 
 
 def _log_histogram(trainer: pl.Trainer, key: str, values: Tensor) -> None:

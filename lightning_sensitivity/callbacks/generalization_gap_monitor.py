@@ -65,7 +65,7 @@ class _LossAccuracy(Metric):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("loss_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("correct", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, loss_sum: Tensor, correct: Tensor, count: int) -> None:
@@ -77,7 +77,7 @@ class _LossAccuracy(Metric):
         return {
             "count": self.count,
             "loss": self.loss_sum / self.count,
-            "accuracy": self.correct / self.count,
+            "accuracy": (self.correct / self.count).float(),
         }
 
 
@@ -321,7 +321,10 @@ class GeneralizationGapMonitor(Callback):
         count = logits.shape[0]
         loss_sum = loss.sum() if loss.ndim > 0 else loss * count
         labels = target.argmax(-1) if target.ndim == logits.ndim else target
-        correct = (logits.argmax(-1) == labels).sum()
+        correct = (logits.argmax(-1) == labels).sum().double()
+        if not torch.isfinite(logits).all():
+            # argmax of NaN logits is a class like any other: report the broken model as NaN, not as a score.
+            correct = torch.full_like(correct, float("nan"))
         return loss_sum.detach(), correct, count
 
     def _read_train_subset(self, trainer: pl.Trainer, num_val: int) -> list[Any]:

@@ -265,10 +265,13 @@ class JacobianNormMonitor(Callback):
     def _add_records(
         self, batch: Any, idx: int, keep: Tensor, x: Tensor, positions: Tensor, norms: Tensor, model: Any
     ) -> None:
-        try:
-            y = _batch_target(batch, self.target_key, self.get_target)
-        except (KeyError, TypeError, IndexError):
-            y = None
+        if self.get_target is not None:
+            y = self.get_target(batch)  # the user's function: its errors are the user's to see
+        else:
+            try:
+                y = _batch_target(batch, self.target_key)
+            except (KeyError, TypeError, IndexError):  # a batch without labels: records are optional
+                y = None
         if not isinstance(y, Tensor) or y.shape != keep.shape or torch.is_floating_point(y):
             self._warn_once(
                 "no-labels",

@@ -160,16 +160,7 @@ _NAN_HIDDEN = (
                 ),
             ),
         ),
-        pytest.param(
-            "generalization/val_accuracy",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=_NAN_HIDDEN.format(
-                    "GeneralizationGapMonitor",
-                    "a finite accuracy (argmax of NaN logits counted as predictions)",
-                ),
-            ),
-        ),
+        "generalization/val_accuracy",
     ],
 )
 def test_after_a_nan_loss_the_measurements_show_nan(nan_run, key):
