@@ -349,6 +349,19 @@ class TransitionMonitor(Callback):
 
     # --- state ----------------------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        # `ddp_spawn` pickles the callbacks for its processes. A `torch.Generator` pickles its state as a temporary
+        # tensor that `torch.multiprocessing` shares through a file descriptor closed before the process starts;
+        # the state travels as bytes instead.
+        state = self.__dict__.copy()
+        state["_generator"] = bytes(self._generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, _generator=generator)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"anchors": self._anchors, "generator_state": self._generator.get_state()}

@@ -129,7 +129,8 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
 
     One forward pass (no autograd) with every piecewise-linear call of the forward pass intercepted, whether it
     comes from a module or from a functional call. An ``nn.Module`` is evaluated in eval mode (dropout off,
-    batch-norm running statistics) and every submodule's previous mode is restored afterwards. Codes are stored
+    batch-norm running statistics) and every submodule's previous mode is restored afterwards; an ``autocast``
+    region is switched off for the pass (half-precision inputs of the units would change the codes). Codes are stored
     as booleans (one per unit boundary) and small integers (pooling winners), never as float activations.
 
     Only calls on tensors whose first dimension is the batch are units, so a ``clamp`` on a parameter is not.
@@ -169,7 +170,7 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
         [2]
     """
     module = model if isinstance(model, nn.Module) else nn.Identity()
-    with torch.no_grad(), _eval_mode(module):
+    with torch.no_grad(), _eval_mode(module), torch.autocast(x.device.type, enabled=False):
         return _codes(model, x)
 
 

@@ -113,7 +113,8 @@ def count_transitions(
     or a product of activations upstream of a unit). Crossings closer than :math:`10^{-8}` in :math:`t` are
     merged, which changes nothing unless one unit crosses twice that close (a near-tangency).
 
-    An ``nn.Module`` is evaluated in eval mode and its submodules' modes are restored; no gradient is taken.
+    An ``nn.Module`` is evaluated in eval mode and its submodules' modes are restored; no gradient is taken. The
+    count runs in the model's own precision even inside an ``autocast`` region.
 
     Args:
         model: an ``nn.Module`` or a callable of a batch ``[B, *shape]``; any output (no classifier needed).
@@ -157,6 +158,9 @@ def count_transitions(
             raise ValueError("`num_points` resamples a Trajectory; a tensor of points is counted as it is.")
         k = trajectory.shape[0]
     module = model if isinstance(model, nn.Module) else nn.Identity()
+    device = (trajectory.constant if isinstance(trajectory, Trajectory) else trajectory).device
+    # Inside an autocast region the units' inputs would be rounded to half precision, and the count changed.
+    full_precision = torch.autocast(device.type, enabled=False)
     if method == "exact":
         if not isinstance(trajectory, Trajectory):
             raise ValueError(
@@ -169,7 +173,7 @@ def count_transitions(
             )
         if return_segments:
             raise ValueError("`return_segments` is available for the sampled count only.")
-        with torch.no_grad(), _eval_mode(module):
+        with torch.no_grad(), _eval_mode(module), full_precision:
             transitions, regions = _count_exact(model, trajectory, max_regions)
         return TransitionCount(transitions, trajectory.arc_length(k), method, k, transitions, regions)
     if k < 6 or k % 2:
@@ -182,7 +186,7 @@ def count_transitions(
         points = lambda start, stop: trajectory.at(times[start:stop])  # noqa: E731
     else:
         points = lambda start, stop: trajectory[start:stop]  # noqa: E731
-    with torch.no_grad(), _eval_mode(module):
+    with torch.no_grad(), _eval_mode(module), full_precision:
         return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments)
 
 
@@ -214,8 +218,10 @@ def _count_sampled(
         even = codes[::2]  # start - 2 and start are even, so these are the even global indices
         total += int(steps.sum())
         half += int(even[1:].distance(even[:-1]).sum())
-        flat = z.detach().flatten(1).to(torch.float64)
-        length += float((flat[skip + 1 :] - flat[skip:-1]).norm(dim=1).sum())
+        # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
+        # sum runs in float64.
+        flat = z.detach().flatten(1)
+        length += float((flat[skip + 1 :] - flat[skip:-1]).norm(dim=1).to(torch.float64).sum())
         if return_segments:
             segments.append(steps)
         if first is None:
@@ -225,7 +231,7 @@ def _count_sampled(
     closing = int(last.distance(first).sum())
     total += closing
     half += int(last_even.distance(first).sum())
-    length += float((first_point - flat[-1:]).norm())
+    length += float((first_point - flat[-1:]).to(torch.float64).norm())
     segment_counts = (
         torch.cat([*segments, torch.tensor([closing], dtype=torch.int32)]) if return_segments else None
     )

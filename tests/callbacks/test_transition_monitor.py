@@ -115,3 +115,14 @@ def test_misconfiguration_fails_in_setup(kwargs, match):
     monitor = TransitionMonitor(**kwargs)
     with pytest.raises(ValueError, match=match):
         train([monitor], max_epochs=1)
+
+
+def test_the_monitor_pickles_with_its_generator_state():
+    import pickle
+
+    monitor = small_monitor()
+    monitor._generator.manual_seed(123)
+    torch.rand(3, generator=monitor._generator)
+    copy = pickle.loads(pickle.dumps(monitor))
+    assert torch.equal(copy._generator.get_state(), monitor._generator.get_state())
+    assert copy.state_key == monitor.state_key

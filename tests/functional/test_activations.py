@@ -202,3 +202,11 @@ def test_model_without_piecewise_linear_units_names_its_non_linearities():
         activation_codes(model, torch.randn(2, 3))
     for name in ("tanh", "gelu", "sigmoid"):
         assert name in str(error.value)
+
+
+def test_codes_inside_an_autocast_region_are_the_full_precision_codes():
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    x = torch.randn(256, 4) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = activation_codes(model, x)
+    assert torch.equal(inside.sides, activation_codes(model, x).sides)

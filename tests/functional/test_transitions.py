@@ -166,3 +166,13 @@ def test_bad_input():
         count_transitions(nn.ReLU(), trajectory_through(torch.randn(4, 2), 100), method="exact")
     with pytest.raises(ValueError, match="method"):
         count_transitions(nn.ReLU(), circle, method="dense")
+
+
+def test_inside_an_autocast_region_the_count_is_the_full_precision_one():
+    model, curve = random_mlp(), ellipse_through(*torch.randn(3, 3, 4) * 3, num_points=512)
+    outside = count_transitions(model, curve)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = count_transitions(model, curve)
+        inside_exact = count_transitions(model, curve, method="exact")
+    assert int(inside) == int(outside) == int(inside_exact)
+    assert inside.density == pytest.approx(outside.density, rel=1e-6)
