@@ -69,6 +69,8 @@ class DigitsDataModule(pl.LightningDataModule):
         augment: random shifts of up to one pixel in the training set.
         random_label_fraction: this fraction of training labels is replaced by random classes.
         val_fraction: share of the 1,797 images held out for validation.
+        data: ``(x_train, y_train, x_val, y_val)`` to use instead of the digits (images ``[N, C, H, W]`` and
+            integer labels, for example a torchvision data set); ``val_fraction`` is then unused.
     """
 
     def __init__(
@@ -78,15 +80,21 @@ class DigitsDataModule(pl.LightningDataModule):
         augment: bool = False,
         random_label_fraction: float = 0.0,
         val_fraction: float = 0.3,
+        data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["data"])
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.random_label_fraction, self.val_fraction = random_label_fraction, val_fraction
-        self.x_train, self.y_train, self.x_val, self.y_val = load_digits_tensors(seed, val_fraction)
+        if data is None:
+            data = load_digits_tensors(seed, val_fraction)
+        self.x_train, self.y_train, self.x_val, self.y_val = data
         if random_label_fraction > 0:
+            num_classes = int(torch.cat([self.y_train, self.y_val]).max()) + 1
             g = torch.Generator().manual_seed(seed + 1)
             flip = torch.rand(len(self.y_train), generator=g) < random_label_fraction
-            self.y_train = torch.where(flip, torch.randint(0, 10, self.y_train.shape, generator=g), self.y_train)
+            random_labels = torch.randint(0, num_classes, self.y_train.shape, generator=g)
+            self.y_train = torch.where(flip, random_labels, self.y_train)
 
     def train_dataloader(self) -> DataLoader:
         data = (

@@ -1,0 +1,1 @@
+"""The parts of ``python -m examples.reproduce``: data, the sweep, its runners, F2, the analysis and the report."""

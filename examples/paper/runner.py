@@ -1,0 +1,145 @@
+"""Running the sweep: in this process, in a pool of processes (``--jobs N``), or on Ray Tune (``--ray``).
+
+Whatever runs the models, each finished model becomes one row of one tidy table (``results.csv``), written
+after every model, so that an interrupted sweep keeps its finished models and a re-run trains only the rest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from examples.paper.data import DataSpec
+from examples.paper.sweep import ModelConfig, train_and_measure
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The table of finished models, or an empty one."""
+    return pd.read_csv(path) if path.exists() else pd.DataFrame({"model_id": pd.Series(dtype=str)})
+
+
+def run_sweep(
+    configs: Sequence[ModelConfig],
+    spec: DataSpec,
+    table_path: Path,
+    runs_dir: Path,
+    points_dir: Path,
+    jobs: int = 1,
+    use_ray: bool = False,
+    ray_address: str | None = None,
+) -> pd.DataFrame:
+    """Train and measure every model of ``configs`` that ``table_path`` does not hold yet; return the table of
+    all of ``configs`` (in their order). Torch in this process is set to one thread (see below).
+
+    Args:
+        configs: the models of the sweep.
+        spec: the data they train on.
+        table_path: the CSV table, read first and rewritten after each finished model.
+        runs_dir: TensorBoard logs, one version folder per model.
+        points_dir: per-point records, one CSV per model.
+        jobs: models trained at once in separate processes (or Ray trials).
+        use_ray: run the models as Ray Tune trials.
+        ray_address: an existing Ray cluster to join (``None``: start a local Ray instance).
+
+    Raises:
+        ValueError: if ``table_path`` holds models of another data set.
+    """
+    # One thread per model: these small networks train several times slower when two threads contend for
+    # the cores, and --jobs uses the other cores better.
+    torch.set_num_threads(1)
+    table = read_table(table_path)
+    if "dataset" in table and (table.dataset != spec.name).any():
+        raise ValueError(
+            f"{table_path} holds models trained on {sorted(set(table.dataset))}, not on {spec.name!r}: give this "
+            "sweep its own --out folder."
+        )
+    done = set(table.model_id)
+    todo = [c for c in configs if c.model_id not in done]
+    print(f"Sweep: {len(configs)} models, {len(configs) - len(todo)} already in {table_path}, {len(todo)} to train.")
+    args = (spec, str(runs_dir), str(points_dir))
+    if use_ray:
+        rows: Iterator[dict[str, Any]] = _ray_rows(todo, args, jobs, ray_address, table_path.parent / "ray")
+    elif jobs > 1:
+        rows = _pool_rows(todo, args, jobs)
+    else:
+        rows = (train_and_measure(c, *args) for c in todo)
+    for row in tqdm(rows, total=len(todo), desc="models", unit="model", disable=not todo):
+        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+        _write_atomically(table, table_path)
+    wanted = [c.model_id for c in configs]
+    return table.set_index("model_id").loc[wanted].reset_index()
+
+
+def _write_atomically(table: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _pool_rows(todo: Sequence[ModelConfig], args: tuple[Any, ...], jobs: int) -> Iterator[dict[str, Any]]:
+    # spawn, not fork: a forked child inherits torch's thread pools in an unusable state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        futures = [pool.submit(train_and_measure, c, *args) for c in todo]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+
+
+def _tune_trial(params: dict[str, Any]) -> None:
+    """One Ray Tune trial: a model of the sweep; its table row is the trial's reported result."""
+    from ray import tune
+
+    torch.set_num_threads(1)
+    config = ModelConfig(**params["config"])
+    spec = DataSpec(**params["spec"])
+    row = train_and_measure(config, spec, params["runs_dir"], params["points_dir"])
+    # One JSON string, so the row comes back exactly, apart from the keys Tune adds to every result.
+    tune.report({"row": json.dumps(row)})
+
+
+def _ray_rows(todo: Sequence[ModelConfig], args: tuple[Any, ...], jobs: int, address: str | None,
+              storage: Path) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray import tune
+
+    if not todo:
+        return
+    spec, runs_dir, points_dir = args
+    # The workers import this package from the repository, wherever Ray starts them on this machine.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+             ignore_reinit_error=True, log_to_driver=False)
+    try:
+        space = {
+            "config": tune.grid_search([dataclasses.asdict(c) for c in todo]),
+            "spec": dataclasses.asdict(spec),
+            "runs_dir": str(Path(runs_dir).resolve()),
+            "points_dir": str(Path(points_dir).resolve()),
+        }
+        tuner = tune.Tuner(
+            tune.with_resources(_tune_trial, {"cpu": 1}),
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=jobs),
+            run_config=tune.RunConfig(storage_path=str(storage.resolve()), name="sweep", verbose=0),
+        )
+        results = tuner.fit()
+        for result in results:
+            if result.error is not None:
+                raise RuntimeError(f"A Ray Tune trial failed: {result.error}")
+            yield json.loads(result.metrics["row"])
+    finally:
+        ray.shutdown()
