@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,16 @@ _POOL_WITH_INDICES = {
     3: F.max_pool3d_with_indices,
 }
 _POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
+# Piecewise-linear operations whose pieces are not recorded: a model that uses them gets a warning, not a silent
+# undercount.
+_UNCOUNTED = frozenset(
+    {
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices",
+        "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices", "fractional_max_pool2d",
+        "fractional_max_pool3d", "hardshrink", "softshrink", "threshold", "threshold_", "abs", "abs_", "maximum",
+        "minimum", "amax", "amin", "rrelu", "rrelu_",
+    }
+)  # fmt: skip
 # Smooth non-linearities, named in the error for models without any piecewise-linear unit.
 _SMOOTH = frozenset(
     {
@@ -77,7 +88,7 @@ _SMOOTH = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ActivationCodes:
     """The activation codes of a batch of points.
 
@@ -356,14 +367,14 @@ class _CodeRecorder(TorchFunctionMode):
         self.winner_dtype = torch.uint8
         self.units: list[str] = []
         self.smooth: set[str] = set()
+        self.uncounted: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         unit = _parse_unit(name, args, kwargs, self.batch_size)
         if unit is None:
-            if name in _SMOOTH:
-                self.smooth.add(name)
+            self._note_other(name, args)
             return func(*args, **kwargs)
         self.units.append(name)
         if isinstance(unit, _Pool):
@@ -372,6 +383,17 @@ class _CodeRecorder(TorchFunctionMode):
             return (out, indices) if unit.return_indices else out
         self._record_sides(unit, unit.input)  # before the call: it may be in place
         return func(*args, **kwargs)
+
+    def _note_other(self, name: str, args: Sequence[Any]) -> None:
+        if name in _SMOOTH:
+            self.smooth.add(name)
+        elif (
+            name in _UNCOUNTED
+            and args
+            and isinstance(args[0], Tensor)
+            and args[0].shape[:1] == (self.batch_size,)
+        ):
+            self.uncounted.add(name)
 
     def _record_winners(self, unit: _Pool, indices: Tensor) -> None:
         self.winners.append(indices.flatten(1).to(unit.index_dtype))
@@ -384,6 +406,12 @@ class _CodeRecorder(TorchFunctionMode):
     def codes(self, x: Tensor) -> ActivationCodes:
         if not self.units:
             raise _no_units_error(self.smooth)
+        if self.uncounted:
+            warnings.warn(
+                f"The forward pass calls {', '.join(sorted(self.uncounted))}: piecewise linear, but their pieces are "
+                "not part of the activation codes, so boundaries they cross are not counted.",
+                stacklevel=2,
+            )
         sides = torch.cat(self.sides, dim=1) if self.sides else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         empty = x.new_zeros((x.shape[0], 0), dtype=self.winner_dtype)
         winners = torch.cat([w.to(self.winner_dtype) for w in self.winners], dim=1) if self.winners else empty
@@ -409,8 +437,7 @@ class _RegionRecorder(_CodeRecorder):
         name = getattr(func, "__name__", "")
         unit = _parse_unit(name, args, kwargs, self.batch_size)
         if unit is None:
-            if name in _SMOOTH:
-                self.smooth.add(name)
+            self._note_other(name, args)
             return func(*args, **kwargs)
         self.units.append(name)
         u = unit.input

@@ -27,7 +27,7 @@ from torch import Tensor
 __all__ = ["Trajectory", "ellipse_through", "gaussian_anchors", "shuffled_anchors", "trajectory_through"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trajectory:
     r"""A closed curve :math:`z(t) = a + \sum_j b_j \cos jt + c_j \sin jt`, discretized at ``num_points`` points.
 

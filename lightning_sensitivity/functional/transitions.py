@@ -50,7 +50,7 @@ _STEP_PAST = 1e-8
 _AFFINE_TOLERANCE = 1e-6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TransitionCount:
     """The transitions along one trajectory. ``int(result)`` is the number of transitions.
 

@@ -210,3 +210,10 @@ def test_codes_inside_an_autocast_region_are_the_full_precision_codes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = activation_codes(model, x)
     assert torch.equal(inside.sides, activation_codes(model, x).sides)
+
+
+def test_piecewise_linear_operations_that_are_not_recorded_are_named_in_a_warning():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(2), nn.Flatten())
+    with pytest.warns(UserWarning, match="adaptive_max_pool2d"):
+        codes = activation_codes(model, torch.randn(3, 1, 6, 6))
+    assert codes.units == ("relu",)
