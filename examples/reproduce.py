@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray", action="store_true", help="run the sweep on Ray Tune (the `ray` extra)")
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     parser.add_argument("--ellipses", type=int, default=None, help="F2 ellipses of each kind (default 10, quick 3)")
-    parser.add_argument("--ellipse-points", type=int, default=None, help="points per F2 ellipse (default 300, quick 120)")
+    parser.add_argument("--ellipse-points", type=int, default=None, help="points per F2 ellipse, a multiple of 6 (default 300, quick 120)")
     parser.add_argument("--out", type=Path, default=Path("reproduction"))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     args = parser.parse_args(argv)
@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--address joins a Ray cluster: it needs --ray")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.ellipse_points is not None and (args.ellipse_points < 6 or args.ellipse_points % 6):
+        parser.error("--ellipse-points must be a positive multiple of 6 (the anchors are points of the curve)")
     return args
 
 

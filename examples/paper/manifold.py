@@ -44,13 +44,11 @@ class ManifoldResult:
             the ellipse and at its anchors.
         profiles: for the first ellipse of each kind and each model, the Jacobian norm at every point of the
             curve (``model``, ``kind``, ``t``, ``jacobian_norm``) and the transitions on each segment.
-        config: the configuration of the measured model.
         train_accuracy: the trained model's final accuracy on its training set.
     """
 
     curves: pd.DataFrame
     profiles: pd.DataFrame
-    config: ModelConfig
     train_accuracy: float
 
 
@@ -80,7 +78,7 @@ def manifold_experiment(config: ModelConfig, spec: DataSpec, runs_dir: str, num_
                 curves.append({"model": name, "kind": kind, "ellipse": index, **row})
                 if index == 0:
                     profiles.append(profile.assign(model=name, kind=kind))
-    return ManifoldResult(pd.DataFrame(curves), pd.concat(profiles, ignore_index=True), config, stop.accuracy)
+    return ManifoldResult(pd.DataFrame(curves), pd.concat(profiles, ignore_index=True), stop.accuracy)
 
 
 def _measure_ellipse(model: nn.Module, a: Tensor, b: Tensor, c: Tensor, num_points: int) -> tuple[dict[str, Any], pd.DataFrame]:

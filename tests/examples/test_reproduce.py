@@ -185,6 +185,8 @@ def test_command_line_checks() -> None:
         parse_args(["--jobs", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--dataset", "imagenet"])
+    with pytest.raises(SystemExit):
+        parse_args(["--ellipse-points", "100"])
 
 
 @pytest.mark.slow
