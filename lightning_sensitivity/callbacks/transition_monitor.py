@@ -33,7 +33,7 @@ from lightning_sensitivity.callbacks._utils import (
     _should_measure,
     _tensorboard_writers,
 )
-from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.functional._utils import _check_continuous, _eval_mode
 from lightning_sensitivity.functional.activations import activation_codes
 from lightning_sensitivity.functional.jacobian import jacobian_norm
 from lightning_sensitivity.functional.trajectories import (
@@ -105,6 +105,8 @@ class TransitionMonitor(Callback):
         ValueError: in ``setup``, if an argument is out of range or ``log_figure`` is set without matplotlib; at the
             first training batch, if the model has no piecewise-linear unit (the message names the
             non-linearities it found).
+        TypeError: at the first training batch, if the input is not floating point (token ids: pass ``get_input``
+            and ``forward_fn`` that measure at the embeddings).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -199,6 +201,7 @@ class TransitionMonitor(Callback):
             return
         x = _batch_input(batch, self.input_key, self.get_input).detach()
         if not self._checked:
+            _check_continuous(x)  # a curve through token ids means nothing: measure at the embeddings
             with _eval_mode(pl_module):  # fail at once for a model without piecewise-linear units
                 activation_codes(functools.partial(self.forward_fn, pl_module), x[:1])
             self._checked = True

@@ -126,3 +126,28 @@ def test_the_monitor_pickles_with_its_generator_state():
     copy = pickle.loads(pickle.dumps(monitor))
     assert torch.equal(copy._generator.get_state(), monitor._generator.get_state())
     assert copy.state_key == monitor.state_key
+
+
+def test_token_ids_fail_at_the_first_batch_with_a_hint():
+    class Tokens(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.head = (
+                torch.nn.Embedding(10, 4),
+                torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(4, 2)),
+            )
+
+        def forward(self, ids):
+            return self.head(self.embedding(ids))
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (16,)), torch.randint(0, 2, (16,)))
+    trainer = pl.Trainer(max_epochs=1, callbacks=[small_monitor()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(TypeError, match="embeddings"):
+        trainer.fit(Tokens(), torch.utils.data.DataLoader(data, batch_size=8))
