@@ -62,7 +62,7 @@ class TransitionCount:
         transitions_half: sampled: :math:`T_{k/2}`, the count on every other point (the convergence evidence);
             exact: equal to ``transitions``.
         regions: exact: the forward passes made, one per linear region visited; sampled: ``None``.
-        segments: the boundaries crossed on each segment ``i -> i + 1`` (``[k]``, int64), if asked for.
+        segments: the boundaries crossed on each segment ``i -> i + 1`` (``[k]``, int32), if asked for.
     """
 
     transitions: int
