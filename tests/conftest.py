@@ -6,6 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
+# The models under test are tiny: one intra-op thread is fastest, and immune to the thread-pool contention of a
+# busy machine (a small conv2d goes from 0.03 ms to tens of ms when two processes fight over two cores).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,9 @@ def _batch_input(batch: Any, input_key: str | int | None = None, get_input: GetI
     return x
 
 
-def _batch_target(batch: Any, target_key: str | int | None = None, get_target: GetInput | None = None) -> Tensor:
+def _batch_target(
+    batch: Any, target_key: str | int | None = None, get_target: GetInput | None = None
+) -> Tensor:
     """The labels held by a batch: the second item of an ``(x, y, ...)`` tuple/list, or ``batch[target_key]``."""
     if get_target is not None:
         return get_target(batch)
@@ -127,7 +129,13 @@ def _log_scalars(pl_module: pl.LightningModule, metrics: dict[str, Tensor | floa
         # The values are already the same on every rank; "syncing" them with `max` keeps them exact and tells
         # Lightning so (it warns about epoch-level values logged without `sync_dist` under DDP).
         pl_module.log(
-            key, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", add_dataloader_idx=False
+            key,
+            value,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            reduce_fx="max",
+            add_dataloader_idx=False,
         )
 
 
@@ -145,6 +153,28 @@ def _log_figure(trainer: pl.Trainer, key: str, figure: Any) -> None:
     for writer in _tensorboard_writers(trainer):
         writer.add_figure(key, figure, global_step=_step(trainer), close=False)
     plt.close(figure)
+
+
+class _SpawnSafeGenerator:
+    """Mixin for a callback whose ``_generator`` attribute is a ``torch.Generator``: makes it picklable for
+    ``ddp_spawn``.
+
+    ``ddp_spawn`` pickles the callbacks for its processes. A ``torch.Generator`` pickles its state as a temporary
+    tensor that ``torch.multiprocessing`` shares through a file descriptor, closed before the process starts
+    ("bad value(s) in fds_to_keep"); the state travels as bytes instead.
+    """
+
+    _generator: torch.Generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_generator"] = bytes(self._generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, _generator=generator)
 
 
 def _new_generator(seed: int) -> torch.Generator:

@@ -38,6 +38,7 @@ from lightning_sensitivity.callbacks._utils import (
     _log_histogram,
     _log_scalars,
     _should_measure,
+    _SpawnSafeGenerator,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
 from lightning_sensitivity.functional.jacobian import jacobian_norm
@@ -72,7 +73,7 @@ class _Records:
         return {k: v[order].cpu() for k, v in columns.items()}
 
 
-class JacobianNormMonitor(Callback):
+class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     r"""Logs the Jacobian norm of the classifier on validation points, while it trains.
 
     For every measured point :math:`x` with logits :math:`z = f(x)`, the sensitivity is
@@ -406,19 +407,6 @@ class JacobianNormMonitor(Callback):
                 "JacobianNormMonitor measured no validation point during `fit`: there was no validation data "
                 "(no `val_dataloader`, `limit_val_batches=0`, or fewer epochs than `every_n_epochs`).",
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        # `ddp_spawn` pickles the callbacks for its processes. A `torch.Generator` pickles its state as a temporary
-        # tensor that `torch.multiprocessing` shares through a file descriptor, closed before the process starts
-        # ("bad value(s) in fds_to_keep"); the state travels as bytes instead.
-        state = self.__dict__.copy()
-        state["_generator"] = bytes(self._generator.get_state().numpy())
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
-        self.__dict__.update(state, _generator=generator)
 
     @override
     def state_dict(self) -> dict[str, Any]:

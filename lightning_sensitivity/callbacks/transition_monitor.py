@@ -31,6 +31,7 @@ from lightning_sensitivity.callbacks._utils import (
     _log_scalars,
     _new_generator,
     _should_measure,
+    _SpawnSafeGenerator,
     _tensorboard_writers,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _eval_mode
@@ -52,7 +53,7 @@ _FIGURE_JACOBIAN_POINTS = 96
 _FIGURE_BINS = 96
 
 
-class TransitionMonitor(Callback):
+class TransitionMonitor(_SpawnSafeGenerator, Callback):
     r"""Logs the linear-region transition density along trajectories on and off the data manifold.
 
     Each trajectory is the ellipse through three anchor points (see
@@ -351,19 +352,6 @@ class TransitionMonitor(Callback):
             rank_zero_warn(message)
 
     # --- state ----------------------------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        # `ddp_spawn` pickles the callbacks for its processes. A `torch.Generator` pickles its state as a temporary
-        # tensor that `torch.multiprocessing` shares through a file descriptor closed before the process starts;
-        # the state travels as bytes instead.
-        state = self.__dict__.copy()
-        state["_generator"] = bytes(self._generator.get_state().numpy())
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
-        self.__dict__.update(state, _generator=generator)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -82,18 +82,7 @@ def one_process_reference(out: Path, without: list[str]) -> dict[str, float]:
     ("strategy", "without"),
     [
         ("ddp", []),
-        pytest.param(
-            "ddp_spawn",
-            [],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="TransitionMonitor holds a torch.Generator, which ddp_spawn cannot pickle: torch shares the "
-                "generator's state (a temporary tensor) through a file descriptor closed before the process "
-                "starts ('unable to resize file' / 'bad value(s) in fds_to_keep'). JacobianNormMonitor has "
-                "__getstate__/__setstate__ for this.",
-            ),
-        ),
-        ("ddp_spawn", ["TransitionMonitor"]),
+        ("ddp_spawn", []),
     ],
 )
 def test_two_processes_log_the_one_process_values(tmp_path, strategy, without):

@@ -75,13 +75,6 @@ def test_jacobian_norm_inside_an_autocast_region_is_the_float32_value():
     assert torch.allclose(inside, jacobian_norm(model, x), rtol=RELATIVE_TOLERANCE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.count_transitions does not disable autocast as jacobian_norm does: "
-    "called inside an autocast region, the pre-activations are computed in bfloat16 and the count changes "
-    "(260 against 264 transitions here). The monitors are not affected in Lightning 2.6 (its hooks run outside "
-    "the autocast of the step), but a forward_fn or a user calling the functional API inside autocast is.",
-)
 def test_count_transitions_inside_an_autocast_region_is_the_float32_count():
     pl.seed_everything(0)
     model = MLPClassifier().eval()
