@@ -108,8 +108,15 @@ def _dataset_length(dataloader: Any) -> int | None:
 
 def _step(trainer: pl.Trainer) -> int:
     """The x-axis of every value a monitor logs: the step Lightning's own ``self.log`` gives epoch-end values,
-    so that a monitor's histograms and figures line up with its scalars."""
-    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    so that a monitor's histograms and figures line up with its scalars.
+
+    Evaluation epochs log at the count of optimizer steps so far; training epoch ends (and the end of ``fit``)
+    at one less, as Lightning's fit loop does for its epoch-end metrics.
+    """
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    if trainer.validating or trainer.testing or trainer.sanity_checking:
+        return step
+    return max(step - 1, 0)
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

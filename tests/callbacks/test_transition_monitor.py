@@ -33,16 +33,18 @@ def small_monitor(**kwargs):
     return TransitionMonitor(num_trajectories=2, num_points=128, every_n_epochs=1, **kwargs)
 
 
-def test_scalars_and_figure_are_read_back_from_the_event_files(tmp_path):
+@pytest.mark.parametrize(("log_figure", "num_figures"), [("end", 1), (True, 2)])
+def test_scalars_and_figure_are_read_back_from_the_event_files(tmp_path, log_figure, num_figures):
     logger = TensorBoardLogger(tmp_path)
-    monitor = small_monitor()
+    monitor = small_monitor(log_figure=log_figure)
     trainer, model = train([monitor], max_epochs=2, logger=logger)
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     for key in KEYS:
         assert len(events.Scalars(key)) == 2
     images = events.Images(FIGURE)
-    assert len(images) == 2 and images[-1].width > 100 and images[-1].height > 100
+    assert len(images) == num_figures and images[-1].width > 100 and images[-1].height > 100
+    assert images[-1].step == events.Scalars(KEYS[0])[-1].step
 
     # the logged values are those of the trained model along the monitor's fixed trajectories
     anchors = monitor.anchors

@@ -207,6 +207,10 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "transition-monitor-off-manifold": lambda: _setup(TransitionMonitor(off_manifold="uniform")),
     "transition-monitor-method": lambda: _setup(TransitionMonitor(method="exactly")),
     "transition-monitor-chunk-size": lambda: _setup(TransitionMonitor(chunk_size=0)),
+    "transition-monitor-log-figure": lambda: _setup(TransitionMonitor(log_figure="always")),
+    "uncounted-piecewise-linear": lambda: activation_codes(
+        nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.Hardshrink()), torch.randn(2, 4)
+    ),
     "transition-monitor-matplotlib": lambda: _without_matplotlib(lambda: _setup(TransitionMonitor())),
     "transition-monitor-few-points": lambda: _fit(
         [TransitionMonitor(num_trajectories=4, every_n_epochs=1, log_figure=False)],
