@@ -268,7 +268,11 @@ def _count_exact(
                 f"The exact count visited more than `max_regions={max_regions}` linear regions."
             )
         recorder = _RegionRecorder(1 + probes.shape[0])
-        rows = torch.cat([trajectory.at(torch.tensor([t]), torch.float64), probes])
+        # The region is read at t itself, in float64: the next crossing is searched for after t, so a point read
+        # short of t (a float32 t is up to 2.4e-7 short, far more than _STEP_PAST) would be the previous region,
+        # the crossing just passed would be skipped, and a unit crossing back before any other unit crosses
+        # would be missed twice.
+        rows = torch.cat([trajectory.at(torch.tensor([t], dtype=torch.float64), torch.float64), probes])
         with recorder:
             forward(rows)
         if not recorder.units:
