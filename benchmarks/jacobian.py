@@ -3,6 +3,8 @@
     python -m benchmarks.jacobian            # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.jacobian --quick    # smaller batches, fewer repeats
 
+(The monitors' overhead on a training run is ``benchmarks/overhead.py``.)
+
 Every figure is measured in this run, on this machine: ratios compare timings taken interleaved, as the
 median of repeats, so that load from other processes affects both sides alike.
 """
@@ -12,12 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from benchmarks._timing import timed
 from lightning_sensitivity.functional import jacobian_norm
 
 
@@ -48,39 +49,36 @@ def reference_loop(model: nn.Module, x: Tensor) -> Tensor:
     return squared.sqrt()
 
 
-def timed(fns: dict[str, Callable[[], Tensor]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, calls interleaved round-robin."""
-    for fn in fns.values():
-        fn()  # warm up
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def exact_speed(repeats: int, scale: float) -> None:
     print("\n== exact jacobian_norm against the references (softmax output, median seconds) ==")
-    print(f"{'model':28s} {'batch':>5s} {'vmap(jacrev)':>12s} {'grad loop':>10s} {'ours':>8s} {'ours/faster ref':>16s}")
+    print(
+        f"{'model':28s} {'batch':>5s} {'vmap(jacrev)':>12s} {'grad loop':>10s} {'ours':>8s} {'ours/faster ref':>16s}"
+    )
     for sizes, batch in [([784, 500, 500, 500, 10], 256), ([3072, 500, 500, 500, 100], 128)]:
         batch = max(8, int(batch * scale))
         torch.manual_seed(0)
         model, x = mlp(sizes), torch.randn(batch, sizes[0])
         ours = jacobian_norm(model, x)
         assert torch.allclose(ours, reference_vmap_jacrev(model, x), rtol=1e-4)
-        t = timed(
-            {
-                "vmap": functools.partial(reference_vmap_jacrev, model, x),
-                "loop": functools.partial(reference_loop, model, x),
-                "ours": functools.partial(jacobian_norm, model, x),
-            },
-            repeats,
+        t = _medians(
+            timed(
+                {
+                    "vmap": functools.partial(reference_vmap_jacrev, model, x),
+                    "loop": functools.partial(reference_loop, model, x),
+                    "ours": functools.partial(jacobian_norm, model, x),
+                },
+                repeats,
+            )
         )
         best = min(t["vmap"], t["loop"])
         name = "-".join(map(str, sizes))
-        print(f"{name:28s} {batch:5d} {t['vmap']:12.4f} {t['loop']:10.4f} {t['ours']:8.4f} {t['ours'] / best:16.2f}")
+        print(
+            f"{name:28s} {batch:5d} {t['vmap']:12.4f} {t['loop']:10.4f} {t['ours']:8.4f} {t['ours'] / best:16.2f}"
+        )
 
 
 def _blobs(num_classes: int, dim: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -120,48 +118,33 @@ def projection_accuracy(repeats: int, quick: bool) -> None:
         exact = jacobian_norm(model, points).mean()
         for k in sorted({4, max(4, -(-num_classes // 8)), num_classes // 4}):
             errors = [
-                (jacobian_norm(model, points, method="projection", num_projections=k, generator=torch.Generator().manual_seed(s)).mean() / exact - 1).item()
+                (
+                    jacobian_norm(
+                        model,
+                        points,
+                        method="projection",
+                        num_projections=k,
+                        generator=torch.Generator().manual_seed(s),
+                    ).mean()
+                    / exact
+                    - 1
+                ).item()
                 for s in range(5)
             ]
-            t = timed(
-                {
-                    "exact": functools.partial(jacobian_norm, model, points),
-                    "proj": functools.partial(jacobian_norm, model, points, method="projection", num_projections=k),
-                },
-                repeats,
+            t = _medians(
+                timed(
+                    {
+                        "exact": functools.partial(jacobian_norm, model, points),
+                        "proj": functools.partial(
+                            jacobian_norm, model, points, method="projection", num_projections=k
+                        ),
+                    },
+                    repeats,
+                )
             )
             mean_error = statistics.mean(errors)
             worst = max(abs(e) for e in errors)
             print(f"{name:34s} {k:3d} {mean_error:+13.4%} ({worst:8.4%}) {t['proj'] / t['exact']:16.2f}")
-
-
-def monitor_overhead(repeats: int, epochs: int) -> None:
-    print(f"\n== JacobianNormMonitor overhead: digits training ({epochs} epochs), median of {repeats} interleaved runs ==")
-    import tempfile
-
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from examples.digits import train
-    from lightning_sensitivity import JacobianNormMonitor
-
-    def run(callbacks: list) -> float:
-        start = time.perf_counter()
-        train(callbacks, max_epochs=epochs, logger=TensorBoardLogger(tempfile.mkdtemp()))
-        return time.perf_counter() - start
-
-    configurations = {
-        "without": list,
-        "default JacobianNormMonitor()": lambda: [JacobianNormMonitor()],
-        "JacobianNormMonitor(every_n_epochs=1)": lambda: [JacobianNormMonitor(every_n_epochs=1)],
-    }
-    run([])
-    samples: dict[str, list[float]] = {name: [] for name in configurations}
-    for _ in range(repeats):
-        for name, make in configurations.items():
-            samples[name].append(run(make()))
-    base = statistics.median(samples["without"])
-    for name, values in samples.items():
-        print(f"{name:40s} {statistics.median(values):7.3f} s   ratio {statistics.median(values) / base:5.3f}")
 
 
 def main() -> None:
@@ -177,7 +160,6 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     exact_speed(repeats=repeats, scale=0.25 if args.quick else 1.0)
     projection_accuracy(repeats=repeats, quick=args.quick)
-    monitor_overhead(repeats=3 if args.quick else 9, epochs=30)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Speed of the transition counts and overhead of ``TransitionMonitor``, printed.
+"""Speed of the transition counts, printed (the monitor's overhead is ``benchmarks/overhead.py``).
 
     python -m benchmarks.transitions            # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.transitions --quick    # fewer points and repeats
@@ -14,30 +14,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
 from torch import Tensor, nn
 
+from benchmarks._timing import timed
 from examples.digits import DigitsDataModule, train
-from lightning_sensitivity import TransitionMonitor
 from lightning_sensitivity.functional import count_transitions, ellipse_through
-
-
-def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each function per repeat, calls interleaved round-robin (after one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def forward_in_chunks(model: nn.Module, points: Tensor, chunk_size: int) -> None:
@@ -97,38 +81,6 @@ def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> 
         )
 
 
-def monitor_overhead(max_epochs: int, repeats: int, logger: bool, **monitor_kwargs: Any) -> None:
-    import tempfile
-
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    root = tempfile.mkdtemp()
-
-    def run(callbacks: list[Any]) -> None:
-        train(callbacks, max_epochs=max_epochs, logger=TensorBoardLogger(root) if logger else False)
-
-    samples = timed(
-        {
-            "without": lambda: run([]),
-            "empty": lambda: run([Callback()]),
-            "with": lambda: run([TransitionMonitor(**monitor_kwargs)]),
-        },
-        repeats,
-    )
-    where = "TensorBoardLogger" if logger else "no logger (scalars only)"
-    settings = ", ".join(f"{k}={v!r}" for k, v in monitor_kwargs.items()) or "defaults"
-    print(f"\n3. TransitionMonitor({settings}), examples.digits.train(max_epochs={max_epochs}), {where}")
-    print(
-        f"   without                   {statistics.median(samples['without']):6.2f} s (median of {repeats})"
-    )
-    for name, label in (("empty", "an empty Callback()"), ("with", "TransitionMonitor()")):
-        ratios = [w / wo for w, wo in zip(samples[name], samples["without"], strict=True)]
-        print(
-            f"   with {label:20s} {statistics.median(samples[name]):6.2f} s   ratio {statistics.median(ratios):.3f}x "
-            "(median of paired ratios; target <= 1.05x)"
-        )
-
-
 def _times(k: int) -> Tensor:
     return torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
 
@@ -153,9 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     points = curves[0].at(_times(16_384 if args.quick else 65_536))
     throughput({"digits MLP (trained)": model, "digits CNN": digits_cnn()}, points, [1024, 4096], repeats)
     exact_against_sampled(model, curves, repeats)
-    monitor_overhead(20, 2 * repeats + 1, logger=False)
-    monitor_overhead(20, 2 * repeats + 1, logger=True)
-    monitor_overhead(20, 2 * repeats + 1, logger=True, log_figure=False)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from lightning_sensitivity.callbacks._utils import (
     _global_positions,
     _log_histogram,
     _log_scalars,
+    _new_generator,
     _should_measure,
     _SpawnSafeGenerator,
 )
@@ -166,7 +167,9 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         self.log_histogram = log_histogram
         self.record_epochs = record_epochs
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = _new_generator(seed)
+        # Lightning reads `state_key` around every hook call: build it once.
+        self._state_key = self._generate_state_key(prefix=prefix, output=output, method=method)
         self._metrics: dict[int, JacobianNorm] = {}
         self._records: dict[int, _Records] = {}
         self._seen: dict[int, int] = {}
@@ -178,7 +181,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, output=self.output, method=self.method)
+        return self._state_key
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

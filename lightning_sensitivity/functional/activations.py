@@ -381,6 +381,13 @@ class _CodeRecorder(TorchFunctionMode):
             out, indices = unit.pool(unit.input)
             self._record_winners(unit, indices)
             return (out, indices) if unit.return_indices else out
+        if name in _RELU:
+            # relu(u) != 0 exactly when u > 0: the sides come from the call's own output (in place or not), which
+            # saves a second pass over the pre-activations.
+            out = func(*args, **kwargs)
+            self.sides.append(out.to(torch.bool).flatten(1))
+            self.layout.append((1, out[0].numel()))
+            return out
         self._record_sides(unit, unit.input)  # before the call: it may be in place
         return func(*args, **kwargs)
 
