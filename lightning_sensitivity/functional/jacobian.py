@@ -77,8 +77,9 @@ def jacobian_norm(
     A model whose output has a single column (``[B, 1]``) is read as a binary classifier with probabilities
     :math:`(1 - \sigma(z), \sigma(z))`, the softmax of the logits :math:`(0, z)`.
 
-    **Cost.** ``method="exact"`` takes one forward pass and :math:`C` vector-Jacobian products, batched over
-    the points and the classes in one vectorized backward pass. When the input's first use in the model is a
+    **Cost.** ``method="exact"`` takes one forward pass and :math:`C` vector-Jacobian products (:math:`C - 1`
+    for the softmax, whose rows sum to zero), batched over the points and the classes in one vectorized
+    backward pass. When the input's first use in the model is a
     linear layer :math:`h = W x + b` with fewer outputs than inputs (found by watching the forward pass, so
     it works for any ``forward``, not only ``nn.Sequential``), the products stop at :math:`h` and the norm is
     completed with the precomputed :math:`G = W W^\top`:
@@ -265,6 +266,10 @@ class _Plan:
         batch, c = out.shape
         if not self.projection:
             eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            if self.softmax:
+                # The rows of the softmax Jacobian sum to zero (the probabilities sum to one): the last row is
+                # minus the sum of the others, which `chunk_norms` adds back without pulling it back.
+                return eye[: c - 1, None, :].expand(c - 1, batch, c)
             return eye[:, None, :].expand(c, batch, c)
         k = self.rows_per_point
         # Softmax rows p_c (e_c - p)^T J_z are small for improbable classes: the rows of the most probable
@@ -296,11 +301,17 @@ class _Plan:
         cotangents = self._cotangents(fwd.out)
         rows = _pullback(fwd.out, fwd.wrt, cotangents).flatten(2)  # [K, B, D or H]
         with torch.no_grad():
-            if fwd.gram is None:
-                squared = rows.pow(2).sum(dim=(0, 2))
-            else:
-                squared = ((rows @ fwd.gram) * rows).sum(dim=(0, 2))
+            squared = _squared_norms(rows, fwd.gram).sum(dim=0)
+            if self.softmax and not self.projection:
+                squared += _squared_norms(rows.sum(dim=0), fwd.gram)  # the row left out, up to its sign
             return squared.clamp_min(0).sqrt().detach()
+
+
+def _squared_norms(rows: Tensor, gram: Tensor | None) -> Tensor:
+    """``||r||^2`` of every row (last dimension), or ``r^T G r`` when the rows stop at the first linear layer."""
+    if gram is None:
+        return rows.pow(2).sum(dim=-1)
+    return ((rows @ gram) * rows).sum(dim=-1)
 
 
 # G = W W^T of recently measured first layers, reused while the weight is unchanged: training updates weights
