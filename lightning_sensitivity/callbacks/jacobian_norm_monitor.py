@@ -42,7 +42,7 @@ from lightning_sensitivity.callbacks._utils import (
     _SpawnSafeGenerator,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
-from lightning_sensitivity.functional.jacobian import jacobian_norm
+from lightning_sensitivity.functional.jacobian import _jacobian_norm_and_logits
 from lightning_sensitivity.metrics.jacobian import JacobianNorm
 
 _FORWARD_HINT = (
@@ -170,7 +170,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         self._generator = _new_generator(seed)
         # Lightning reads `state_key` around every hook call: build it once.
         self._state_key = self._generate_state_key(prefix=prefix, output=output, method=method)
-        self._metrics: dict[int, JacobianNorm] = {}
+        self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current epoch
+        self._metric_pool: dict[int, JacobianNorm] = {}  # reused from epoch to epoch
         self._records: dict[int, _Records] = {}
         self._seen: dict[int, int] = {}
         self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
@@ -222,8 +223,11 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         limits = [v for v in (self.max_points, _dataset_length(loader)) if v is not None]
         keep = positions < min(limits) if limits else torch.ones_like(positions, dtype=torch.bool)
         # Every rank creates the same states, even with no point to measure: the epoch end gathers them.
-        if idx not in self._metrics:
-            self._metrics[idx] = JacobianNorm().to(pl_module.device)
+        if idx not in self._metrics:  # the first batch of this dataloader in this epoch
+            metric = self._metric_pool.get(idx) or JacobianNorm()
+            metric = self._metric_pool[idx] = metric.to(pl_module.device)
+            metric.reset()
+            self._metrics[idx] = metric
         if self._records_wanted(trainer):
             self._records.setdefault(idx, _Records())
         if not keep.any():
@@ -233,19 +237,26 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
         model = functools.partial(self.forward_fn, pl_module)
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
+        logits: Tensor | None = None
         with _eval_mode(pl_module):
             if finite.any():
-                norms[finite] = jacobian_norm(
+                values, finite_logits = _jacobian_norm_and_logits(
                     model,
                     x[finite],
-                    output=self.output,
-                    method=self.method,
-                    num_projections=self.num_projections,
-                    chunk_size=self.chunk_size,
-                    generator=self._generator,
-                ).to(norms.dtype)
+                    self.output,
+                    self.method,
+                    self.num_projections,
+                    self.chunk_size,
+                    self._generator,
+                )
+                norms[finite] = values.to(norms.dtype)
+                logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
+                logits[finite] = finite_logits
             if self._records_wanted(trainer):
-                self._add_records(batch, idx, keep, x, positions[keep], norms, model)
+                if logits is None:
+                    with torch.no_grad():
+                        logits = model(x)
+                self._add_records(batch, idx, keep, positions[keep], norms, logits.float())
         self._metrics[idx].update(norms)
         if trainer.state.fn == "fit":
             self._measured_in_fit = True
@@ -267,7 +278,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         return trainer.current_epoch in self.record_epochs
 
     def _add_records(
-        self, batch: Any, idx: int, keep: Tensor, x: Tensor, positions: Tensor, norms: Tensor, model: Any
+        self, batch: Any, idx: int, keep: Tensor, positions: Tensor, norms: Tensor, logits: Tensor
     ) -> None:
         if self.get_target is not None:
             y = self.get_target(batch)  # the user's function: its errors are the user's to see
@@ -283,8 +294,6 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
                 "are written. Pass `get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
             )
             return
-        with torch.no_grad():
-            logits = model(x).float()
         if logits.shape[1] == 1:
             logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
         y = y[keep].to(logits.device)

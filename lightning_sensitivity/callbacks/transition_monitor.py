@@ -10,6 +10,7 @@ the model trains.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -35,7 +36,7 @@ from lightning_sensitivity.callbacks._utils import (
     _tensorboard_writers,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _eval_mode
-from lightning_sensitivity.functional.activations import activation_codes
+from lightning_sensitivity.functional.activations import NonFiniteOutputError, activation_codes
 from lightning_sensitivity.functional.jacobian import jacobian_norm
 from lightning_sensitivity.functional.trajectories import (
     Trajectory,
@@ -208,7 +209,9 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         x = _batch_input(batch, self.input_key, self.get_input).detach()
         if not self._checked:
             _check_continuous(x)  # a curve through token ids means nothing: measure at the embeddings
-            with _eval_mode(pl_module):  # fail at once for a model without piecewise-linear units
+            with _eval_mode(pl_module), contextlib.suppress(NonFiniteOutputError):
+                # fail at once for a model without piecewise-linear units (NaN outputs are the measurement's
+                # business: it logs NaN)
                 activation_codes(functools.partial(self.forward_fn, pl_module), x[:1])
             self._checked = True
         flat = x.flatten(1).to(torch.float64)
@@ -268,8 +271,15 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
                     trajectory_through(a.to(pl_module.device, dtype), self.num_points)
                     for a in self._anchors[kind]
                 ]
-                counts = [self._count(forward, curve, segments=figure and kind == "on_manifold" and i == 0)
-                          for i, curve in enumerate(curves)]  # fmt: skip
+                try:
+                    counts = [self._count(forward, curve, segments=figure and kind == "on_manifold" and i == 0)
+                              for i, curve in enumerate(curves)]  # fmt: skip
+                except NonFiniteOutputError as error:
+                    self._warn_once("non-finite", f"TransitionMonitor: {error} Logging NaN.")
+                    nan = torch.tensor(float("nan"), device=pl_module.device)
+                    logged[f"{self.prefix}/transition_density_{kind}"] = nan
+                    logged[f"{self.prefix}/transitions_{kind}"] = nan
+                    continue
                 metric = self._densities[kind].to(pl_module.device)
                 metric.reset()
                 metric.update(
@@ -297,7 +307,11 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         anchors = self._anchors["on_manifold"][0].to(pl_module.device, dtype)
         with _eval_mode(pl_module):
             curve = trajectory_through(anchors, self.num_points)
-            count = self._count(forward, curve, segments=True)
+            try:
+                count = self._count(forward, curve, segments=True)
+            except NonFiniteOutputError as error:
+                self._warn_once("non-finite", f"TransitionMonitor: {error} Logging NaN.")
+                return
             figure = self._figure(trainer, forward, curve, count)
         _log_figure(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
 

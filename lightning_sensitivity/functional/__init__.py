@@ -1,7 +1,11 @@
 """Plain-PyTorch measurements of sensitivity (no Lightning import): Jacobian norms, activation codes,
 trajectories through the data, and linear-region transitions along them."""
 
-from lightning_sensitivity.functional.activations import ActivationCodes, activation_codes
+from lightning_sensitivity.functional.activations import (
+    ActivationCodes,
+    NonFiniteOutputError,
+    activation_codes,
+)
 from lightning_sensitivity.functional.jacobian import jacobian_norm
 from lightning_sensitivity.functional.trajectories import (
     Trajectory,
@@ -14,6 +18,7 @@ from lightning_sensitivity.functional.transitions import TransitionCount, count_
 
 __all__ = [
     "ActivationCodes",
+    "NonFiniteOutputError",
     "Trajectory",
     "TransitionCount",
     "activation_codes",

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_sensitivity.functional._utils import _eval_mode
 
-__all__ = ["ActivationCodes", "activation_codes"]
+__all__ = ["ActivationCodes", "NonFiniteOutputError", "activation_codes"]
 
 Threshold = float | Tensor
 
@@ -156,6 +156,7 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
 
     Raises:
         ValueError: if the forward pass has no piecewise-linear unit; the message names the non-linearities found.
+        NonFiniteOutputError: (a ``ValueError``) if the model's output is NaN or infinite at some point.
 
     Example:
         >>> import torch
@@ -189,8 +190,19 @@ def _codes(model: Callable[[Tensor], Tensor], x: Tensor) -> ActivationCodes:
     """:func:`activation_codes` without the set-up: the caller sets eval mode and disables autograd."""
     recorder = _CodeRecorder(x.shape[0])
     with recorder:
-        model(x)
+        out = model(x)
+    if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        # NaN pre-activations read as one piece or another: the codes would be made up, and a count of them a
+        # silent wrong number (often 0).
+        raise NonFiniteOutputError(
+            "The model's output is NaN or infinite at some of the points, so their activation codes are "
+            "meaningless (were the weights or the inputs NaN?)."
+        )
     return recorder.codes(x)
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's output is NaN or infinite: activation codes and transition counts are undefined."""
 
 
 def _no_units_error(smooth: set[str]) -> ValueError:

@@ -138,18 +138,33 @@ def jacobian_norm(
         raise ValueError(f"`num_projections` must be a positive integer, got {num_projections}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    return _jacobian_norm_and_logits(model, x, output, method, num_projections, chunk_size, generator)[0]
+
+
+def _jacobian_norm_and_logits(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    output: str = "softmax",
+    method: str = "exact",
+    num_projections: int | None = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`jacobian_norm` (arguments checked by the caller), and the logits of its own forward pass, which a
+    caller that also wants per-point losses gets without a second forward pass."""
     _check_continuous(x)
     out_dtype = torch.promote_types(x.dtype, torch.float32)
     if x.shape[0] == 0:
-        return torch.zeros(0, dtype=out_dtype, device=x.device)
+        return torch.zeros(0, dtype=out_dtype, device=x.device), torch.zeros(0, 0, device=x.device)
 
     module = model if isinstance(model, nn.Module) else nn.Identity()
     with _grad_enabled(), _eval_mode(module), torch.autocast(x.device.type, enabled=False):
         plan = _Plan(model, output, method, num_projections, generator, x)
         num_points = x.shape[0]
         step = chunk_size or max(1, _DEFAULT_MAX_ENTRIES // max(1, plan.rows_per_point * x[0].numel()))
-        norms = [plan.chunk_norms(x[start : start + step]) for start in range(0, num_points, step)]
-    return torch.cat(norms).to(out_dtype)
+        chunks = [plan.chunk_norms(x[start : start + step]) for start in range(0, num_points, step)]
+    norms = torch.cat([norm for norm, _ in chunks])
+    return norms.to(out_dtype), torch.cat([logits for _, logits in chunks])
 
 
 @dataclass
@@ -159,6 +174,7 @@ class _Forward:
     out: Tensor
     wrt: Tensor
     gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
+    logits: Tensor
 
 
 class _FirstLinear(TorchFunctionMode):
@@ -253,13 +269,13 @@ class _Plan:
                 self.use_shortcut = True
                 if self.gram is None:
                     self.gram = _gram(watcher.weight)
-                return _Forward(self._outputs(z), watcher.cut, self.gram)
+                return _Forward(self._outputs(z), watcher.cut, self.gram, z)
             self.use_shortcut = False
             if watcher.cut is None:  # the graph is intact: use this pass as the general one
-                return _Forward(self._outputs(z), leaf, None)
+                return _Forward(self._outputs(z), leaf, None, z)
         z = self.model(leaf)
         _check_logits(z, x.shape[0], _LOGITS_HINT)
-        return _Forward(self._outputs(z), leaf, None)
+        return _Forward(self._outputs(z), leaf, None, z)
 
     def _cotangents(self, out: Tensor) -> Tensor:
         """Rows to pull back, ``[K, B, C]``: the basis (exact), or the rows of the projection estimator."""
@@ -296,7 +312,8 @@ class _Plan:
             self.generator = torch.Generator().manual_seed(0)
         return self.generator
 
-    def chunk_norms(self, x: Tensor) -> Tensor:
+    def chunk_norms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The norms of a chunk of points, and their logits."""
         fwd = self._forward(x)
         cotangents = self._cotangents(fwd.out)
         rows = _pullback(fwd.out, fwd.wrt, cotangents).flatten(2)  # [K, B, D or H]
@@ -304,7 +321,7 @@ class _Plan:
             squared = _squared_norms(rows, fwd.gram).sum(dim=0)
             if self.softmax and not self.projection:
                 squared += _squared_norms(rows.sum(dim=0), fwd.gram)  # the row left out, up to its sign
-            return squared.clamp_min(0).sqrt().detach()
+            return squared.clamp_min(0).sqrt().detach(), fwd.logits.detach()
 
 
 def _squared_norms(rows: Tensor, gram: Tensor | None) -> Tensor:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lightning_sensitivity.functional._utils import _eval_mode
 from lightning_sensitivity.functional.activations import (
     ActivationCodes,
+    NonFiniteOutputError,
     _codes,
     _no_units_error,
     _RegionRecorder,
@@ -274,7 +275,8 @@ def _count_exact(
         # would be missed twice.
         rows = torch.cat([trajectory.at(torch.tensor([t], dtype=torch.float64), torch.float64), probes])
         with recorder:
-            forward(rows)
+            out = forward(rows)
+        _check_finite(out)
         if not recorder.units:
             raise _no_units_error(recorder.smooth)
         codes = recorder.codes(rows[:1])
@@ -290,6 +292,14 @@ def _count_exact(
             break
         t = crossing + _STEP_PAST
     return total + int(last.distance(first).sum()), regions
+
+
+def _check_finite(out: object) -> None:
+    if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        raise NonFiniteOutputError(
+            "The model's output is NaN or infinite along the trajectory, so its linear regions are undefined "
+            "(were the weights or the anchors NaN?)."
+        )
 
 
 def _check_affine(g: Tensor, smooth: set[str]) -> None:

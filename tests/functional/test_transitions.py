@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sensitivity.functional import count_transitions, ellipse_through, trajectory_through
+from lightning_sensitivity.functional import (
+    NonFiniteOutputError,
+    count_transitions,
+    ellipse_through,
+    trajectory_through,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -229,3 +234,13 @@ def test_a_unit_crossing_back_before_any_other_unit_crosses_counts_two():
     exact = count_transitions(model, circle, method="exact")
     assert int(exact) == closed_form_count(layer, circle) == int(count_transitions(model, circle)) == 4
     assert exact.regions == 5
+
+
+@pytest.mark.parametrize("method", ["sampled", "exact"])
+def test_nan_weights_raise_instead_of_counting_zero(method):
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    curve = ellipse_through(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0]), 64)
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite"):
+        count_transitions(model, curve, method=method)

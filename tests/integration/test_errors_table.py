@@ -29,6 +29,7 @@ from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 from lightning_sensitivity.callbacks._utils import _batch_input, _batch_target
 from lightning_sensitivity.functional import (
+    NonFiniteOutputError,
     activation_codes,
     count_transitions,
     ellipse_through,
@@ -42,7 +43,15 @@ PACKAGE = ROOT / "lightning_sensitivity"
 TABLE = ROOT / "docs" / "errors.md"
 CLASSES = {
     cls.__name__: cls
-    for cls in (ValueError, TypeError, KeyError, RuntimeError, MisconfigurationException, UserWarning)
+    for cls in (
+        ValueError,
+        TypeError,
+        KeyError,
+        RuntimeError,
+        MisconfigurationException,
+        UserWarning,
+        NonFiniteOutputError,
+    )
 }
 #: Functions that build an exception for a ``raise`` elsewhere.
 EXCEPTION_FACTORIES = {"_no_units_error": "ValueError"}
@@ -107,6 +116,14 @@ def _trainer(**kwargs: Any) -> pl.Trainer:
 
 def _setup(monitor: pl.Callback, **trainer_kwargs: Any) -> None:
     monitor.setup(_trainer(**trainer_kwargs), MLPClassifier(), "fit")
+
+
+def _nan_model() -> MLPClassifier:
+    """A classifier whose weights are NaN (as after a NaN loss), and that stays so: its learning rate is 0."""
+    model = MLPClassifier(lr=0.0)
+    with torch.no_grad():
+        model.net[1].weight.fill_(float("nan"))
+    return model
 
 
 def _fit(callbacks: list[pl.Callback], **kwargs: Any) -> None:
@@ -210,6 +227,18 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "transition-monitor-log-figure": lambda: _setup(TransitionMonitor(log_figure="always")),
     "uncounted-piecewise-linear": lambda: activation_codes(
         nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.Hardshrink()), torch.randn(2, 4)
+    ),
+    "non-finite-output": lambda: activation_codes(_nan_model(), torch.zeros(2, 1, 8, 8)),
+    "non-finite-output-exact": lambda: count_transitions(
+        _nan_model(), ellipse_through(*DigitsDataModule().x_train[:3], num_points=16), method="exact"
+    ),
+    "transition-monitor-non-finite": lambda: _fit(
+        [TransitionMonitor(num_trajectories=1, every_n_epochs=1, log_figure=False)], model=_nan_model()
+    ),
+    "transition-monitor-non-finite-figure": lambda: _fit(
+        [TransitionMonitor(num_trajectories=1, every_n_epochs=1)],
+        model=_nan_model(),
+        logger=TensorBoardLogger("logs"),
     ),
     "transition-monitor-matplotlib": lambda: _without_matplotlib(lambda: _setup(TransitionMonitor())),
     "transition-monitor-few-points": lambda: _fit(

@@ -150,16 +150,7 @@ _NAN_HIDDEN = (
         "sensitivity/jacobian_norm",
         "generalization/val_loss",
         "generalization/gap_loss",
-        pytest.param(
-            "sensitivity/transition_density_on_manifold",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=_NAN_HIDDEN.format(
-                    "TransitionMonitor",
-                    "a density of 0.0 (NaN pre-activations all read as piece 0, no transitions)",
-                ),
-            ),
-        ),
+        "sensitivity/transition_density_on_manifold",
         "generalization/val_accuracy",
     ],
 )
