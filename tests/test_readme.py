@@ -14,7 +14,11 @@ def test_usage_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     metrics = namespace["trainer"].callback_metrics
-    for key in ("sensitivity/jacobian_norm", "generalization/gap_loss", "sensitivity/transition_density_on_manifold"):
+    for key in (
+        "sensitivity/jacobian_norm",
+        "generalization/gap_loss",
+        "sensitivity/transition_density_on_manifold",
+    ):
         assert key in metrics, key
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
 

@@ -154,7 +154,7 @@ class GeneralizationGapMonitor(Callback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 5,
         max_train_points: int | None = 10_000,
         loss_fn: LossFn | None = None,
         train_dataset: Dataset | None = None,

@@ -139,7 +139,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     def __init__(
         self,
         max_points: int | None = 256,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 5,
         output: Literal["softmax", "logits"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,

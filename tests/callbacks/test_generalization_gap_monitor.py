@@ -76,7 +76,9 @@ def _recording_forward(records: list[tuple[int, Tensor]]):
 def test_shuffle_and_augmentation_keep_the_same_training_points():
     dm = DigitsDataModule(augment=True, batch_size=32)
     records: list[tuple[int, Tensor]] = []
-    monitor = GeneralizationGapMonitor(forward_fn=_recording_forward(records), batch_size=100)
+    monitor = GeneralizationGapMonitor(
+        forward_fn=_recording_forward(records), batch_size=100, every_n_epochs=1
+    )
     train([monitor], datamodule=dm, limit_train_batches=2, max_epochs=3)
     num_val = len(dm.x_val)
     per_epoch = [torch.cat([x for epoch, x in records if epoch == e]) for e in range(3)]
@@ -153,7 +155,7 @@ def test_several_loggers_receive_the_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb, csv = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
-    train([GeneralizationGapMonitor()], logger=[tb, csv], **FAST)
+    train([GeneralizationGapMonitor(every_n_epochs=1)], logger=[tb, csv], **FAST)
     events = EventAccumulator(tb.log_dir)
     events.Reload()
     for key in KEYS:

@@ -30,7 +30,9 @@ def events(log_dir: str) -> EventAccumulator:
 
 def test_logs_scalar_and_histogram_equal_to_direct_measurement(tmp_path):
     logger = TensorBoardLogger(tmp_path)
-    trainer, model = train([JacobianNormMonitor(max_points=100)], max_epochs=2, logger=logger)
+    trainer, model = train(
+        [JacobianNormMonitor(max_points=100, every_n_epochs=1)], max_epochs=2, logger=logger
+    )
     data = DigitsDataModule()
     expected = jacobian_norm(model, data.x_val[:100])
 
@@ -44,7 +46,9 @@ def test_logs_scalar_and_histogram_equal_to_direct_measurement(tmp_path):
     assert histogram.num == 100
     assert histogram.sum == pytest.approx(expected.sum().item(), rel=1e-4)
     assert histogram.min == pytest.approx(expected.min().item(), rel=1e-4)
-    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(
+        expected.mean().item(), rel=1e-5
+    )
 
 
 def test_training_is_bit_identical_with_the_monitor():
@@ -54,7 +58,9 @@ def test_training_is_bit_identical_with_the_monitor():
         return model.state_dict(), optimizer, torch.get_rng_state()
 
     weights_a, optim_a, rng_a = run([])
-    weights_b, optim_b, rng_b = run([JacobianNormMonitor(method="projection"), JacobianNormMonitor(max_points=None)])
+    weights_b, optim_b, rng_b = run(
+        [JacobianNormMonitor(method="projection"), JacobianNormMonitor(max_points=None)]
+    )
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     for state_a, state_b in zip(optim_a["state"].values(), optim_b["state"].values(), strict=True):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
@@ -77,7 +83,9 @@ def test_validate_under_inference_mode_gives_the_no_grad_values():
     assert logged.item() > 0
     assert logged.item() == pytest.approx(expected.item(), rel=1e-5)
     trainer.test(model, loader, verbose=False)
-    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
 
 
 def test_per_point_records_and_spearman(tmp_path):
@@ -93,7 +101,9 @@ def test_per_point_records_and_spearman(tmp_path):
     logits = model(data.x_val)
     assert [int(r["prediction"]) for r in rows] == logits.argmax(1).tolist()
     losses = torch.tensor([float(r["loss"]) for r in rows])
-    torch.testing.assert_close(losses, F.cross_entropy(logits, data.y_val, reduction="none").detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        losses, F.cross_entropy(logits, data.y_val, reduction="none").detach(), rtol=1e-4, atol=1e-6
+    )
     norms = torch.tensor([float(r["jacobian_norm"]) for r in rows])
     torch.testing.assert_close(norms, jacobian_norm(model, data.x_val), rtol=1e-4, atol=1e-7)
     rho = trainer.callback_metrics["sensitivity/jacobian_loss_spearman"]
@@ -117,7 +127,9 @@ class TensorOnly(pl.LightningModule):
 
 
 def _validate(module, loader, **monitor_kwargs):
-    trainer = pl.Trainer(callbacks=[JacobianNormMonitor(**monitor_kwargs)], logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        callbacks=[JacobianNormMonitor(**monitor_kwargs)], logger=False, enable_progress_bar=False
+    )
     trainer.validate(module, loader, verbose=False)
     return trainer
 
@@ -132,8 +144,12 @@ def test_batch_formats_get_input_and_forward_fn():
         (DataLoader([(0, row) for row in x], batch_size=8), {"get_input": lambda batch: batch[1]}),
     ]:
         trainer = _validate(module, loader, **kwargs)
-        assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(expected, rel=1e-5)
-    trainer = _validate(TensorOnly(dict_output=True), DataLoader(x, batch_size=8), forward_fn=lambda m, v: m(v)["logits"])
+        assert trainer.callback_metrics["sensitivity/jacobian_norm"].item() == pytest.approx(
+            expected, rel=1e-5
+        )
+    trainer = _validate(
+        TensorOnly(dict_output=True), DataLoader(x, batch_size=8), forward_fn=lambda m, v: m(v)["logits"]
+    )
     assert "sensitivity/jacobian_norm" in trainer.callback_metrics
 
 
@@ -192,8 +208,12 @@ def test_empty_batches_no_logger_and_no_validation_data(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     trainer = pl.Trainer(
-        callbacks=[JacobianNormMonitor()], max_epochs=1, logger=False, enable_progress_bar=False,
-        limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[JacobianNormMonitor()],
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
     )
     with pytest.warns(UserWarning, match="no validation point"):
         trainer.fit(NoValidation(), DataLoader(x, batch_size=4), DataLoader(x, batch_size=4))
@@ -201,11 +221,19 @@ def test_empty_batches_no_logger_and_no_validation_data(tmp_path):
 
 def test_every_n_epochs_and_sanity_check(tmp_path):
     logger = TensorBoardLogger(tmp_path)
-    trainer, _ = train([JacobianNormMonitor(every_n_epochs=2, max_points=32)], max_epochs=5, logger=logger,
-                       num_sanity_val_steps=2)
+    trainer, _ = train(
+        [JacobianNormMonitor(every_n_epochs=2, max_points=32)],
+        max_epochs=5,
+        logger=logger,
+        num_sanity_val_steps=2,
+    )
     steps = [s.step for s in events(logger.log_dir).Scalars("sensitivity/jacobian_norm")]
     per_epoch = trainer.global_step // 5
-    assert steps == [2 * per_epoch - 1, 4 * per_epoch - 1, 5 * per_epoch - 1]  # epochs 2, 4 and the last; no sanity check
+    assert steps == [
+        2 * per_epoch - 1,
+        4 * per_epoch - 1,
+        5 * per_epoch - 1,
+    ]  # epochs 2, 4 and the last; no sanity check
 
 
 def test_several_validation_dataloaders_are_logged_separately():

@@ -45,25 +45,43 @@ def write_cifar(root: Path, num_classes: int, rng: np.random.Generator) -> dict[
     """CIFAR-10 (5 training batches) or CIFAR-100 (one ``train`` file) as the pickled dicts of the real archive:
     ``data`` rows of 3072 bytes (the red plane, then green, then blue, each 32x32 row-major) and labels."""
     if num_classes == 10:
-        folder, train_files, test_file, label_key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"
+        folder, train_files, test_file, label_key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "labels",
+        )
         meta_name, meta = "batches.meta", {"label_names": [f"class{i}" for i in range(10)]}
     else:
         folder, train_files, test_file, label_key = "cifar-100-python", ["train"], "test", "fine_labels"
-        meta_name, meta = "meta", {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": []}
+        meta_name, meta = (
+            "meta",
+            {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": []},
+        )
     base = root / folder
     base.mkdir(parents=True)
     per_file = NUM_TRAIN // len(train_files) if num_classes == 10 else NUM_TRAIN
-    train_data, train_labels = rng.integers(0, 256, (per_file * len(train_files), 3072)), rng.integers(0, num_classes, per_file * len(train_files))
+    train_data, train_labels = (
+        rng.integers(0, 256, (per_file * len(train_files), 3072)),
+        rng.integers(0, num_classes, per_file * len(train_files)),
+    )
     test_data, test_labels = rng.integers(0, 256, (NUM_TEST, 3072)), rng.integers(0, num_classes, NUM_TEST)
-    batches = [(name, train_data[i * per_file : (i + 1) * per_file], train_labels[i * per_file : (i + 1) * per_file])
-               for i, name in enumerate(train_files)] + [(test_file, test_data, test_labels)]
+    batches = [
+        (name, train_data[i * per_file : (i + 1) * per_file], train_labels[i * per_file : (i + 1) * per_file])
+        for i, name in enumerate(train_files)
+    ] + [(test_file, test_data, test_labels)]
     for name, data, labels in batches:
         entry = {"data": data.astype(np.uint8), label_key: labels.tolist(), "batch_label": name}
         if num_classes == 100:
             entry["coarse_labels"] = (labels // 5).tolist()
         (base / name).write_bytes(pickle.dumps(entry, protocol=2))
     (base / meta_name).write_bytes(pickle.dumps(meta, protocol=2))
-    return {"train_data": train_data, "train_labels": train_labels, "test_data": test_data, "test_labels": test_labels}
+    return {
+        "train_data": train_data,
+        "train_labels": train_labels,
+        "test_data": test_data,
+        "test_labels": test_labels,
+    }
 
 
 @pytest.fixture
@@ -123,7 +141,9 @@ def test_a_model_trains_on_mnist_files(tmp_path: Path) -> None:
 
     write_mnist(tmp_path / "data", "MNIST", np.random.default_rng(4))
     config = ModelConfig(16, 1, "relu", "sgd", 0.05, None, True, 0.25, seed=0, max_epochs=2)
-    row = train_and_measure(config, DataSpec("mnist", str(tmp_path / "data")), str(tmp_path / "runs"), str(tmp_path / "points"))
+    row = train_and_measure(
+        config, DataSpec("mnist", str(tmp_path / "data")), str(tmp_path / "runs"), str(tmp_path / "points")
+    )
     assert row["dataset"] == "mnist" and row["num_train_points"] == NUM_TRAIN and row["full_batch"]
     assert row["batch_size"] == NUM_TRAIN and row["epochs_trained"] <= 2
     assert row["jacobian_norm"] > 0

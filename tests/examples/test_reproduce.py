@@ -19,10 +19,26 @@ from examples.paper.sweep import VARIANTS, sweep_grid
 from examples.reproduce import main, parse_args
 
 MEASUREMENTS = [
-    "train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy",
-    "jacobian_norm", "jacobian_norm_train", "f4_spearman", "f4_auc_misclassified", "num_misclassified",
+    "train_loss",
+    "val_loss",
+    "gap_loss",
+    "train_accuracy",
+    "val_accuracy",
+    "gap_accuracy",
+    "jacobian_norm",
+    "jacobian_norm_train",
+    "f4_spearman",
+    "f4_auc_misclassified",
+    "num_misclassified",
 ]
-BOOKKEEPING = ["model_id", "num_train_points", "num_val_points", "epochs_trained", "reached_target", "train_seconds"]
+BOOKKEEPING = [
+    "model_id",
+    "num_train_points",
+    "num_val_points",
+    "epochs_trained",
+    "reached_target",
+    "train_seconds",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +69,9 @@ def test_table_has_every_hyper_parameter_and_measurement(quick: Path) -> None:
         assert len(points) == row.num_val_points
         assert math.isclose(points.jacobian_norm.mean(), row.jacobian_norm, rel_tol=1e-9)
         assert math.isclose(points.loss.mean(), row.val_loss, rel_tol=1e-6)
-        assert math.isclose(stats.spearmanr(points.jacobian_norm, points.loss).statistic, row.f4_spearman, rel_tol=1e-9)
+        assert math.isclose(
+            stats.spearmanr(points.jacobian_norm, points.loss).statistic, row.f4_spearman, rel_tol=1e-9
+        )
 
 
 @pytest.mark.slow
@@ -95,16 +113,25 @@ def test_report_numbers_equal_the_tables(quick: Path) -> None:
     for gap in ("gap_loss", "gap_accuracy"):
         x, y = np.log10(table.jacobian_norm), table[gap]
         line = next(line for line in f1.splitlines() if line.startswith(f"| all models | {gap} |"))
-        expected = [len(table), stats.pearsonr(x, y).statistic, stats.spearmanr(x, y).statistic,
-                    stats.kendalltau(x, y).statistic]
+        expected = [
+            len(table),
+            stats.pearsonr(x, y).statistic,
+            stats.spearmanr(x, y).statistic,
+            stats.kendalltau(x, y).statistic,
+        ]
         assert line.split(" | ")[2:6] == [str(expected[0])] + [num(v) for v in expected[1:]]
 
     # F3: each factor's pairs, found here by changing the factor in each base model's id
     f3 = _section(report, "F3")
     ids = set(table.model_id)
     by_id = table.set_index("model_id")
-    changed = {"augmentation": ("aug0", "aug1"), "random labels": ("rl0-", "rl0.25-"), "full batch": ("b64", "bfull"),
-               "hardtanh instead of ReLU": ("relu", "hardtanh"), "hardsigmoid instead of ReLU": ("relu", "hardsigmoid")}
+    changed = {
+        "augmentation": ("aug0", "aug1"),
+        "random labels": ("rl0-", "rl0.25-"),
+        "full batch": ("b64", "bfull"),
+        "hardtanh instead of ReLU": ("relu", "hardtanh"),
+        "hardsigmoid instead of ReLU": ("relu", "hardsigmoid"),
+    }
     for factor, (old, new) in changed.items():
         bases = [i for i in ids if "-relu-" in i and "-b64-" in i and "aug0" in i and "rl0-" in i]
         ratios = [by_id.jacobian_norm[b.replace(old, new)] / by_id.jacobian_norm[b] for b in bases]
@@ -132,7 +159,13 @@ def test_report_numbers_equal_the_tables(quick: Path) -> None:
 @pytest.mark.slow
 def test_rerun_trains_nothing_new(quick: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = pd.read_csv(quick / "out" / "results.csv")
-    run_sweep(sweep_grid(quick=True), DataSpec(), quick / "out" / "results.csv", quick / "runs", quick / "out" / "points")
+    run_sweep(
+        sweep_grid(quick=True),
+        DataSpec(),
+        quick / "out" / "results.csv",
+        quick / "runs",
+        quick / "out" / "points",
+    )
     assert "12 already in" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(quick / "out" / "results.csv"), before)
 
@@ -145,15 +178,29 @@ def test_a_table_of_another_data_set_is_not_mixed_in(tmp_path: Path) -> None:
 
 def test_pairs_differ_in_their_factor_only() -> None:
     configs = sweep_grid(quick=False)
-    table = pd.DataFrame([{**c.__dict__, "full_batch": c.batch_size is None, "dataset": "digits",
-                           "batch_size": c.batch_size or 1258, "model_id": c.model_id} for c in configs])
+    table = pd.DataFrame(
+        [
+            {
+                **c.__dict__,
+                "full_batch": c.batch_size is None,
+                "dataset": "digits",
+                "batch_size": c.batch_size or 1258,
+                "model_id": c.model_id,
+            }
+            for c in configs
+        ]
+    )
     num_bases = 2 * 2 * 2  # widths x depths x optimizers
     assert len(configs) == len(table.model_id.unique()) == num_bases * (1 + len(VARIANTS))
     for factor in FACTORS:
         p = pairs(table, factor)
         assert len(p) == num_bases, factor.name
         for pair in p.itertuples():
-            base, variant = table.set_index("model_id").loc[[pair.model_id_base, pair.model_id_variant]].to_dict("records")
+            base, variant = (
+                table.set_index("model_id")
+                .loc[[pair.model_id_base, pair.model_id_variant]]
+                .to_dict("records")
+            )
             differing = {k for k in HPARAM_COLUMNS if k != "dataset" and base[k] != variant[k]}
             assert factor.column in differing and differing <= {factor.column, *factor.also_differs}
 
@@ -162,10 +209,26 @@ def test_paired_effects_count_directions() -> None:
     rows = []
     for width, (j_base, j_aug) in zip((8, 16, 32), ((1.0, 0.5), (2.0, 1.0), (1.0, 3.0)), strict=True):
         for augment, norm in ((False, j_base), (True, j_aug)):
-            rows.append({"dataset": "d", "seed": 0, "width": width, "depth": 1, "activation": "relu",
-                         "optimizer": "sgd", "lr": 0.1, "batch_size": 64, "full_batch": False, "augment": augment,
-                         "random_label_fraction": 0.0, "max_epochs": 1, "jacobian_norm": norm, "reached_target": augment,
-                         "gap_loss": norm, "gap_accuracy": -norm})
+            rows.append(
+                {
+                    "dataset": "d",
+                    "seed": 0,
+                    "width": width,
+                    "depth": 1,
+                    "activation": "relu",
+                    "optimizer": "sgd",
+                    "lr": 0.1,
+                    "batch_size": 64,
+                    "full_batch": False,
+                    "augment": augment,
+                    "random_label_fraction": 0.0,
+                    "max_epochs": 1,
+                    "jacobian_norm": norm,
+                    "reached_target": augment,
+                    "gap_loss": norm,
+                    "gap_accuracy": -norm,
+                }
+            )
     effects = f3_paired_effects(pd.DataFrame(rows)).set_index("factor")
     assert list(effects.index) == ["augmentation"]
     aug = effects.loc["augmentation"]
@@ -192,9 +255,13 @@ def test_command_line_checks() -> None:
 @pytest.mark.slow
 def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
     configs = sweep_grid(quick=True, max_epochs=2)[:3]
-    table = run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2)
+    table = run_sweep(
+        configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2
+    )
     assert list(table.model_id) == [c.model_id for c in configs]
-    serial = run_sweep(configs[:1], DataSpec(), tmp_path / "serial.csv", tmp_path / "runs-serial", tmp_path / "points-serial")
+    serial = run_sweep(
+        configs[:1], DataSpec(), tmp_path / "serial.csv", tmp_path / "runs-serial", tmp_path / "points-serial"
+    )
     # the same seed gives the same model, whichever process trains it
     for column in ("jacobian_norm", "gap_loss", "val_accuracy"):
         assert serial[column].iloc[0] == pytest.approx(table[column].iloc[0], rel=1e-6)
@@ -204,8 +271,15 @@ def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
 def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray.tune")
     configs = sweep_grid(quick=True)
-    table = run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points",
-                      jobs=2, use_ray=True)
+    table = run_sweep(
+        configs,
+        DataSpec(),
+        tmp_path / "results.csv",
+        tmp_path / "runs",
+        tmp_path / "points",
+        jobs=2,
+        use_ray=True,
+    )
     serial = pd.read_csv(quick / "out" / "results.csv")
     assert list(table.model_id) == list(serial.model_id)
     # Ray trials train the same models: the measurements equal those of the serial run

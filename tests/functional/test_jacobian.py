@@ -24,7 +24,15 @@ def reference(model: nn.Module, x: torch.Tensor, output: str = "softmax") -> tor
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 7))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(48, 32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(32, 16),
+        nn.Tanh(),
+        nn.Linear(16, 7),
+    )
 
 
 def cnn() -> nn.Module:
@@ -108,7 +116,9 @@ def test_chunking_and_many_classes():
     x = torch.randn(5, 20)
     ref = reference(model, x, "logits")
     for chunk_size in (None, 1, 2):
-        torch.testing.assert_close(jacobian_norm(model, x, output="logits", chunk_size=chunk_size).double(), ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            jacobian_norm(model, x, output="logits", chunk_size=chunk_size).double(), ref, rtol=1e-5, atol=0
+        )
 
 
 def test_single_logit_is_a_binary_softmax():
@@ -173,7 +183,9 @@ def test_projection_is_exact_with_all_directions_and_close_with_few():
     exact = jacobian_norm(model, x)
     full = jacobian_norm(model, x, method="projection", num_projections=12)
     torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-7)
-    few = jacobian_norm(model, x, method="projection", num_projections=3, generator=torch.Generator().manual_seed(1))
+    few = jacobian_norm(
+        model, x, method="projection", num_projections=3, generator=torch.Generator().manual_seed(1)
+    )
     # Unbiased for the squared norm: the mean of squares agrees to sampling error.
     ratio = few.pow(2).mean() / exact.pow(2).mean()
     assert abs(ratio - 1) < 0.1
@@ -183,9 +195,15 @@ def test_projection_is_exact_with_all_directions_and_close_with_few():
 def test_projection_uses_the_given_generator():
     model = nn.Sequential(nn.Linear(8, 9))
     x = torch.randn(10, 8)
-    a = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3))
-    b = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3))
-    c = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(4))
+    a = jacobian_norm(
+        model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3)
+    )
+    b = jacobian_norm(
+        model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(3)
+    )
+    c = jacobian_norm(
+        model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(4)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -200,7 +218,9 @@ def test_errors():
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(TypeError, match="continuous inputs.*embeddings"):
         jacobian_norm(nn.Embedding(10, 3), torch.tensor([[1, 2]]))
-    with pytest.raises(ValueError, match=r"logits of shape \[batch, num_classes\].*got \(\d+, 3, 1\).*forward_fn"):
+    with pytest.raises(
+        ValueError, match=r"logits of shape \[batch, num_classes\].*got \(\d+, 3, 1\).*forward_fn"
+    ):
         jacobian_norm(lambda v: model(v)[..., None], torch.randn(2, 4))
     with pytest.raises(ValueError, match="`output`"):
         jacobian_norm(model, torch.randn(2, 4), output="probs")

@@ -21,14 +21,16 @@ def all_monitors(**overrides: dict[str, Any]) -> list[Callback]:
     ``overrides`` maps a class name to extra keyword arguments for that monitor.
     """
     return [
-        JacobianNormMonitor(max_points=101, **overrides.get("JacobianNormMonitor", {})),
+        JacobianNormMonitor(max_points=101, every_n_epochs=1, **overrides.get("JacobianNormMonitor", {})),
         TransitionMonitor(
             num_trajectories=2,
             num_points=64,
             every_n_epochs=1,
             **{"log_figure": False, **overrides.get("TransitionMonitor", {})},
         ),
-        GeneralizationGapMonitor(max_train_points=101, **overrides.get("GeneralizationGapMonitor", {})),
+        GeneralizationGapMonitor(
+            max_train_points=101, every_n_epochs=1, **overrides.get("GeneralizationGapMonitor", {})
+        ),
     ]
 
 

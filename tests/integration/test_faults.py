@@ -61,7 +61,7 @@ class Trap(pl.Callback):
 
 MONITORS = {
     "jacobian": (
-        lambda: JacobianNormMonitor(max_points=101),
+        lambda: JacobianNormMonitor(max_points=101, every_n_epochs=1),
         "on_validation_batch_end",
         "sensitivity/jacobian_norm",
     ),
@@ -71,7 +71,7 @@ MONITORS = {
         "sensitivity/transition_density_on_manifold",
     ),
     "gap": (
-        lambda: GeneralizationGapMonitor(max_train_points=101),
+        lambda: GeneralizationGapMonitor(max_train_points=101, every_n_epochs=1),
         "on_validation_batch_end",
         "generalization/gap_loss",
     ),
