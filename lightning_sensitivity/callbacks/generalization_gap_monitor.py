@@ -190,11 +190,13 @@ class GeneralizationGapMonitor(Callback):
         self._train_batches: list[Any] | None = None
         self._measuring = False
         self._val_seen = 0
+        # Lightning reads `state_key` around every hook call: build it once.
+        self._state_key = self._generate_state_key(prefix=prefix, seed=seed)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, seed=self.seed)
+        return self._state_key
 
     @property
     def train_indices(self) -> Tensor | None:
