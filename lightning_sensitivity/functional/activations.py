@@ -389,6 +389,17 @@ class _CodeRecorder(TorchFunctionMode):
             self._note_other(name, args)
             return func(*args, **kwargs)
         self.units.append(name)
+        return self._unit_call(name, unit, func, args, kwargs)
+
+    def _unit_call(
+        self,
+        name: str,
+        unit: _Unit | _Pool,
+        func: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run one piecewise-linear call, recording its code."""
         if isinstance(unit, _Pool):
             out, indices = unit.pool(unit.input)
             self._record_winners(unit, indices)
@@ -451,14 +462,15 @@ class _RegionRecorder(_CodeRecorder):
         super().__init__(batch_size)
         self.boundaries: list[Tensor] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        unit = _parse_unit(name, args, kwargs, self.batch_size)
-        if unit is None:
-            self._note_other(name, args)
-            return func(*args, **kwargs)
-        self.units.append(name)
+    def _unit_call(
+        self,
+        name: str,
+        unit: _Unit | _Pool,
+        func: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run one piecewise-linear call with row 0's piece for every row, recording the boundary functions."""
         u = unit.input
         if isinstance(unit, _Pool):
             return self._pool(unit, u)

@@ -20,15 +20,6 @@ KEYS = [
 FIGURE = "sensitivity/transitions_along_trajectory"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Digits batches are small: on a shared machine, intra-op threads only add synchronization."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_monitor(**kwargs):
     return TransitionMonitor(num_trajectories=2, num_points=128, every_n_epochs=1, **kwargs)
 

@@ -15,15 +15,6 @@ from lightning_sensitivity.functional import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The exact count makes many forward passes of 5 points: intra-op threads only add synchronization."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unit_circle(num_points, radius=1.0):
     angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
     return ellipse_through(

@@ -36,14 +36,6 @@ MAX_POINTS = 50
 NUM_POINTS = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tuple_inputs(dm: Any, model: pl.LightningModule) -> tuple[Tensor, Tensor]:
     return dm.x_val, dm.y_val
 

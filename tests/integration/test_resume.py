@@ -1,7 +1,6 @@
 """Stop after epoch 1, resume from the checkpoint: every monitor's logged series is the uninterrupted one."""
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -12,14 +11,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning:
 EPOCHS = 3
 #: Each monitor with its random stream in use: projections, anchors, the training subset.
 OVERRIDES = {"JacobianNormMonitor": {"method": "projection", "num_projections": 3}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def interrupted_series(tmp_path, monitor):
