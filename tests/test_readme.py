@@ -7,10 +7,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_usage_example_runs(tmp_path, monkeypatch):
+def test_usage_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert blocks, "the README has no python example"
+    assert len(blocks) == 2, "the README's two python examples"
     monkeypatch.chdir(tmp_path)
+    functional: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), functional)
+    assert functional["norms"].shape == (8,) and (functional["norms"] > 0).all()
+    assert int(functional["result"]) > 0 and functional["result"].density > 0
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     metrics = namespace["trainer"].callback_metrics
