@@ -80,25 +80,44 @@ def _should_measure(trainer: pl.Trainer, every_n_epochs: int) -> bool:
     return epoch % every_n_epochs == 0 or last
 
 
-def _global_positions(dataloader: Any, local_start: int, batch_size: int, device: torch.device) -> Tensor:
-    """Positions, in the unsharded evaluation order, of the points ``local_start .. +batch_size`` of this rank.
+def _evaluation_dataloader(trainer: pl.Trainer, idx: int) -> Any:
+    """The evaluation dataloader of index ``idx`` that the current validation or test loop runs."""
+    loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        return loaders[idx]
+    if isinstance(loaders, dict):
+        return list(loaders.values())[idx]
+    return loaders
+
+
+def _evaluation_points(
+    dataloader: Any, local_start: int, batch_size: int, device: torch.device, max_points: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The positions, in the unsharded evaluation order, of the points ``local_start .. +batch_size`` of this
+    rank, and which of them to measure: exactly the points one process would measure.
 
     Under DDP Lightning gives evaluation loaders a ``DistributedSampler`` (no shuffling) that hands rank ``r``
     of ``W`` the positions ``r, r + W, r + 2W, ...`` of a list padded to a multiple of ``W`` by repeating its
-    first entries. Positions at or past the dataset's length are those padding repeats: a monitor skips them
-    (and caps at ``max_points`` by position) to measure exactly the points one process would.
+    first entries. Positions at or past the dataset's length are those padding repeats, and are left out; so are
+    positions at or past ``max_points``.
     """
-    local = torch.arange(local_start, local_start + batch_size, device=device)
+    positions = torch.arange(local_start, local_start + batch_size, device=device)
     sampler = getattr(dataloader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
-        return sampler.rank + sampler.num_replicas * local
-    return local
+    distributed = isinstance(sampler, DistributedSampler)
+    if distributed and not sampler.shuffle:
+        positions = sampler.rank + sampler.num_replicas * positions
+    limits = [
+        v
+        for v in (max_points, _dataset_length(dataloader, sampler if distributed else None))
+        if v is not None
+    ]
+    keep = positions < min(limits) if limits else torch.ones_like(positions, dtype=torch.bool)
+    return positions, keep
 
 
-def _dataset_length(dataloader: Any) -> int | None:
+def _dataset_length(dataloader: Any, sampler: DistributedSampler | None) -> int | None:
     """Points in the (unsharded) evaluation set, or ``None`` when it has no length."""
-    sampler = getattr(dataloader, "sampler", None)
-    dataset = getattr(sampler, "dataset", None) if isinstance(sampler, DistributedSampler) else None
+    dataset = getattr(sampler, "dataset", None) if sampler is not None else None
     dataset = dataset if dataset is not None else getattr(dataloader, "dataset", None)
     try:
         return len(dataset)  # type: ignore[arg-type]

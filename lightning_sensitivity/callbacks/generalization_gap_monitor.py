@@ -42,9 +42,9 @@ from lightning_sensitivity.callbacks._utils import (
     GetInput,
     _batch_input,
     _batch_target,
-    _dataset_length,
     _default_forward,
-    _global_positions,
+    _evaluation_dataloader,
+    _evaluation_points,
     _log_scalars,
     _new_generator,
     _should_measure,
@@ -256,14 +256,12 @@ class GeneralizationGapMonitor(Callback):
             return
         # Under DDP the validation sampler pads the last round with repeated points; those are skipped, so that
         # the sums over ranks are those of one process on the whole validation set.
-        loader = trainer.val_dataloaders
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
         size = len(_batch_input(batch, self.input_key, self.get_input))
-        positions = _global_positions(loader, self._val_seen, size, pl_module.device)
+        _, keep = _evaluation_points(
+            _evaluation_dataloader(trainer, 0), self._val_seen, size, pl_module.device
+        )
         self._val_seen += size
-        num_points = _dataset_length(loader)
-        keep = None if num_points is None else positions < num_points
-        if keep is not None and not bool(keep.any()):
+        if not bool(keep.any()):
             return
         self._val_metric.update(*self._evaluate(pl_module, batch, keep))
 

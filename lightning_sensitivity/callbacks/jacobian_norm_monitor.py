@@ -32,9 +32,9 @@ from lightning_sensitivity.callbacks._utils import (
     GetInput,
     _batch_input,
     _batch_target,
-    _dataset_length,
     _default_forward,
-    _global_positions,
+    _evaluation_dataloader,
+    _evaluation_points,
     _log_histogram,
     _log_scalars,
     _new_generator,
@@ -218,10 +218,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         x = _batch_input(batch, self.input_key, self.get_input)
         start = self._seen.get(idx, 0)
         self._seen[idx] = start + x.shape[0]
-        loader = _dataloader(trainer, idx)
-        positions = _global_positions(loader, start, x.shape[0], x.device)
-        limits = [v for v in (self.max_points, _dataset_length(loader)) if v is not None]
-        keep = positions < min(limits) if limits else torch.ones_like(positions, dtype=torch.bool)
+        loader = _evaluation_dataloader(trainer, idx)
+        positions, keep = _evaluation_points(loader, start, x.shape[0], x.device, self.max_points)
         # Every rank creates the same states, even with no point to measure: the epoch end gathers them.
         if idx not in self._metrics:  # the first batch of this dataloader in this epoch
             metric = self._metric_pool.get(idx) or JacobianNorm()
@@ -427,12 +425,3 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._generator.set_state(state_dict["generator_state"])
-
-
-def _dataloader(trainer: pl.Trainer, idx: int) -> Any:
-    loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        return loaders[idx]
-    if isinstance(loaders, dict):
-        return list(loaders.values())[idx]
-    return loaders
