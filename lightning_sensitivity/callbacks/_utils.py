@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
@@ -201,6 +202,13 @@ class _SpawnSafeGenerator:
         generator = torch.Generator()
         generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
         self.__dict__.update(state, _generator=generator)
+
+
+def _warn_once(warned: set[str], key: str, message: str) -> None:
+    """``rank_zero_warn(message)`` the first time ``key`` is seen in ``warned`` (a monitor's own set)."""
+    if key not in warned:
+        warned.add(key)
+        rank_zero_warn(message)
 
 
 def _new_generator(seed: int) -> torch.Generator:

@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.utilities.data import dim_zero_cat
@@ -40,6 +39,7 @@ from lightning_sensitivity.callbacks._utils import (
     _new_generator,
     _should_measure,
     _SpawnSafeGenerator,
+    _warn_once,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
 from lightning_sensitivity.functional.jacobian import _jacobian_norm_and_logits
@@ -286,7 +286,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
             except (KeyError, TypeError, IndexError):  # a batch without labels: records are optional
                 y = None
         if not isinstance(y, Tensor) or y.shape != keep.shape or torch.is_floating_point(y):
-            self._warn_once(
+            _warn_once(
+                self._warned,
                 "no-labels",
                 "JacobianNormMonitor: the batches carry no class labels of shape [B], so no per-point records "
                 "are written. Pass `get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
@@ -329,7 +330,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
                 _log_histogram(trainer, f"{self.prefix}/jacobian_norm_per_point{suffix}", values)
             num_excluded = int(metric.num_excluded)
             if num_excluded:
-                self._warn_once(
+                _warn_once(
+                    self._warned,
                     "non-finite",
                     f"JacobianNormMonitor: {num_excluded} point(s) with NaN or infinite inputs, outputs or "
                     "Jacobian norms were left out of the mean.",
@@ -357,11 +359,6 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
             writer.writerow(["index", "label", "prediction", "loss", "jacobian_norm"])
             for i, label, pred, loss, norm in zip(*(records[k].tolist() for k in records), strict=True):
                 writer.writerow([int(i), int(label), int(pred), f"{loss:.6g}", f"{norm:.6g}"])
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
 
     # --- Lightning hooks ---------------------------------------------------------------------------------
 
@@ -412,7 +409,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
             for idx, (epoch, records) in self._last_records.items():
                 self._write_records(trainer, "fit", epoch, idx, multiple, records)
         if not self._measured_in_fit:
-            self._warn_once(
+            _warn_once(
+                self._warned,
                 "no-validation",
                 "JacobianNormMonitor measured no validation point during `fit`: there was no validation data "
                 "(no `val_dataloader`, `limit_val_batches=0`, or fewer epochs than `every_n_epochs`).",

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -34,6 +33,7 @@ from lightning_sensitivity.callbacks._utils import (
     _should_measure,
     _SpawnSafeGenerator,
     _tensorboard_writers,
+    _warn_once,
 )
 from lightning_sensitivity.functional._utils import _check_continuous, _eval_mode
 from lightning_sensitivity.functional.activations import NonFiniteOutputError, activation_codes
@@ -231,7 +231,8 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
     def _choose_anchors(self, trainer: pl.Trainer) -> None:
         n = self.num_trajectories
         if len(self._reservoir) < self._reservoir_size:
-            self._warn_once(
+            _warn_once(
+                self._warned,
                 "few points",
                 f"TransitionMonitor: the first epoch had {self._seen} training points, fewer than the "
                 f"{self._reservoir_size} anchors needed; lower `num_trajectories`. Nothing is measured.",
@@ -262,20 +263,16 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         if self._anchors is None or not _should_measure(trainer, self.every_n_epochs):
             return
         forward = functools.partial(self.forward_fn, pl_module)
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
         figure = self.log_figure is True and bool(_tensorboard_writers(trainer))
         logged: dict[str, Tensor] = {}
         with _eval_mode(pl_module):
             for kind in _KINDS:
-                curves = [
-                    trajectory_through(a.to(pl_module.device, dtype), self.num_points)
-                    for a in self._anchors[kind]
-                ]
+                curves = [self._curve(pl_module, anchors) for anchors in self._anchors[kind]]
                 try:
                     counts = [self._count(forward, curve, segments=figure and kind == "on_manifold" and i == 0)
                               for i, curve in enumerate(curves)]  # fmt: skip
                 except NonFiniteOutputError as error:
-                    self._warn_once("non-finite", f"TransitionMonitor: {error} Logging NaN.")
+                    _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
                     nan = torch.tensor(float("nan"), device=pl_module.device)
                     logged[f"{self.prefix}/transition_density_{kind}"] = nan
                     logged[f"{self.prefix}/transitions_{kind}"] = nan
@@ -303,17 +300,20 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         if self.log_figure != "end" or self._anchors is None or not _tensorboard_writers(trainer):
             return
         forward = functools.partial(self.forward_fn, pl_module)
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
-        anchors = self._anchors["on_manifold"][0].to(pl_module.device, dtype)
         with _eval_mode(pl_module):
-            curve = trajectory_through(anchors, self.num_points)
+            curve = self._curve(pl_module, self._anchors["on_manifold"][0])
             try:
                 count = self._count(forward, curve, segments=True)
             except NonFiniteOutputError as error:
-                self._warn_once("non-finite", f"TransitionMonitor: {error} Logging NaN.")
+                _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
                 return
             figure = self._figure(trainer, forward, curve, count)
         _log_figure(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
+
+    def _curve(self, pl_module: pl.LightningModule, anchors: Tensor) -> Trajectory:
+        """The closed curve through three anchors, on the module's device and in its floating dtype."""
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
+        return trajectory_through(anchors.to(pl_module.device, dtype), self.num_points)
 
     def _count(self, forward: Any, curve: Trajectory, segments: bool) -> TransitionCount:
         if self.method == "exact":
@@ -322,7 +322,8 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
             result.transitions, 1
         ):
-            self._warn_once(
+            _warn_once(
+                self._warned,
                 "convergence",
                 f"TransitionMonitor: a sampled count has not converged: {result.transitions} transitions on "
                 f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. Raise "
@@ -375,13 +376,10 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         try:
             return jacobian_norm(forward, points).cpu()
         except (ValueError, TypeError) as error:
-            self._warn_once("jacobian", f"TransitionMonitor: the figure has no Jacobian norm curve: {error}")
+            _warn_once(
+                self._warned, "jacobian", f"TransitionMonitor: the figure has no Jacobian norm curve: {error}"
+            )
             return None
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
 
     # --- state ----------------------------------------------------------------------------------------------
 
