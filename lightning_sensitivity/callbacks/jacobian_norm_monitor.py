@@ -226,7 +226,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
             metric = self._metric_pool[idx] = metric.to(pl_module.device)
             metric.reset()
             self._metrics[idx] = metric
-        if self._records_wanted(trainer):
+        records_wanted = self._records_wanted(trainer)
+        if records_wanted:
             self._records.setdefault(idx, _Records())
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
@@ -250,7 +251,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
                 norms[finite] = values.to(norms.dtype)
                 logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
                 logits[finite] = finite_logits
-            if self._records_wanted(trainer):
+            if records_wanted:
                 if logits is None:
                     with torch.no_grad():
                         logits = model(x)
