@@ -68,6 +68,17 @@ _POOL_WITH_INDICES = {
     3: F.max_pool3d_with_indices,
 }
 _POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
+# Every call that _parse_unit may read as a unit.
+_PIECEWISE_LINEAR = (
+    _RELU
+    | _LEAKY_RELU
+    | _CLAMP
+    | _CLAMP_MIN
+    | _CLAMP_MAX
+    | _HARDTANH
+    | _HARDSIGMOID
+    | {"prelu", "relu6", *_MAX_POOL}
+)
 # Piecewise-linear operations whose pieces are not recorded: a model that uses them gets a warning, not a silent
 # undercount.
 _UNCOUNTED = frozenset(
@@ -142,13 +153,68 @@ class ActivationCodes:
         return distance
 
 
-# Multiplying a word of eight 0/1 bytes by this constant sums the bytes into the top byte (no carries: at most 8).
-_BYTE_SUM = 0x0101010101010101
+def _empty_codes(like: ActivationCodes, rows: int) -> ActivationCodes:
+    """Codes of ``rows`` points with ``like``'s units, over new storage (padding zeroed, the rest uninitialized), to be
+    filled by :func:`_codes_and_probe` or :func:`_copy_codes`."""
+    width = like.sides.shape[1]
+    buffer = like.sides.new_empty((rows, _padded(width)))
+    buffer[:, width:] = False
+    winners = like.winners.new_empty((rows, like.winners.shape[1]))
+    words = buffer.view(torch.int64) if width else None
+    return ActivationCodes(buffer[:, :width], winners, like.units, like.layout, words)
+
+
+def _copy_codes(out: ActivationCodes, codes: ActivationCodes) -> ActivationCodes:
+    """Copy ``codes`` into ``out`` (same units and number of points), in place; returns ``out``."""
+    if out.words is not None and codes.words is not None:
+        out.words.copy_(codes.words)
+    else:
+        out.sides.copy_(codes.sides)
+    out.winners.copy_(codes.winners)
+    return out
+
+
+def _padded(width: int) -> int:
+    """Bytes per row of packed sides: whole 64-bit words."""
+    return -(-width // 8) * 8
+
+
+# A byte lane of an int64 sum of words of 0/1 bytes holds at most this many ones before it carries.
+_LANE_CAPACITY = 255
 
 
 def _differing_bytes(a: Tensor, b: Tensor) -> Tensor:
-    """Row by row, how many of the 0/1 bytes packed in two ``int64`` tensors differ, ``[B]`` int32."""
-    return ((a ^ b) * _BYTE_SUM >> 56).sum(dim=1, dtype=torch.int32)
+    """Row by row, how many of the 0/1 bytes packed in two ``int64`` tensors differ, ``[B]`` int32.
+
+    The words' xor has a 1 byte where the bytes differ. Summing up to 255 such words as integers adds the bytes lane
+    by lane without a carry, so the sum's eight bytes, added up, are the count: two passes over the words."""
+    diff = a ^ b
+    rows, words = diff.shape
+    whole = words - words % _LANE_CAPACITY if words > _LANE_CAPACITY else 0
+    lanes = [diff[:, :whole].reshape(rows, -1, _LANE_CAPACITY).sum(2)] if whole else []
+    if words > whole:
+        lanes.append(diff[:, whole:].sum(1, keepdim=True))
+    lanes_sum = lanes[0] if len(lanes) == 1 else torch.cat(lanes, dim=1)
+    return lanes_sum.view(torch.uint8).sum(1, dtype=torch.int32)
+
+
+def _non_finite_probe(out: object) -> Tensor | float:
+    """A number that is finite exactly when a model's output is free of NaN and infinities, computed on the
+    output's device without a synchronization, so that the probes of many batches can be added up and checked once.
+
+    The output's sum in ``float64``: NaN and infinities carry through a sum, and finite values of 32 bits or fewer
+    cannot overflow it. A ``float64`` output could, so its probe is ``(out * 0).sum()`` instead (``0`` or NaN).
+    ``0`` for outputs that are not floating point."""
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        return 0.0
+    if out.dtype == torch.float64:
+        return out.mul(0).sum()
+    return out.sum(dtype=torch.float64)
+
+
+def _is_finite(probe: Tensor | float) -> bool:
+    """Read a (sum of) :func:`_non_finite_probe` (one synchronization)."""
+    return math.isfinite(float(probe))
 
 
 def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> ActivationCodes:
@@ -204,17 +270,29 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
 
 def _codes(model: Callable[[Tensor], Tensor], x: Tensor) -> ActivationCodes:
     """:func:`activation_codes` without the set-up: the caller sets eval mode and disables autograd."""
-    recorder = _CodeRecorder(x.shape[0])
-    with recorder:
-        out = model(x)
-    if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+    codes, probe = _codes_and_probe(model, x)
+    if not _is_finite(probe):
         # NaN pre-activations read as one piece or another: the codes would be made up, and a count of them a
         # silent wrong number (often 0).
         raise NonFiniteOutputError(
             "The model's output is NaN or infinite at some of the points, so their activation codes are "
             "meaningless (were the weights or the inputs NaN?)."
         )
-    return recorder.codes(x)
+    return codes
+
+
+def _codes_and_probe(
+    model: Callable[[Tensor], Tensor], x: Tensor, out: ActivationCodes | None = None
+) -> tuple[ActivationCodes, Tensor | float]:
+    """The codes, and the output's :func:`_non_finite_probe` for the caller to check when it likes.
+
+    With ``out`` (codes of ``x.shape[0]`` rows with the layout of an earlier pass through the same model, over
+    storage the caller owns), every unit writes its code straight into ``out``'s storage and ``out`` is returned;
+    if this pass's units differ from ``out``'s, the codes are recorded into new storage as without ``out``."""
+    recorder = _CodeRecorder(x.shape[0], out)
+    with recorder:
+        output = model(x)
+    return recorder.codes(x), _non_finite_probe(output)
 
 
 class NonFiniteOutputError(ValueError):
@@ -384,9 +462,15 @@ def _parse_unit(
 
 
 class _CodeRecorder(TorchFunctionMode):
-    """Records the code (boundary sides, pooling winners) of every piecewise-linear call; the calls are unchanged."""
+    """Records the code (boundary sides, pooling winners) of every piecewise-linear call; the calls are unchanged.
 
-    def __init__(self, batch_size: int) -> None:
+    The sides are packed into one ``[B, 8 * words]`` ``bool`` buffer (see :attr:`ActivationCodes.words`). Given
+    ``out``, codes with the layout of an earlier pass, every unit writes its sides straight into ``out``'s columns
+    (one pass fewer than collecting and copying); once a call differs from ``out``'s layout, the recorder falls
+    back to collecting the sides and copying them into a new buffer at the end.
+    """
+
+    def __init__(self, batch_size: int, out: ActivationCodes | None = None) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.sides: list[Tensor] = []
@@ -396,13 +480,18 @@ class _CodeRecorder(TorchFunctionMode):
         self.units: list[str] = []
         self.smooth: set[str] = set()
         self.uncounted: set[str] = set()
+        self.out = out if out is not None and len(out) == batch_size else None
+        self.offset = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name not in _PIECEWISE_LINEAR:  # most calls: one set lookup
+            if name in _SMOOTH or name in _UNCOUNTED:
+                self._note_other(name, args)
+            return func(*args, **kwargs)
         unit = _parse_unit(name, args, kwargs, self.batch_size)
         if unit is None:
-            self._note_other(name, args)
             return func(*args, **kwargs)
         self.units.append(name)
         return self._unit_call(name, unit, func, args, kwargs)
@@ -422,13 +511,27 @@ class _CodeRecorder(TorchFunctionMode):
             return (out, indices) if unit.return_indices else out
         if name in _RELU:
             # relu(u) != 0 exactly when u > 0: the sides come from the call's own output (in place or not), which
-            # saves a second pass over the pre-activations.
+            # saves a second pass over the pre-activations; casting to bool is the test != 0.
             out = func(*args, **kwargs)
-            self.sides.append(out.to(torch.bool).flatten(1))
-            self.layout.append((1, out[0].numel()))
+            self._store(1, out.flatten(1))
             return out
-        self._record_sides(unit, unit.input)  # before the call: it may be in place
+        self._store(len(unit.thresholds), unit.sides(unit.input))  # before the call: it may be in place
         return func(*args, **kwargs)
+
+    def _store(self, boundaries: int, sides: Tensor) -> None:
+        """Record one unit's sides ``[B, boundaries * elements]``, given as ``bool`` or as values whose non-zeros
+        are the ``True`` sides."""
+        width = sides.shape[1]
+        entry = (boundaries, width // boundaries)
+        out, layout = self.out, self.layout
+        if out is not None and len(layout) < len(out.layout) and out.layout[len(layout)] == entry:
+            start = self.offset
+            self.offset = start + width
+            self.sides.append(out.sides[:, start : start + width].copy_(sides))
+        else:
+            self.out = None
+            self.sides.append(sides.to(torch.bool))
+        layout.append(entry)
 
     def _note_other(self, name: str, args: Sequence[Any]) -> None:
         if name in _SMOOTH:
@@ -445,10 +548,6 @@ class _CodeRecorder(TorchFunctionMode):
         self.winners.append(indices.flatten(1).to(unit.index_dtype))
         self.winner_dtype = torch.promote_types(self.winner_dtype, unit.index_dtype)
 
-    def _record_sides(self, unit: _Unit, u: Tensor) -> None:
-        self.sides.append(unit.sides(u))
-        self.layout.append((len(unit.thresholds), u[0].numel()))
-
     def codes(self, x: Tensor) -> ActivationCodes:
         if not self.units:
             raise _no_units_error(self.smooth)
@@ -458,18 +557,35 @@ class _CodeRecorder(TorchFunctionMode):
                 "not part of the activation codes, so boundaries they cross are not counted.",
                 stacklevel=2,
             )
+        winners = [w.to(self.winner_dtype) for w in self.winners]
+        out = self.out
+        if (
+            out is not None
+            and tuple(self.layout) == out.layout
+            and tuple(self.units) == out.units
+            and out.winners.dtype == self.winner_dtype
+            and sum(w.shape[1] for w in winners) == out.winners.shape[1]
+        ):
+            if winners:
+                torch.cat(winners, dim=1, out=out.winners)
+            return out
         # The sides are written into a buffer whose rows are whole 64-bit words (zero padded), so that distances
         # compare eight of them per operation.
         width = sum(side.shape[1] for side in self.sides)
-        buffer = x.new_zeros((x.shape[0], -(-width // 8) * 8), dtype=torch.bool)
+        buffer = x.new_zeros((x.shape[0], _padded(width)), dtype=torch.bool)
         offset = 0
         for side in self.sides:
             buffer[:, offset : offset + side.shape[1]] = side
             offset += side.shape[1]
         words = buffer.view(torch.int64) if width else None
         empty = x.new_zeros((x.shape[0], 0), dtype=self.winner_dtype)
-        winners = torch.cat([w.to(self.winner_dtype) for w in self.winners], dim=1) if self.winners else empty
-        return ActivationCodes(buffer[:, :width], winners, tuple(self.units), tuple(self.layout), words)
+        return ActivationCodes(
+            buffer[:, :width],
+            torch.cat(winners, dim=1) if winners else empty,
+            tuple(self.units),
+            tuple(self.layout),
+            words,
+        )
 
 
 class _RegionRecorder(_CodeRecorder):
@@ -499,7 +615,7 @@ class _RegionRecorder(_CodeRecorder):
         if isinstance(unit, _Pool):
             return self._pool(unit, u)
         pieces = unit.pieces(u[:1])
-        self._record_sides(unit, u[:1])
+        self._store(len(unit.thresholds), unit.sides(u[:1]))
         first = func(u[:1].clone(), *args[1:], **kwargs)
         out = first + unit.slope(pieces, u) * (u - u[:1])
         for threshold in unit.thresholds:

@@ -37,8 +37,12 @@ from lightning_sensitivity.functional._utils import _eval_mode
 from lightning_sensitivity.functional.activations import (
     ActivationCodes,
     NonFiniteOutputError,
-    _codes,
+    _codes_and_probe,
+    _copy_codes,
+    _empty_codes,
+    _is_finite,
     _no_units_error,
+    _non_finite_probe,
     _RegionRecorder,
 )
 from lightning_sensitivity.functional.trajectories import Trajectory, _times
@@ -182,13 +186,21 @@ def count_transitions(
             f"The sampled count needs an even number of at least 6 points (it also counts on every other point "
             f"as its convergence evidence), got {k}."
         )
+    arc_length: float | None = None
     if isinstance(trajectory, Trajectory):
         times = _times(k)
         points = lambda start, stop: trajectory.at(times[start:stop])  # noqa: E731
+        arc_length = trajectory.arc_length(k)
     else:
         points = lambda start, stop: trajectory[start:stop]  # noqa: E731
     with torch.no_grad(), _eval_mode(module), full_precision:
-        return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments)
+        return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments, arc_length)
+
+
+#: The codes of consecutive chunks are compared in batches of up to this many bytes (at least one chunk): on a small
+#: model the fixed costs of the comparisons, not their work, dominate, and a batch that stays in cache pays them once
+#: for several chunks.
+_COMPARE_BYTES = 1 << 20
 
 
 def _count_sampled(
@@ -197,46 +209,84 @@ def _count_sampled(
     k: int,
     chunk_size: int,
     return_segments: bool,
+    arc_length: float | None,
 ) -> TransitionCount:
-    """Stream the closed polygon in chunks (``chunk_size`` even).
+    """Stream the closed polygon in chunks (``chunk_size`` even); ``arc_length`` is measured on the points if
+    ``None``.
 
-    Each chunk after the first is evaluated with the previous chunk's last two points in front
-    (indices ``start - 2, start - 1``), so that the steps across the seam, for all points and for the even ones,
-    come out of the same two comparisons as the steps inside the chunk.
+    Every chunk's codes are written into one buffer of consecutive points. When it is full, and at the end, the
+    boundaries between neighbouring rows are counted, for all points and for the even ones, and the buffer's last
+    two rows move to its front (indices ``start - 2, start - 1``), so that the steps across the seam come out of
+    the same comparisons. The totals stay on the device until the end: one synchronization per count.
     """
-    total, half, length = 0, 0, 0.0
+    total: Tensor | int = 0
+    half: Tensor | int = 0
+    length: Tensor | float = 0.0
+    probe: Tensor | float = 0.0
+    buffer: ActivationCodes | None = None
     first: ActivationCodes | None = None
-    seam: Tensor | None = None
+    first_point: Tensor | None = None
+    previous: Tensor | None = None  # the last point of the previous chunk, for the arc length
+    filled, skip = 0, 0  # rows of the buffer in use; 1 when the step between its first two rows is counted
     segments: list[Tensor] = []
     for start in range(0, k, chunk_size):
         z = points(start, min(start + chunk_size, k))
-        z = z if seam is None else torch.cat([seam, z])
-        codes = _codes(model, z)
-        skip = (
-            0 if seam is None else 1
-        )  # the step from start - 2 to start - 1 was counted with the last chunk
-        steps = codes[skip + 1 :].distance(codes[skip:-1])
-        even = codes[::2]  # start - 2 and start are even, so these are the even global indices
-        total += int(steps.sum())
-        half += int(even[1:].distance(even[:-1]).sum())
-        # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
-        # sum runs in float64.
-        flat = z.detach().flatten(1)
-        length += float((flat[skip + 1 :] - flat[skip:-1]).norm(dim=1).to(torch.float64).sum())
-        if return_segments:
+        n = z.shape[0]
+        if buffer is not None and filled + n > len(buffer):
+            steps, even = _steps(buffer[:filled], skip)
+            total, half = total + steps.sum(), half + even
             segments.append(steps)
-        if first is None:
-            first, first_point = codes[:1], flat[:1]
-        seam = z[-2:]
-    last, last_even = codes[-1:], even[-1:]
-    closing = int(last.distance(first).sum())
-    total += closing
-    half += int(last_even.distance(first).sum())
-    length += float((first_point - flat[-1:]).to(torch.float64).norm())
-    segment_counts = (
-        torch.cat([*segments, torch.tensor([closing], dtype=torch.int32)]) if return_segments else None
-    )
-    return TransitionCount(total, length, "sampled", k, half, segments=segment_counts)
+            _copy_codes(buffer[:2], buffer[filled - 2 : filled])  # filled is even, so >= 4 here
+            filled, skip = 2, 1
+        rows = buffer[filled : filled + n] if buffer is not None else None
+        codes, chunk_probe = _codes_and_probe(model, z, rows)
+        probe = probe + chunk_probe
+        if buffer is None:
+            row_bytes = codes.sides.shape[1] + codes.winners.shape[1] * codes.winners.element_size()
+            buffer = _empty_codes(codes, min(k, max(chunk_size, _COMPARE_BYTES // max(row_bytes, 1))) + 2)
+            first = _copy_codes(_empty_codes(codes, 1), codes[:1])
+            rows = buffer[:n]
+        if codes is not rows:
+            if (codes.units, codes.layout, codes.winners.shape[1]) != (
+                buffer.units,
+                buffer.layout,
+                buffer.winners.shape[1],
+            ):
+                raise ValueError(
+                    "The model's piecewise-linear units differ from one batch of points to the next (a forward "
+                    "pass that depends on its input's values or batch size?), so their codes cannot be compared."
+                )
+            _copy_codes(rows, codes)
+        filled += n
+        if arc_length is None:
+            # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
+            # sum runs in float64.
+            flat = z.detach().flatten(1)
+            length = length + torch.linalg.vector_norm(flat[1:] - flat[:-1], dim=1).sum(dtype=torch.float64)
+            if previous is None:
+                first_point = flat[:1].clone()
+            else:
+                length = length + torch.linalg.vector_norm(flat[0] - previous).to(torch.float64)
+            previous = flat[-1].clone()
+    assert buffer is not None and first is not None
+    _check_finite(probe)
+    steps, even = _steps(buffer[:filled], skip)
+    segments.append(steps)
+    closing = buffer[filled - 1 : filled].distance(first)
+    total = int(total + steps.sum() + closing.sum())
+    half = int(half + even + buffer[filled - 2 : filled - 1].distance(first).sum())
+    if arc_length is None:
+        assert first_point is not None and previous is not None
+        arc_length = float(length + torch.linalg.vector_norm(first_point[0] - previous).to(torch.float64))
+    segment_counts = torch.cat([*segments, closing]) if return_segments else None
+    return TransitionCount(total, arc_length, "sampled", k, half, segments=segment_counts)
+
+
+def _steps(codes: ActivationCodes, skip: int) -> tuple[Tensor, Tensor]:
+    """The boundaries crossed between consecutive rows from row ``skip`` on, ``[len - 1 - skip]``, and their total
+    between consecutive even rows (row 0 is an even point of the polygon)."""
+    even = codes[::2]
+    return codes[skip + 1 :].distance(codes[skip:-1]), even[1:].distance(even[:-1]).sum()
 
 
 def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -276,7 +326,7 @@ def _count_exact(
         rows = torch.cat([trajectory.at(torch.tensor([t], dtype=torch.float64), torch.float64), probes])
         with recorder:
             out = forward(rows)
-        _check_finite(out)
+        _check_finite(_non_finite_probe(out))
         if not recorder.units:
             raise _no_units_error(recorder.smooth)
         codes = recorder.codes(rows[:1])
@@ -294,8 +344,8 @@ def _count_exact(
     return total + int(last.distance(first).sum()), regions
 
 
-def _check_finite(out: object) -> None:
-    if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+def _check_finite(probe: Tensor | float) -> None:
+    if not _is_finite(probe):
         raise NonFiniteOutputError(
             "The model's output is NaN or infinite along the trajectory, so its linear regions are undefined "
             "(were the weights or the anchors NaN?)."

@@ -217,3 +217,15 @@ def test_piecewise_linear_operations_that_are_not_recorded_are_named_in_a_warnin
     with pytest.warns(UserWarning, match="adaptive_max_pool2d"):
         codes = activation_codes(model, torch.randn(3, 1, 6, 6))
     assert codes.units == ("relu",)
+
+
+@pytest.mark.parametrize("units", [7, 2040, 2048, 3000, 255 * 8 * 3 + 5])
+def test_distance_of_wide_codes_equals_a_unit_by_unit_count(units):
+    # Byte lanes of a sum of 64-bit words carry after 255 words (2,040 units): wider codes are summed in groups.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, units), nn.ReLU())
+    codes = activation_codes(model, torch.randn(9, 2))
+    expected = (codes.pieces[1:].long() - codes.pieces[:-1].long()).abs().sum(1)
+    assert torch.equal(codes[1:].distance(codes[:-1]).long(), expected)
+    if units > 255:
+        assert int(expected.max()) > 255  # some rows differ in more units than one byte lane holds

@@ -9,9 +9,11 @@ from torch import nn
 
 from lightning_sensitivity.functional import (
     NonFiniteOutputError,
+    activation_codes,
     count_transitions,
     ellipse_through,
     trajectory_through,
+    transitions,
 )
 
 
@@ -235,3 +237,63 @@ def test_nan_weights_raise_instead_of_counting_zero(method):
     curve = ellipse_through(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0]), 64)
     with pytest.raises(NonFiniteOutputError, match="NaN or infinite"):
         count_transitions(model, curve, method=method)
+
+
+def naive_counts(model, points):
+    """T_k, T_{k/2} and the per-segment counts from the codes of all points at once, compared unit by unit."""
+    codes = activation_codes(model, points)
+    pieces, winners = codes.pieces.long(), codes.winners.long()
+    following = torch.roll(torch.arange(len(points)), -1)
+
+    def steps(index, after):
+        return (pieces[index] - pieces[after]).abs().sum(1) + (winners[index] != winners[after]).sum(1)
+
+    segments = steps(torch.arange(len(points)), following)
+    even = torch.arange(0, len(points), 2)
+    return int(segments.sum()), int(steps(even, torch.roll(even, -1)).sum()), segments
+
+
+@pytest.mark.parametrize("make, shape", [(random_mlp, (3, 4)), (RandomCNN, (1, 6, 6))])
+@pytest.mark.parametrize("compare_bytes", [1, 1 << 20])
+@pytest.mark.parametrize("chunk_size", [6, 64, 5000])
+def test_streamed_count_equals_a_naive_count_on_all_points(
+    monkeypatch, make, shape, compare_bytes, chunk_size
+):
+    # A tiny comparison buffer forces a comparison (and a move of the last two rows) after every chunk.
+    monkeypatch.setattr(transitions, "_COMPARE_BYTES", compare_bytes)
+    torch.manual_seed(1)
+    model = make().eval()
+    curve = ellipse_through(*torch.randn(3, *shape), num_points=1000)
+    total, half, segments = naive_counts(model, curve.points)
+    result = count_transitions(model, curve, chunk_size=chunk_size, return_segments=True)
+    assert (result.transitions, result.transitions_half) == (total, half)
+    assert total > 20
+    assert torch.equal(result.segments.long(), segments)
+
+
+def test_arc_length_of_points_equals_the_trajectory_formula():
+    curve = trajectory_through(torch.randn(5, 3, 4, dtype=torch.float64), num_points=998)
+    on_points = count_transitions(random_mlp().double(), curve.points, chunk_size=64)
+    on_curve = count_transitions(random_mlp().double(), curve, chunk_size=64)
+    points = curve.points.flatten(1)
+    polygon = float((torch.roll(points, -1, 0) - points).norm(dim=1).sum())
+    assert on_points.arc_length == pytest.approx(polygon, rel=1e-12)
+    assert on_curve.arc_length == pytest.approx(polygon, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_single_infinite_output_is_caught_and_large_finite_ones_are_not(dtype):
+    huge = torch.finfo(dtype).max / 2
+    points = torch.randn(64, 2, dtype=torch.float32)
+
+    def model(x, bad=None):
+        out = (F.relu(x) + 1).reciprocal().to(dtype) * huge  # in (huge / 2, huge]: finite, their sum is not
+        if bad is not None:
+            out[len(x) // 2, 0] = bad
+        return out
+
+    assert torch.isinf(model(points).sum())
+    assert count_transitions(model, points, chunk_size=16).transitions > 0
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(NonFiniteOutputError):
+            count_transitions(lambda x, bad=bad: model(x, bad), points, chunk_size=16)

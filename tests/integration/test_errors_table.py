@@ -20,6 +20,7 @@ from unittest import mock
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -231,6 +232,9 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "non-finite-output": lambda: activation_codes(_nan_model(), torch.zeros(2, 1, 8, 8)),
     "non-finite-output-exact": lambda: count_transitions(
         _nan_model(), ellipse_through(*DigitsDataModule().x_train[:3], num_points=16), method="exact"
+    ),
+    "units-differ-between-chunks": lambda: count_transitions(
+        lambda x: F.relu(x) if len(x) > 8 else F.relu(F.relu(x) - 1), torch.randn(16, 3), chunk_size=10
     ),
     "transition-monitor-non-finite": lambda: _fit(
         [TransitionMonitor(num_trajectories=1, every_n_epochs=1, log_figure=False)], model=_nan_model()
