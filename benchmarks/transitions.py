@@ -12,7 +12,6 @@ many small operations of digits-sized models.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from typing import Any
 
@@ -21,13 +20,21 @@ from torch import Tensor, nn
 
 from benchmarks._timing import timed
 from examples.digits import DigitsDataModule, train
-from lightning_sensitivity.functional import count_transitions, ellipse_through
+from lightning_sensitivity.functional import Trajectory, count_transitions, ellipse_through
+from lightning_sensitivity.functional.trajectories import _times
 
 
-def forward_in_chunks(model: nn.Module, points: Tensor, chunk_size: int) -> None:
+def forward_in_chunks(model: nn.Module, points: Tensor | Trajectory, chunk_size: int) -> None:
+    """The baseline: a plain forward pass over the same points, in the same chunks (points of a Trajectory are
+    generated chunk by chunk, as the count does)."""
+    k = points.num_points if isinstance(points, Trajectory) else len(points)
+    times = _times(k)
     with torch.no_grad():
-        for start in range(0, len(points), chunk_size):
-            model(points[start : start + chunk_size])
+        for start in range(0, k, chunk_size):
+            if isinstance(points, Trajectory):
+                model(points.at(times[start : start + chunk_size]))
+            else:
+                model(points[start : start + chunk_size])
 
 
 def digits_cnn() -> nn.Module:
@@ -38,23 +45,48 @@ def digits_cnn() -> nn.Module:
     ).eval()  # fmt: skip
 
 
-def throughput(models: dict[str, nn.Module], points: Tensor, chunk_sizes: list[int], repeats: int) -> None:
-    print(f"\n1. Sampled count against a plain forward pass over the same {len(points)} points")
-    print("   model              chunk   forward [ms]   sampled count [ms]   ratio   (target <= 1.5x)")
-    for name, model in models.items():
-        for chunk_size in chunk_sizes:
-            samples = timed(
-                {
-                    "forward": lambda m=model, c=chunk_size: forward_in_chunks(m, points, c),
-                    "sampled": lambda m=model, c=chunk_size: count_transitions(m, points, chunk_size=c),
-                },
-                repeats,
-            )
-            forward, sampled = statistics.median(samples["forward"]), statistics.median(samples["sampled"])
-            print(
-                f"   {name:17s} {chunk_size:6d}   {forward * 1e3:12.1f}   {sampled * 1e3:18.1f}   "
-                f"{sampled / forward:5.2f}x"
-            )
+def mnist_mlp() -> nn.Module:
+    """The paper's fully connected network on MNIST-sized inputs, 784-500-500-500-10 (untrained)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for width_in in (784, 500, 500):
+        layers += [nn.Linear(width_in, 500), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(500, 10)).eval()
+
+
+def cifar_cnn() -> nn.Module:
+    """A small convolutional network on CIFAR-sized inputs, 3x32x32 (untrained)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+
+
+Case = tuple[str, nn.Module, "Tensor | Trajectory", int]
+
+
+def throughput(cases: list[Case], repeats: int) -> None:
+    print("\n1. Sampled count against a plain forward pass over the same points, in the same chunks")
+    print(
+        "   model                               input        points  chunk   forward [ms]   sampled count [ms]"
+        "   ratio   (target <= 1.5x)"
+    )
+    for name, model, points, chunk_size in cases:
+        samples = timed(
+            {
+                "forward": lambda m=model, p=points, c=chunk_size: forward_in_chunks(m, p, c),
+                "sampled": lambda m=model, p=points, c=chunk_size: count_transitions(m, p, chunk_size=c),
+            },
+            repeats,
+        )
+        forward, sampled = statistics.median(samples["forward"]), statistics.median(samples["sampled"])
+        kind, k = (
+            ("Trajectory", points.num_points) if isinstance(points, Trajectory) else ("tensor", len(points))
+        )
+        print(
+            f"   {name:35s} {kind:10s} {k:8d} {chunk_size:6d}   {forward * 1e3:12.1f}   {sampled * 1e3:18.1f}   "
+            f"{sampled / forward:5.2f}x"
+        )
 
 
 def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> None:
@@ -81,10 +113,6 @@ def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> 
         )
 
 
-def _times(k: int) -> Tensor:
-    return torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,8 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     anchors = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:9]].view(3, 3, 1, 8, 8)
     curves = [ellipse_through(*a, num_points=512) for a in anchors]
 
-    points = curves[0].at(_times(16_384 if args.quick else 65_536))
-    throughput({"digits MLP (trained)": model, "digits CNN": digits_cnn()}, points, [1024, 4096], repeats)
+    k = 16_384 if args.quick else 65_536
+    digits_curve = ellipse_through(*anchors[0], num_points=k)
+    points = digits_curve.points
+    generator = torch.Generator().manual_seed(1)
+    mnist = ellipse_through(*torch.rand(3, 1, 28, 28, generator=generator), num_points=k // 8)
+    cifar = ellipse_through(*torch.rand(3, 3, 32, 32, generator=generator), num_points=k // 64)
+    cases: list[Case] = [
+        ("digits MLP 64-128-128-10 (trained)", model, points, 1024),
+        ("digits MLP 64-128-128-10 (trained)", model, points, 4096),
+        ("digits MLP 64-128-128-10 (trained)", model, digits_curve, 1024),
+        ("digits CNN", digits_cnn(), points, 1024),
+        ("digits CNN", digits_cnn(), points, 4096),
+        ("MNIST MLP 784-500-500-500-10", mnist_mlp(), mnist.points, 1024),
+        ("MNIST MLP 784-500-500-500-10", mnist_mlp(), mnist, 1024),
+        ("CIFAR CNN 32-64 channels", cifar_cnn(), cifar.points, 256),
+    ]
+    throughput(cases, repeats)
     exact_against_sampled(model, curves, repeats)
 
 

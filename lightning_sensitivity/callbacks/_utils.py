@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -173,13 +174,10 @@ def _log_histogram(trainer: pl.Trainer, key: str, values: Tensor) -> None:
             writer.add_histogram(key, values.detach().float().cpu(), global_step=_step(trainer))
 
 
-def _log_figure(trainer: pl.Trainer, key: str, figure: Any) -> None:
-    """A matplotlib figure as a TensorBoard image; nothing for other loggers. The figure is closed."""
-    import matplotlib.pyplot as plt
-
+def _log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
+    """An RGB image ``[H, W, 3]`` ``uint8`` as a TensorBoard image; nothing for other loggers."""
     for writer in _tensorboard_writers(trainer):
-        writer.add_figure(key, figure, global_step=_step(trainer), close=False)
-    plt.close(figure)
+        writer.add_image(key, image, global_step=_step(trainer), dataformats="HWC")
 
 
 class _SpawnSafeGenerator:

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sensitivity.callbacks._chart import _trajectory_chart
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
     _batch_input,
     _default_forward,
-    _log_figure,
+    _log_image,
     _log_scalars,
     _new_generator,
     _should_measure,
@@ -44,7 +45,11 @@ from lightning_sensitivity.functional.trajectories import (
     shuffled_anchors,
     trajectory_through,
 )
-from lightning_sensitivity.functional.transitions import TransitionCount, count_transitions
+from lightning_sensitivity.functional.transitions import (
+    TransitionCount,
+    _count_sampled_together,
+    count_transitions,
+)
 from lightning_sensitivity.metrics.transitions import TransitionDensity
 
 _KINDS = ("on_manifold", "off_manifold")
@@ -106,7 +111,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         seed: seeds the monitor's own generator (anchors).
 
     Raises:
-        ValueError: in ``setup``, if an argument is out of range or ``log_figure`` is set without matplotlib; at the
+        ValueError: in ``setup``, if an argument is out of range; at the
             first training batch, if the model has no piecewise-linear unit (the message names the
             non-linearities it found).
         TypeError: at the first training batch, if the input is not floating point (token ids: pass ``get_input``
@@ -188,11 +193,6 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size}.")
         if self.log_figure not in (True, False, "end"):
             raise ValueError(f"`log_figure` must be True, False or 'end', got {self.log_figure!r}.")
-        if self.log_figure and importlib.util.find_spec("matplotlib") is None:
-            raise ValueError(
-                f"`log_figure={self.log_figure!r}` needs matplotlib: `pip install matplotlib`, or pass "
-                "`log_figure=False`."
-            )
 
     # --- the anchors, collected during the first epoch -----------------------------------------------------------
 
@@ -269,8 +269,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             for kind in _KINDS:
                 curves = [self._curve(pl_module, anchors) for anchors in self._anchors[kind]]
                 try:
-                    counts = [self._count(forward, curve, segments=figure and kind == "on_manifold" and i == 0)
-                              for i, curve in enumerate(curves)]  # fmt: skip
+                    counts = self._count(forward, curves)
                 except NonFiniteOutputError as error:
                     _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
                     nan = torch.tensor(float("nan"), device=pl_module.device)
@@ -288,7 +287,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
                     metric.transitions / metric.num_trajectories
                 ).float()
                 if figure and kind == "on_manifold":
-                    _log_figure(
+                    _log_image(
                         trainer,
                         f"{self.prefix}/transitions_along_trajectory",
                         self._figure(trainer, forward, curves[0], counts[0]),
@@ -303,73 +302,58 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         with _eval_mode(pl_module):
             curve = self._curve(pl_module, self._anchors["on_manifold"][0])
             try:
-                count = self._count(forward, curve, segments=True)
+                (count,) = self._count(forward, [curve])
             except NonFiniteOutputError as error:
                 _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
                 return
             figure = self._figure(trainer, forward, curve, count)
-        _log_figure(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
+        _log_image(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
 
     def _curve(self, pl_module: pl.LightningModule, anchors: Tensor) -> Trajectory:
         """The closed curve through three anchors, on the module's device and in its floating dtype."""
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
         return trajectory_through(anchors.to(pl_module.device, dtype), self.num_points)
 
-    def _count(self, forward: Any, curve: Trajectory, segments: bool) -> TransitionCount:
+    def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
-            return count_transitions(forward, curve, "exact")
-        result = count_transitions(forward, curve, chunk_size=self.chunk_size, return_segments=segments)
-        if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
-            result.transitions, 1
-        ):
-            _warn_once(
-                self._warned,
-                "convergence",
-                f"TransitionMonitor: a sampled count has not converged: {result.transitions} transitions on "
-                f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. Raise "
-                "`num_points` (or use `method='exact'` for a piecewise-linear model).",
-            )
-        return result
+            return [count_transitions(forward, curve, "exact") for curve in curves]
+        results = _count_sampled_together(forward, curves, self.chunk_size)
+        for result in results:
+            if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
+                result.transitions, 1
+            ):
+                _warn_once(
+                    self._warned,
+                    "convergence",
+                    f"TransitionMonitor: a sampled count has not converged: {result.transitions} transitions on "
+                    f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. "
+                    "Raise `num_points` (or use `method='exact'` for a piecewise-linear model).",
+                )
+        return results
 
-    def _figure(self, trainer: pl.Trainer, forward: Any, curve: Trajectory, count: TransitionCount) -> Any:
-        """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked.
-
-        Drawn on a bare ``matplotlib.figure.Figure`` with a fixed layout: no pyplot state and no backend switch
-        for the user's session, and cheap enough to render at every measurement.
-        """
-        from matplotlib.figure import Figure
-
+    def _figure(
+        self, trainer: pl.Trainer, forward: Any, curve: Trajectory, count: TransitionCount
+    ) -> np.ndarray:
+        """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
+        (see :func:`~lightning_sensitivity.callbacks._chart._trajectory_chart`)."""
         segments = count.segments
         if segments is None:  # an exact count: draw the sampled per-segment counts
             segments = count_transitions(
                 forward, curve, chunk_size=self.chunk_size, return_segments=True
             ).segments
+        segments = segments.cpu()
         bins = min(_FIGURE_BINS, len(segments))
         per_bin = torch.zeros(bins).index_add_(
             0, torch.arange(len(segments)) * bins // len(segments), segments.float()
         )
-        figure = Figure(figsize=(6.4, 3.0), dpi=72)
-        axis = figure.add_axes((0.09, 0.16, 0.8, 0.7))
-        axis.stairs(
-            per_bin.numpy(), (torch.arange(bins + 1) / bins).numpy(), fill=True, color="tab:blue", alpha=0.6
-        )
-        axis.set_xlim(0, 1)
-        axis.set_xlabel("position along the trajectory, t / 2 pi")
-        axis.set_ylabel(f"transitions per 1/{bins} of the curve", color="tab:blue")
-        for i, t in enumerate(curve.anchor_times.tolist()):
-            axis.axvline(t / (2 * math.pi), color="black", linestyle="--", linewidth=1)
-            axis.text(
-                t / (2 * math.pi), 1.01, f" anchor {i}", transform=axis.get_xaxis_transform(), fontsize=8
-            )
         norms = self._jacobian_norms(forward, curve)
-        if norms is not None:
-            jacobian_axis = axis.twinx()
-            # log10 on a linear axis: a log axis's tick labels go through mathtext, the slowest part of drawing
-            positions = (torch.arange(len(norms)) / len(norms)).numpy()
-            jacobian_axis.plot(positions, norms.clamp_min(1e-12).log10().numpy(), color="tab:red")
-            jacobian_axis.set_ylabel("log10 Jacobian norm", color="tab:red")
-        axis.set_title(f"epoch {trainer.current_epoch}: {count.transitions} transitions", fontsize=9, pad=14)
-        return figure
+        return _trajectory_chart(
+            per_bin.tolist(),
+            None if norms is None else norms.clamp_min(1e-12).log10().tolist(),
+            (curve.anchor_times / (2 * math.pi)).tolist(),
+            f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0 "
+            f"({bins} bins)",
+        )
 
     def _jacobian_norms(self, forward: Any, curve: Trajectory) -> Tensor | None:
         points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))

@@ -123,7 +123,7 @@ class ActivationCodes:
     def __len__(self) -> int:
         return self.sides.shape[0]
 
-    def __getitem__(self, index: slice) -> ActivationCodes:
+    def __getitem__(self, index: slice | Tensor) -> ActivationCodes:
         words = None if self.words is None else self.words[index]
         return ActivationCodes(self.sides[index], self.winners[index], self.units, self.layout, words)
 

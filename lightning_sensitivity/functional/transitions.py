@@ -26,7 +26,7 @@ new code there, adds the boundaries between the two codes, and repeats until :ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -287,6 +287,44 @@ def _steps(codes: ActivationCodes, skip: int) -> tuple[Tensor, Tensor]:
     between consecutive even rows (row 0 is an even point of the polygon)."""
     even = codes[::2]
     return codes[skip + 1 :].distance(codes[skip:-1]), even[1:].distance(even[:-1]).sum()
+
+
+def _count_sampled_together(
+    model: Callable[[Tensor], Tensor], trajectories: Sequence[Trajectory], chunk_size: int = 1024
+) -> list[TransitionCount]:
+    """The sampled counts of several trajectories with one ``num_points`` :math:`k` (even, at least 6), with the
+    segments: ``count_transitions(model, curve, return_segments=True)`` for each, but with the points of
+    ``chunk_size // k`` curves in each forward pass, so that a monitor's many short curves cost a few large passes
+    instead of many small ones. Curves longer than ``chunk_size`` are counted one by one."""
+    k = trajectories[0].num_points
+    assert all(curve.num_points == k for curve in trajectories), "curves counted together share `num_points`"
+    if k > chunk_size:
+        return [
+            count_transitions(model, curve, chunk_size=chunk_size, return_segments=True)
+            for curve in trajectories
+        ]
+    module = model if isinstance(model, nn.Module) else nn.Identity()
+    device = trajectories[0].constant.device
+    times = _times(k)
+    per_pass = chunk_size // k
+    results: list[TransitionCount] = []
+    with torch.no_grad(), _eval_mode(module), torch.autocast(device.type, enabled=False):
+        for start in range(0, len(trajectories), per_pass):
+            group = trajectories[start : start + per_pass]
+            codes, probe = _codes_and_probe(model, torch.cat([curve.at(times) for curve in group]))
+            _check_finite(probe)
+            # Row i of curve j steps to row i + 1 of the same curve, its last row back to its first.
+            rows = torch.arange(len(group) * k, device=device).view(len(group), k)
+            steps = codes[rows.flatten()].distance(codes[rows.roll(-1, dims=1).flatten()]).view(len(group), k)
+            even = rows[:, ::2]
+            half = codes[even.flatten()].distance(codes[even.roll(-1, dims=1).flatten()]).view(len(group), -1)
+            for curve, segments, total, half_total in zip(
+                group, steps, steps.sum(1).tolist(), half.sum(1).tolist(), strict=True
+            ):
+                results.append(
+                    TransitionCount(total, curve.arc_length(k), "sampled", k, half_total, segments=segments)
+                )
+    return results
 
 
 def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

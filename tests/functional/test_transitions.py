@@ -297,3 +297,17 @@ def test_a_single_infinite_output_is_caught_and_large_finite_ones_are_not(dtype)
     for bad in (float("inf"), float("-inf"), float("nan")):
         with pytest.raises(NonFiniteOutputError):
             count_transitions(lambda x, bad=bad: model(x, bad), points, chunk_size=16)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100, 250, 10_000])
+def test_counting_curves_together_equals_counting_each(chunk_size):
+    # The monitor counts its curves together, several per forward pass (one by one when a curve exceeds a chunk).
+    torch.manual_seed(2)
+    model = RandomCNN().eval()
+    curves = [ellipse_through(*torch.randn(3, 1, 6, 6), num_points=96) for _ in range(5)]
+    together = transitions._count_sampled_together(model, curves, chunk_size)
+    for curve, result in zip(curves, together, strict=True):
+        alone = count_transitions(model, curve, return_segments=True)
+        assert (result.transitions, result.transitions_half) == (alone.transitions, alone.transitions_half)
+        assert torch.equal(result.segments, alone.segments) and result.arc_length == alone.arc_length
+    assert sum(result.transitions for result in together) > 20

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -244,7 +243,6 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         model=_nan_model(),
         logger=TensorBoardLogger("logs"),
     ),
-    "transition-monitor-matplotlib": lambda: _without_matplotlib(lambda: _setup(TransitionMonitor())),
     "transition-monitor-few-points": lambda: _fit(
         [TransitionMonitor(num_trajectories=4, every_n_epochs=1, log_figure=False)],
         datamodule=DigitsDataModule(batch_size=4),
@@ -308,14 +306,6 @@ class _FirstValidationSetEmpty(DigitsDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
         return [DataLoader(empty, batch_size=8), DataLoader(_digits(), batch_size=8)]
-
-
-def _without_matplotlib(call: Callable[[], Any]) -> Any:
-    real = __import__("importlib.util").util.find_spec
-    with mock.patch(
-        "importlib.util.find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
-    ):
-        return call()
 
 
 # --- tests ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The picture of TransitionMonitor, drawn with Pillow: a few milliseconds, where a matplotlib figure of the same
+content takes 50 to 80 ms to lay out and render on a CPU core (most of it text), which showed in the monitor's
+overhead on short runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+_WIDTH, _HEIGHT = 640, 280
+_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 64, 44, 46
+_BLUE, _LIGHT_BLUE, _RED, _GREY = (31, 119, 180), (150, 190, 220), (214, 39, 40), (90, 90, 90)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _trajectory_chart(
+    per_bin: Sequence[float], log_norms: Sequence[float] | None, anchors: Sequence[float], title: str
+) -> np.ndarray:
+    """An RGB image ``[H, W, 3]`` ``uint8``: transitions per bin of the curve as bars (left axis, blue), the log10
+    Jacobian norm as a line (right axis, red), and the anchors as dashed vertical lines.
+
+    ``per_bin`` covers the curve from ``t = 0`` to ``2 pi`` in equal bins; ``log_norms`` are at equally spaced
+    ``t`` from 0; ``anchors`` are positions in ``[0, 1)`` (``t / 2 pi``).
+    """
+    image = Image.new("RGB", (_WIDTH, _HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(12), _font(11)
+    x0, y0, x1, y1 = _LEFT, _TOP, _WIDTH - _RIGHT, _HEIGHT - _BOTTOM
+
+    def x_at(position: float) -> float:
+        return x0 + position * (x1 - x0)
+
+    top = max(max(per_bin, default=0.0), 1.0)
+    for i, value in enumerate(per_bin):
+        if value > 0:
+            height = value / top * (y1 - y0)
+            draw.rectangle(
+                (x_at(i / len(per_bin)), y1 - height, x_at((i + 1) / len(per_bin)), y1), fill=_LIGHT_BLUE
+            )
+    for value in (0.0, top / 2, top):
+        y = y1 - value / top * (y1 - y0)
+        draw.line((x0 - 4, y, x0, y), fill=_BLUE)
+        draw.text((x0 - 6, y), f"{value:g}", fill=_BLUE, font=small, anchor="rm")
+    if log_norms is not None and len(log_norms) > 1:
+        low, high = min(log_norms), max(log_norms)
+        span = high - low or 1.0
+        low, high = low - 0.05 * span, high + 0.05 * span
+        points = [
+            (x_at(i / len(log_norms)), y1 - (value - low) / (high - low) * (y1 - y0))
+            for i, value in enumerate(log_norms)
+        ]
+        draw.line(points, fill=_RED, width=2)
+        for value in (low, (low + high) / 2, high):
+            y = y1 - (value - low) / (high - low) * (y1 - y0)
+            draw.line((x1, y, x1 + 4, y), fill=_RED)
+            draw.text((x1 + 6, y), f"{value:.2f}", fill=_RED, font=small, anchor="lm")
+    for i, position in enumerate(anchors):
+        x = x_at(position)
+        for y in range(y0, y1, 8):  # dashed
+            draw.line((x, y, x, min(y + 4, y1)), fill="black")
+        draw.text((x, y1 + 4), f"anchor {i}", fill="black", font=small, anchor="mt")
+    draw.rectangle((x0, y0, x1, y1), outline=_GREY)
+    draw.text((x0, 6), title, fill="black", font=font)
+    legend_y = 24
+    draw.text((x0, legend_y), "bars: transitions per bin", fill=_BLUE, font=small)
+    if log_norms is not None:
+        draw.text((x1, legend_y), "line: log10 Jacobian norm", fill=_RED, font=small, anchor="ra")
+    draw.text(
+        ((x0 + x1) / 2, _HEIGHT - 6),
+        "position along the trajectory, t / 2 pi",
+        fill="black",
+        font=small,
+        anchor="mb",
+    )
+    return np.asarray(image)
