@@ -35,6 +35,17 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def _measuring(model: object, device: torch.device, *, grad: bool = False) -> Iterator[None]:
+    """How every measurement runs the model: an ``nn.Module`` in eval mode (each submodule's mode restored
+    afterwards), ``autocast`` off on ``device`` (half precision would change Jacobians and activation codes), and
+    autograd on (``grad=True``, for a Jacobian, even under ``no_grad`` or ``inference_mode``) or off."""
+    module = model if isinstance(model, nn.Module) else nn.Identity()
+    autograd = _grad_enabled() if grad else torch.no_grad()
+    with autograd, _eval_mode(module), torch.autocast(device.type, enabled=False):
+        yield
+
+
 def _fresh_input(x: Tensor) -> Tensor:
     """A clone of ``x`` made with autograd enabled: an inference tensor cannot be saved for backward."""
     return x.detach().clone()

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.functional._utils import _measuring
 
 __all__ = ["ActivationCodes", "NonFiniteOutputError", "activation_codes"]
 
@@ -263,8 +263,7 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
         >>> codes[:1].distance(codes[1:]).tolist()
         [2]
     """
-    module = model if isinstance(model, nn.Module) else nn.Identity()
-    with torch.no_grad(), _eval_mode(module), torch.autocast(x.device.type, enabled=False):
+    with _measuring(model, x.device):
         return _codes(model, x)
 
 

@@ -22,16 +22,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_sensitivity.functional._utils import (
     _check_continuous,
     _check_logits,
-    _eval_mode,
     _fresh_input,
-    _grad_enabled,
+    _measuring,
 )
 
 __all__ = ["jacobian_norm"]
@@ -157,8 +156,7 @@ def _jacobian_norm_and_logits(
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=out_dtype, device=x.device), torch.zeros(0, 0, device=x.device)
 
-    module = model if isinstance(model, nn.Module) else nn.Identity()
-    with _grad_enabled(), _eval_mode(module), torch.autocast(x.device.type, enabled=False):
+    with _measuring(model, x.device, grad=True):
         plan = _Plan(model, output, method, num_projections, generator, x)
         num_points = x.shape[0]
         step = chunk_size or max(1, _DEFAULT_MAX_ENTRIES // max(1, plan.rows_per_point * x[0].numel()))

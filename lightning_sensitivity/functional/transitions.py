@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.functional._utils import _measuring
 from lightning_sensitivity.functional.activations import (
     ActivationCodes,
     NonFiniteOutputError,
@@ -166,10 +166,7 @@ def count_transitions(
         if num_points is not None:
             raise ValueError("`num_points` resamples a Trajectory; a tensor of points is counted as it is.")
         k = trajectory.shape[0]
-    module = model if isinstance(model, nn.Module) else nn.Identity()
     device = (trajectory.constant if isinstance(trajectory, Trajectory) else trajectory).device
-    # Inside an autocast region the units' inputs would be rounded to half precision, and the count changed.
-    full_precision = torch.autocast(device.type, enabled=False)
     if method == "exact":
         if not isinstance(trajectory, Trajectory):
             raise ValueError(
@@ -182,7 +179,7 @@ def count_transitions(
             )
         if return_segments:
             raise ValueError("`return_segments` is available for the sampled count only.")
-        with torch.no_grad(), _eval_mode(module), full_precision:
+        with _measuring(model, device):
             transitions, regions = _count_exact(model, trajectory, max_regions)
         return TransitionCount(transitions, trajectory.arc_length(k), method, k, transitions, regions)
     if k < 6 or k % 2:
@@ -197,7 +194,7 @@ def count_transitions(
         arc_length = trajectory.arc_length(k)
     else:
         points = lambda start, stop: trajectory[start:stop]  # noqa: E731
-    with torch.no_grad(), _eval_mode(module), full_precision:
+    with _measuring(model, device):
         return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments, arc_length)
 
 
@@ -307,12 +304,11 @@ def _count_sampled_together(
             count_transitions(model, curve, chunk_size=chunk_size, return_segments=True)
             for curve in trajectories
         ]
-    module = model if isinstance(model, nn.Module) else nn.Identity()
     device = trajectories[0].constant.device
     times = _times(k)
     per_pass = chunk_size // k
     results: list[TransitionCount] = []
-    with torch.no_grad(), _eval_mode(module), torch.autocast(device.type, enabled=False):
+    with _measuring(model, device):
         for start in range(0, len(trajectories), per_pass):
             group = trajectories[start : start + per_pass]
             codes, probe = _codes_and_probe(model, torch.cat([curve.at(times) for curve in group]))
