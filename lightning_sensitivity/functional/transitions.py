@@ -236,7 +236,8 @@ def _count_sampled(
         if buffer is not None and filled + n > len(buffer):
             steps, even = _steps(buffer[:filled], skip)
             total, half = total + steps.sum(), half + even
-            segments.append(steps)
+            if return_segments:
+                segments.append(steps)
             _copy_codes(buffer[:2], buffer[filled - 2 : filled])  # filled is even, so >= 4 here
             filled, skip = 2, 1
         rows = buffer[filled : filled + n] if buffer is not None else None
@@ -272,14 +273,13 @@ def _count_sampled(
     assert buffer is not None and first is not None
     _check_finite(probe)
     steps, even = _steps(buffer[:filled], skip)
-    segments.append(steps)
     closing = buffer[filled - 1 : filled].distance(first)
     total = int(total + steps.sum() + closing.sum())
     half = int(half + even + buffer[filled - 2 : filled - 1].distance(first).sum())
     if arc_length is None:
         assert first_point is not None and previous is not None
         arc_length = float(length + torch.linalg.vector_norm(first_point[0] - previous).to(torch.float64))
-    segment_counts = torch.cat([*segments, closing]) if return_segments else None
+    segment_counts = torch.cat([*segments, steps, closing]) if return_segments else None
     return TransitionCount(total, arc_length, "sampled", k, half, segments=segment_counts)
 
 
