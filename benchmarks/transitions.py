@@ -37,11 +37,13 @@ def forward_in_chunks(model: nn.Module, points: Tensor | Trajectory, chunk_size:
                 model(points[start : start + chunk_size])
 
 
-def digits_cnn() -> nn.Module:
+def small_cnn(channels: int, side: int, widths: tuple[int, int]) -> nn.Module:
+    """Two 3x3 convolutions with ReLU and 2x2 max-pooling, then a linear layer to 10 classes (untrained), on
+    ``channels x side x side`` inputs."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 10),
+        nn.Conv2d(channels, widths[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(widths[0], widths[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(widths[1] * (side // 4) ** 2, 10),
     ).eval()  # fmt: skip
 
 
@@ -51,15 +53,6 @@ def mnist_mlp() -> nn.Module:
     for width_in in (784, 500, 500):
         layers += [nn.Linear(width_in, 500), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(500, 10)).eval()
-
-
-def cifar_cnn() -> nn.Module:
-    """A small convolutional network on CIFAR-sized inputs, 3x32x32 (untrained)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
-    ).eval()  # fmt: skip
 
 
 Case = tuple[str, nn.Module, "Tensor | Trajectory", int]
@@ -140,11 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         ("digits MLP 64-128-128-10 (trained)", model, points, 1024),
         ("digits MLP 64-128-128-10 (trained)", model, points, 4096),
         ("digits MLP 64-128-128-10 (trained)", model, digits_curve, 1024),
-        ("digits CNN", digits_cnn(), points, 1024),
-        ("digits CNN", digits_cnn(), points, 4096),
+        ("digits CNN", small_cnn(1, 8, (16, 32)), points, 1024),
+        ("digits CNN", small_cnn(1, 8, (16, 32)), points, 4096),
         ("MNIST MLP 784-500-500-500-10", mnist_mlp(), mnist.points, 1024),
         ("MNIST MLP 784-500-500-500-10", mnist_mlp(), mnist, 1024),
-        ("CIFAR CNN 32-64 channels", cifar_cnn(), cifar.points, 256),
+        ("CIFAR CNN 32-64 channels", small_cnn(3, 32, (32, 64)), cifar.points, 256),
     ]
     throughput(cases, repeats)
     exact_against_sampled(model, curves, repeats)
