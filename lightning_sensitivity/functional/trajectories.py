@@ -19,7 +19,7 @@ first. Its arc length is measured on that discretization, :math:`\sum_i \lVert z
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ class Trajectory:
     num_points: int
     num_anchors: int
     dtype: torch.dtype
+    #: Arc lengths already computed, by number of points (the coefficients do not change).
+    _arc_lengths: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def order(self) -> int:
@@ -99,9 +101,11 @@ class Trajectory:
         so its squared norm is :math:`w_i^\top G\, w_i`, with :math:`w_i` the :math:`2m` weights of
         :math:`b_j, c_j` and :math:`G` their Gram matrix: :math:`O(m^2)` per segment instead of :math:`O(d)`,
         in ``float64``, and no difference of nearby points is ever taken. Streamed in chunks of ``chunk_size``
-        segments, so memory stays bounded for any ``num_points``.
+        segments, so memory stays bounded for any ``num_points``. The result is remembered for each ``num_points``.
         """
         k = num_points or self.num_points
+        if k in self._arc_lengths:
+            return self._arc_lengths[k]
         coefficients = torch.cat([self.cosines.flatten(1), self.sines.flatten(1)]).to(
             torch.float64
         )  # [2m, d]
@@ -117,7 +121,8 @@ class Trajectory:
             angles = (middle * step)[:, None] * freq
             weights = torch.cat([-angles.sin() * scale, angles.cos() * scale], dim=1)  # [n, 2m]
             total += ((weights @ gram) * weights).sum(1).clamp_min(0).sqrt().sum()
-        return float(total)
+        self._arc_lengths[k] = float(total)
+        return self._arc_lengths[k]
 
     def to(self, device: torch.device | str) -> Trajectory:
         """The same trajectory with its coefficients on ``device``."""

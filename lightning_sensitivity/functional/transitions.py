@@ -222,12 +222,9 @@ def _count_sampled(
     """
     total: Tensor | int = 0
     half: Tensor | int = 0
-    length: Tensor | float = 0.0
     probe: Tensor | float = 0.0
     buffer: ActivationCodes | None = None
     first: ActivationCodes | None = None
-    first_point: Tensor | None = None
-    previous: Tensor | None = None  # the last point of the previous chunk, for the arc length
     filled, skip = 0, 0  # rows of the buffer in use; 1 when the step between its first two rows is counted
     segments: list[Tensor] = []
     for start in range(0, k, chunk_size):
@@ -260,16 +257,6 @@ def _count_sampled(
                 )
             _copy_codes(rows, codes)
         filled += n
-        if arc_length is None:
-            # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
-            # sum runs in float64.
-            flat = z.detach().flatten(1)
-            length = length + torch.linalg.vector_norm(flat[1:] - flat[:-1], dim=1).sum(dtype=torch.float64)
-            if previous is None:
-                first_point = flat[:1].clone()
-            else:
-                length = length + torch.linalg.vector_norm(flat[0] - previous).to(torch.float64)
-            previous = flat[-1].clone()
     assert buffer is not None and first is not None
     _check_finite(probe)
     steps, even = _steps(buffer[:filled], skip)
@@ -277,10 +264,30 @@ def _count_sampled(
     total = int(total + steps.sum() + closing.sum())
     half = int(half + even + buffer[filled - 2 : filled - 1].distance(first).sum())
     if arc_length is None:
-        assert first_point is not None and previous is not None
-        arc_length = float(length + torch.linalg.vector_norm(first_point[0] - previous).to(torch.float64))
+        arc_length = _polygon_length(points, k, chunk_size)
     segment_counts = torch.cat([*segments, steps, closing]) if return_segments else None
     return TransitionCount(total, arc_length, "sampled", k, half, segments=segment_counts)
+
+
+#: The arc length of a tensor of points is measured in blocks of up to this many bytes of points (at least one chunk):
+#: few large operations instead of a few small ones per chunk.
+_LENGTH_BYTES = 1 << 22
+
+
+def _polygon_length(points: Callable[[int, int], Tensor], k: int, chunk_size: int) -> float:
+    """The length of the closed polygon through the ``k`` points ``points(0, k)``, read in blocks."""
+    first = points(0, 1).flatten(1)
+    rows = max(chunk_size, _LENGTH_BYTES // max(first.shape[1] * first.element_size(), 1))
+    length = torch.zeros((), dtype=torch.float64, device=first.device)
+    for start in range(0, k, rows):
+        # Each block overlaps the next by one point; the last one closes the polygon.
+        block = points(start, min(start + rows + 1, k)).detach().flatten(1)
+        if start + rows >= k:
+            block = torch.cat([block, first])
+        # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
+        # sum runs in float64.
+        length += torch.linalg.vector_norm(block[1:] - block[:-1], dim=1).sum(dtype=torch.float64)
+    return float(length)
 
 
 def _steps(codes: ActivationCodes, skip: int) -> tuple[Tensor, Tensor]:
@@ -304,27 +311,44 @@ def _count_sampled_together(
             count_transitions(model, curve, chunk_size=chunk_size, return_segments=True)
             for curve in trajectories
         ]
-    device = trajectories[0].constant.device
     times = _times(k)
     per_pass = chunk_size // k
     results: list[TransitionCount] = []
-    with _measuring(model, device):
+    with _measuring(model, trajectories[0].constant.device):
         for start in range(0, len(trajectories), per_pass):
             group = trajectories[start : start + per_pass]
             codes, probe = _codes_and_probe(model, torch.cat([curve.at(times) for curve in group]))
             _check_finite(probe)
-            # Row i of curve j steps to row i + 1 of the same curve, its last row back to its first.
-            rows = torch.arange(len(group) * k, device=device).view(len(group), k)
-            steps = codes[rows.flatten()].distance(codes[rows.roll(-1, dims=1).flatten()]).view(len(group), k)
-            even = rows[:, ::2]
-            half = codes[even.flatten()].distance(codes[even.roll(-1, dims=1).flatten()]).view(len(group), -1)
+            steps, half = _closed_steps(codes, k)
             for curve, segments, total, half_total in zip(
-                group, steps, steps.sum(1).tolist(), half.sum(1).tolist(), strict=True
+                group, steps, steps.sum(1).tolist(), half.tolist(), strict=True
             ):
                 results.append(
                     TransitionCount(total, curve.arc_length(k), "sampled", k, half_total, segments=segments)
                 )
     return results
+
+
+def _closed_steps(codes: ActivationCodes, k: int) -> tuple[Tensor, Tensor]:
+    """For codes whose rows are closed curves of ``k`` (even) consecutive points each: the boundaries crossed on
+    every segment, ``[curves, k]`` (row ``i`` of a curve to row ``i + 1``, its last row back to its first), and
+    every curve's count on its even points, ``[curves]``.
+
+    Neighbouring rows are compared all at once; the steps from one curve's last row into the next curve are then
+    replaced by the closing steps, a comparison of two rows per curve."""
+    steps = _steps_closing_every(codes, k)
+    half = _steps_closing_every(codes[::2], k // 2)
+    return steps.view(-1, k), half.view(-1, k // 2).sum(1)
+
+
+def _steps_closing_every(codes: ActivationCodes, k: int) -> Tensor:
+    """The boundaries crossed from every row to the next one of its curve of ``k`` rows, ``[len(codes)]``."""
+    n = len(codes)
+    steps = torch.empty(n, dtype=torch.int32, device=codes.sides.device)
+    steps[:-1] = codes[1:].distance(codes[:-1])
+    last = torch.arange(k - 1, n, k, device=steps.device)
+    steps[last] = codes[last].distance(codes[last - (k - 1)])
+    return steps
 
 
 def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

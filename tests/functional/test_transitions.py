@@ -271,8 +271,13 @@ def test_streamed_count_equals_a_naive_count_on_all_points(
     assert torch.equal(result.segments.long(), segments)
 
 
-def test_arc_length_of_points_equals_the_trajectory_formula():
-    curve = trajectory_through(torch.randn(5, 3, 4, dtype=torch.float64), num_points=998)
+@pytest.mark.parametrize("num_points", [998, 1024])
+@pytest.mark.parametrize("length_bytes", [1, 1 << 22])
+def test_arc_length_of_points_equals_the_trajectory_formula(monkeypatch, length_bytes, num_points):
+    # A tiny block size measures the points' length in blocks of one chunk (998 = 15 * 64 + 38: a short last block;
+    # 1024 = 16 * 64: the closing segment in a block of its own size).
+    monkeypatch.setattr(transitions, "_LENGTH_BYTES", length_bytes)
+    curve = trajectory_through(torch.randn(5, 3, 4, dtype=torch.float64), num_points=num_points)
     on_points = count_transitions(random_mlp().double(), curve.points, chunk_size=64)
     on_curve = count_transitions(random_mlp().double(), curve, chunk_size=64)
     points = curve.points.flatten(1)
