@@ -163,6 +163,8 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         self._checked = False
         self._warned: set[str] = set()
         self._densities = {kind: TransitionDensity() for kind in _KINDS}
+        # The curves through the anchors, built once for the module's device and dtype (the key).
+        self._curves: tuple[tuple[torch.device, torch.dtype], dict[str, list[Trajectory]]] | None = None
 
     @property
     @override
@@ -252,7 +254,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             )
         anchors = {"on_manifold": on.view(n, 3, *on.shape[1:]), "off_manifold": off.view(n, 3, *on.shape[1:])}
         self._anchors = trainer.strategy.broadcast(anchors, src=0)  # every process measures the same curves
-        self._reservoir, self._sums = [], None
+        self._reservoir, self._sums, self._curves = [], None, None
 
     # --- the measurement --------------------------------------------------------------------------------------
 
@@ -267,7 +269,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         logged: dict[str, Tensor] = {}
         with _eval_mode(pl_module):
             for kind in _KINDS:
-                curves = [self._curve(pl_module, anchors) for anchors in self._anchors[kind]]
+                curves = self._curves_of(pl_module)[kind]
                 try:
                     counts = self._count(forward, curves)
                 except NonFiniteOutputError as error:
@@ -300,7 +302,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             return
         forward = functools.partial(self.forward_fn, pl_module)
         with _eval_mode(pl_module):
-            curve = self._curve(pl_module, self._anchors["on_manifold"][0])
+            curve = self._curves_of(pl_module)["on_manifold"][0]
             try:
                 (count,) = self._count(forward, [curve])
             except NonFiniteOutputError as error:
@@ -309,10 +311,19 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             figure = self._figure(trainer, forward, curve, count)
         _log_image(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
 
-    def _curve(self, pl_module: pl.LightningModule, anchors: Tensor) -> Trajectory:
-        """The closed curve through three anchors, on the module's device and in its floating dtype."""
+    def _curves_of(self, pl_module: pl.LightningModule) -> dict[str, list[Trajectory]]:
+        """The closed curves through the anchors of each kind, on the module's device and in its floating dtype
+        (built again only when these change)."""
+        assert self._anchors is not None
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
-        return trajectory_through(anchors.to(pl_module.device, dtype), self.num_points)
+        key = (pl_module.device, dtype)
+        if self._curves is None or self._curves[0] != key:
+            curves = {
+                kind: [trajectory_through(a.to(pl_module.device, dtype), self.num_points) for a in anchors]
+                for kind, anchors in self._anchors.items()
+            }
+            self._curves = (key, curves)
+        return self._curves[1]
 
     def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
@@ -373,5 +384,5 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._anchors = state_dict["anchors"]
+        self._anchors, self._curves = state_dict["anchors"], None
         self._generator.set_state(state_dict["generator_state"])

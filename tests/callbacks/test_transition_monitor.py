@@ -84,6 +84,21 @@ def test_resume_from_a_checkpoint_measures_the_same_trajectories(tmp_path):
     assert "sensitivity/transition_density_on_manifold" in resumed.callback_metrics
 
 
+def test_the_curves_are_built_once_and_again_when_dtype_or_anchors_change():
+    monitor = small_monitor()
+    _, model = train([monitor], max_epochs=1)
+    curves = monitor._curves_of(model)
+    assert monitor._curves_of(model) is curves  # kept between measurements
+    assert curves["on_manifold"][0].dtype == torch.float32
+    assert monitor._curves_of(model.double())["off_manifold"][1].dtype == torch.float64
+    state = monitor.state_dict()
+    state["anchors"] = {kind: anchors + 1 for kind, anchors in state["anchors"].items()}
+    monitor.load_state_dict(state)
+    rebuilt = monitor._curves_of(model)["on_manifold"][1]
+    expected = trajectory_through(state["anchors"]["on_manifold"][1].double(), 128)
+    assert torch.allclose(rebuilt.points, expected.points)
+
+
 def test_outputs_that_are_not_logits_still_count(tmp_path):
     monitor = small_monitor(forward_fn=lambda module, x: module(x)[:, :, None])
     with pytest.warns(UserWarning, match="no Jacobian norm curve"):
