@@ -45,7 +45,7 @@ from lightning_sensitivity.functional.activations import (
     _non_finite_probe,
     _RegionRecorder,
 )
-from lightning_sensitivity.functional.trajectories import Trajectory, _times
+from lightning_sensitivity.functional.trajectories import Trajectory, _points_along, _times
 
 __all__ = ["TransitionCount", "count_transitions"]
 
@@ -317,7 +317,7 @@ def _count_sampled_together(
     with _measuring(model, trajectories[0].constant.device):
         for start in range(0, len(trajectories), per_pass):
             group = trajectories[start : start + per_pass]
-            codes, probe = _codes_and_probe(model, torch.cat([curve.at(times) for curve in group]))
+            codes, probe = _codes_and_probe(model, _points_along(group, times))
             _check_finite(probe)
             steps, half = _closed_steps(codes, k)
             for curve, segments, total, half_total in zip(

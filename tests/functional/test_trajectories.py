@@ -11,6 +11,7 @@ from lightning_sensitivity.functional import (
     shuffled_anchors,
     trajectory_through,
 )
+from lightning_sensitivity.functional.trajectories import _points_along
 
 
 def test_ellipse_passes_through_its_anchors_and_is_closed():
@@ -80,3 +81,11 @@ def test_shuffled_anchors_permute_each_point_independently():
     assert shuffled.shape == x.shape
     assert torch.equal(shuffled.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
     assert not torch.equal(shuffled, x)
+
+
+def test_points_of_several_curves_at_once_equal_each_curves_points():
+    curves = [trajectory_through(torch.randn(5, 2, 3), num_points=40) for _ in range(3)]
+    t = torch.rand(17, dtype=torch.float64) * 6.0
+    together = _points_along(curves, t)
+    assert together.shape == (3 * 17, 2, 3) and together.dtype == torch.float32
+    assert torch.allclose(together, torch.cat([curve.at(t) for curve in curves]), rtol=0, atol=1e-6)
