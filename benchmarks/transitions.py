@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     cases: list[Case] = [
         ("digits MLP 64-128-128-10 (trained)", model, points, 1024),
         ("digits MLP 64-128-128-10 (trained)", model, points, 4096),
+        ("digits MLP 64-128-128-10 (trained)", model, points, 16_384),
         ("digits MLP 64-128-128-10 (trained)", model, digits_curve, 1024),
         ("digits CNN", small_cnn(1, 8, (16, 32)), points, 1024),
         ("digits CNN", small_cnn(1, 8, (16, 32)), points, 4096),
