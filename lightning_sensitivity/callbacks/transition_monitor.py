@@ -216,18 +216,27 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
                 # business: it logs NaN)
                 activation_codes(functools.partial(self.forward_fn, pl_module), x[:1])
             self._checked = True
+        # Per-feature sums, kept on the batch's device: no synchronization per batch.
         flat = x.flatten(1).to(torch.float64)
-        sums = (flat.sum(0).cpu(), flat.pow(2).sum(0).cpu())
+        sums = (flat.sum(0), flat.pow(2).sum(0))
         self._sums = sums if self._sums is None else (self._sums[0] + sums[0], self._sums[1] + sums[1])
-        # Reservoir sampling (Algorithm R): point n replaces a random slot with probability size / (n + 1).
+        # Reservoir sampling (Algorithm R): point n replaces a random slot with probability size / (n + 1). The
+        # random draws are on the CPU; the points that enter the reservoir are copied to it in one transfer.
         size = self._reservoir_size
         positions = self._seen + torch.arange(len(x))
         slots = (torch.rand(len(x), generator=self._generator, dtype=torch.float64) * (positions + 1)).long()
-        for i, (n, slot) in enumerate(zip(positions.tolist(), slots.tolist(), strict=True)):
-            if n < size:
-                self._reservoir.append(x[i].cpu())
-            elif slot < size:
-                self._reservoir[slot] = x[i].cpu()
+        entering = [
+            (i, n if n < size else slot)
+            for i, (n, slot) in enumerate(zip(positions.tolist(), slots.tolist(), strict=True))
+            if n < size or slot < size
+        ]
+        if entering:
+            rows = torch.stack([x[i] for i, _ in entering]).cpu()
+            for row, (_, slot) in zip(rows, entering, strict=True):
+                if slot == len(self._reservoir):
+                    self._reservoir.append(row)
+                else:
+                    self._reservoir[slot] = row
         self._seen += len(x)
 
     def _choose_anchors(self, trainer: pl.Trainer) -> None:
@@ -246,8 +255,8 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         if self.off_manifold == "shuffled":
             off = shuffled_anchors(points[3 * n :], generator=self._generator)
         else:
-            mean = self._sums[0] / self._seen
-            std = (self._sums[1] / self._seen - mean.pow(2)).clamp_min(0).sqrt()
+            mean = self._sums[0].cpu() / self._seen
+            std = (self._sums[1].cpu() / self._seen - mean.pow(2)).clamp_min(0).sqrt()
             shape = on.shape[1:]
             off = gaussian_anchors(mean.view(shape), std.view(shape), 3 * n, generator=self._generator).to(
                 on.dtype

@@ -84,6 +84,29 @@ def test_resume_from_a_checkpoint_measures_the_same_trajectories(tmp_path):
     assert "sensitivity/transition_density_on_manifold" in resumed.callback_metrics
 
 
+def test_the_reservoir_is_algorithm_r_with_the_monitors_generator():
+    # Points are copied to the reservoir batch by batch; the result must be the one-point-at-a-time Algorithm R.
+    monitor = TransitionMonitor(num_trajectories=2, seed=3)  # a reservoir of 6 points
+    monitor._checked = True  # the model check of the first batch needs a module; not the subject here
+    batches = [torch.arange(n, n + 40, dtype=torch.float32)[:, None] for n in range(0, 400, 40)]
+    for batch in batches:
+        monitor.on_train_batch_start(None, None, batch, 0)
+
+    generator, reservoir, seen = torch.Generator().manual_seed(3), [], 0
+    for batch in batches:
+        draws = torch.rand(len(batch), generator=generator, dtype=torch.float64).tolist()
+        for point, draw in zip(batch, draws, strict=True):
+            slot = int(draw * (seen + 1))
+            if seen < 6:
+                reservoir.append(point)
+            elif slot < 6:
+                reservoir[slot] = point
+            seen += 1
+    assert torch.equal(torch.stack(monitor._reservoir), torch.stack(reservoir))
+    assert monitor._seen == 400 and int(torch.stack(reservoir).max()) >= 40  # later batches did enter
+    assert torch.allclose(monitor._sums[0], torch.cat(batches).double().sum(0))
+
+
 def test_the_curves_are_built_once_and_again_when_dtype_or_anchors_change():
     monitor = small_monitor()
     _, model = train([monitor], max_epochs=1)
