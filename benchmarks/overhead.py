@@ -1,17 +1,18 @@
 """Overhead of the monitors on a training run: wall time with a monitor / wall time without, printed.
 
-    python -m benchmarks.overhead                   # 30-epoch digits training, 9 interleaved repeats
+    python -m benchmarks.overhead                   # 30-epoch digits training, 15 interleaved repeats
     python -m benchmarks.overhead --quick           # 3 repeats
     python -m benchmarks.overhead --only Transition --repeats 25   # configurations whose name contains a string
 
 The training is ``examples.digits.train`` (the MLP 64-128-128-10 on scikit-learn's digits, 1,258 training and 539
 validation points, batch 64) with a ``TensorBoardLogger``, the setting of the README. It is a small run (about a
 second on one CPU core), so every fixed cost of a monitor shows: on a real model the same measurement is a far
-smaller share. Runs are interleaved round-robin. Two ratios are printed: the *paired* ratio, the median over
-repeats of each run's time over the time of the run without a monitor in the same round, and the *fastest*
-ratio, the fastest run's time over the fastest run without a monitor (interference from other work on a shared
-machine only ever adds time, so the fastest runs are the least disturbed). Both are printed for the wall time and
-for the process's CPU time (all its threads).
+smaller share. Runs are interleaved, in a new random order every round (a heavy run can leave the process slower
+for the next one, so no configuration always follows the same other). Two ratios are printed: the *paired* ratio,
+the median over repeats of each run's time over the time of the run without a monitor in the same round, and the
+*fastest* ratio, the fastest run's time over the fastest run without a monitor (interference from other work on a
+shared machine only ever adds time, so the fastest runs are the least disturbed; but a minimum is itself noisy).
+Both are printed for the wall time and for the process's CPU time (all its threads).
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="interleaved repeats (default 9; 3 with --quick)"
+        "--repeats", type=int, default=None, help="interleaved repeats (default 15; 3 with --quick)"
     )
     parser.add_argument("--only", default="", help="run the configurations whose name contains this string")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 15)
     root = tempfile.mkdtemp()
     configurations = {name: make for name, make in CONFIGURATIONS.items() if args.only in name}
     cpu: dict[str, list[float]] = {name: [] for name in ["without", *configurations]}
@@ -78,6 +79,7 @@ def main() -> None:
     samples = timed(
         {"without": run("without", list), **{name: run(name, make) for name, make in configurations.items()}},
         repeats,
+        shuffle_seed=0,
     )
     cpu = {name: times[1:] for name, times in cpu.items()}  # without the warm-up call, as `timed` does
 

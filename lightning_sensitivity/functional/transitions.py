@@ -108,12 +108,12 @@ def count_transitions(
     points, so memory is bounded by one chunk for any :math:`k` (points of a :class:`Trajectory` are generated
     chunk by chunk too). It costs a forward pass over the :math:`k` points, batched, plus one byte per unit
     boundary per point, written by each unit straight into a buffer of consecutive points, and two comparisons of
-    neighbouring codes per buffer (1 MiB of codes, or one chunk). On a CPU core that is 1.1 to 1.4 times the plain
-    forward pass for an MLP 784-500-500-500-10, about 1.5 times for small CNNs and 1.6 to 1.9 times for the
-    digits MLP 64-128-128-10, whose forward pass is too cheap to hide the codes
+    neighbouring codes per buffer (1 MiB of codes, or one chunk). On a CPU core that is about 1.2 times the plain
+    forward pass for an MLP 784-500-500-500-10 or a CIFAR-sized CNN, 1.4 times for a small digits CNN and 1.6 to
+    1.9 times for the digits MLP 64-128-128-10, whose forward pass is too cheap to hide the codes
     (``python -m benchmarks.transitions``). It also reports :math:`T_{k/2}` as its convergence evidence. For a
     :class:`Trajectory` the arc length comes from its coefficients (:meth:`Trajectory.arc_length`); for a tensor
-    of points, from the points.
+    of points, from the points, read again after the count in blocks of 256 KiB (at least one chunk).
 
     ``method="exact"`` needs an ellipse (a :class:`Trajectory` through 3 anchors) and a piecewise-linear
     network. It costs one forward pass of 5 points per linear region the curve visits, run in ``float64``
