@@ -276,9 +276,10 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         forward = functools.partial(self.forward_fn, pl_module)
         figure = self.log_figure is True and bool(_tensorboard_writers(trainer))
         logged: dict[str, Tensor] = {}
+        all_curves = self._curves_of(pl_module)
         with _eval_mode(pl_module):
             for kind in _KINDS:
-                curves = self._curves_of(pl_module)[kind]
+                curves = all_curves[kind]
                 try:
                     counts = self._count(forward, curves)
                 except NonFiniteOutputError as error:
