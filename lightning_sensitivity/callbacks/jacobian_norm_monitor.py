@@ -41,8 +41,8 @@ from lightning_sensitivity.callbacks._utils import (
     _SpawnSafeGenerator,
     _warn_once,
 )
+from lightning_sensitivity.functional import jacobian_norm
 from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
-from lightning_sensitivity.functional.jacobian import _jacobian_norm_and_logits
 from lightning_sensitivity.metrics.jacobian import JacobianNorm
 
 _FORWARD_HINT = (
@@ -239,14 +239,15 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         logits: Tensor | None = None
         with _eval_mode(pl_module):
             if finite.any():
-                values, finite_logits = _jacobian_norm_and_logits(
+                values, finite_logits = jacobian_norm(
                     model,
                     x[finite],
-                    self.output,
-                    self.method,
-                    self.num_projections,
-                    self.chunk_size,
-                    self._generator,
+                    output=self.output,
+                    method=self.method,
+                    num_projections=self.num_projections,
+                    chunk_size=self.chunk_size,
+                    generator=self._generator,
+                    return_logits=True,
                 )
                 norms[finite] = values.to(norms.dtype)
                 logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))

@@ -47,7 +47,6 @@ from lightning_sensitivity.functional.trajectories import (
 )
 from lightning_sensitivity.functional.transitions import (
     TransitionCount,
-    _count_sampled_together,
     count_transitions,
 )
 from lightning_sensitivity.metrics.transitions import TransitionDensity
@@ -337,8 +336,8 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
 
     def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
-            return [count_transitions(forward, curve, "exact") for curve in curves]
-        results = _count_sampled_together(forward, curves, self.chunk_size)
+            return count_transitions(forward, curves, method="exact")
+        results = count_transitions(forward, curves, chunk_size=self.chunk_size, return_segments=True)
         for result in results:
             if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
                 result.transitions, 1

@@ -58,7 +58,8 @@ def jacobian_norm(
     num_projections: int | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Per-point Frobenius norm of the input-output Jacobian of a classifier.
 
     .. math::
@@ -107,9 +108,13 @@ def jacobian_norm(
             alive at once. Default: as many as keep that product under :math:`2^{24}`.
         generator: the ``torch.Generator`` for the projection directions; the global random state is never
             used. Default: a new generator seeded with 0.
+        return_logits: also return the model's output ``[B, C]`` from the measurement's own forward pass (in
+            the spirit of ``has_aux``), so that a caller who also wants predictions or losses needs no second
+            forward pass.
 
     Returns:
-        The per-point norms, shape ``[B]``, in the input's floating dtype (at least ``float32``).
+        The per-point norms, shape ``[B]``, in the input's floating dtype (at least ``float32``); with
+        ``return_logits=True``, the pair ``(norms, logits)``.
 
     Raises:
         TypeError: if ``x`` is not floating point (token ids: measure at the embeddings instead).
@@ -137,10 +142,11 @@ def jacobian_norm(
         raise ValueError(f"`num_projections` must be a positive integer, got {num_projections}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
-    return _jacobian_norm_and_logits(model, x, output, method, num_projections, chunk_size, generator)[0]
+    norms, logits = _norms_and_logits(model, x, output, method, num_projections, chunk_size, generator)
+    return (norms, logits) if return_logits else norms
 
 
-def _jacobian_norm_and_logits(
+def _norms_and_logits(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
     output: str = "softmax",
@@ -149,8 +155,8 @@ def _jacobian_norm_and_logits(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`jacobian_norm` (arguments checked by the caller), and the logits of its own forward pass, which a
-    caller that also wants per-point losses gets without a second forward pass."""
+    """:func:`jacobian_norm` with its arguments checked: the norms and the logits of the measurement's forward
+    pass."""
     _check_continuous(x)
     out_dtype = torch.promote_types(x.dtype, torch.float32)
     if x.shape[0] == 0:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -92,17 +92,48 @@ class TransitionCount:
         return self.transitions == self.transitions_half
 
 
+@overload
 def count_transitions(
     model: Callable[[Tensor], Tensor],
     trajectory: Trajectory | Tensor,
-    method: Literal["sampled", "exact"] = "sampled",
     *,
+    method: Literal["sampled", "exact"] = ...,
+    num_points: int | None = ...,
+    chunk_size: int = ...,
+    return_segments: bool = ...,
+    max_regions: int = ...,
+) -> TransitionCount: ...
+
+
+@overload
+def count_transitions(
+    model: Callable[[Tensor], Tensor],
+    trajectory: Sequence[Trajectory],
+    *,
+    method: Literal["sampled", "exact"] = ...,
+    num_points: int | None = ...,
+    chunk_size: int = ...,
+    return_segments: bool = ...,
+    max_regions: int = ...,
+) -> list[TransitionCount]: ...
+
+
+def count_transitions(
+    model: Callable[[Tensor], Tensor],
+    trajectory: Trajectory | Tensor | Sequence[Trajectory],
+    *,
+    method: Literal["sampled", "exact"] = "sampled",
     num_points: int | None = None,
     chunk_size: int = 1024,
     return_segments: bool = False,
     max_regions: int = 1_000_000,
-) -> TransitionCount:
+) -> TransitionCount | list[TransitionCount]:
     r"""Count the linear-region boundaries that a closed trajectory crosses (see the module docstring).
+
+    Given a sequence of :class:`Trajectory` objects, returns one :class:`TransitionCount` per curve, the same as
+    counting each one alone. The sampled count of curves with a common ``num_points`` :math:`k \le`
+    ``chunk_size`` puts the points of ``chunk_size // k`` curves into each forward pass: many short curves cost
+    a few large passes instead of many small ones.
 
     ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
     points, so memory is bounded by one chunk for any :math:`k` (points of a :class:`Trajectory` are generated
@@ -137,7 +168,7 @@ def count_transitions(
         max_regions: exact: stop with an error after this many regions.
 
     Returns:
-        A :class:`TransitionCount`.
+        A :class:`TransitionCount`, or a list of them for a sequence of trajectories.
 
     Raises:
         ValueError: for a model with no piecewise-linear unit (naming its non-linearities), too few points, an
@@ -160,6 +191,15 @@ def count_transitions(
         raise ValueError(f"`method` must be 'sampled' or 'exact', got {method!r}.")
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    if not isinstance(trajectory, (Trajectory, Tensor)):
+        curves = list(trajectory)
+        if not all(isinstance(curve, Trajectory) for curve in curves):
+            raise TypeError("A sequence to count must hold Trajectory objects (stack tensors of points yourself).")
+        lengths = {num_points or curve.num_points for curve in curves}
+        if method == "sampled" and num_points is None and len(lengths) == 1 and curves:
+            return _count_sampled_together(model, curves, chunk_size, return_segments)
+        options = dict(method=method, num_points=num_points, chunk_size=chunk_size, max_regions=max_regions)
+        return [count_transitions(model, curve, return_segments=return_segments, **options) for curve in curves]
     if isinstance(trajectory, Trajectory):
         k = num_points or trajectory.num_points
     else:
@@ -299,17 +339,18 @@ def _steps(codes: ActivationCodes, skip: int) -> tuple[Tensor, Tensor]:
 
 
 def _count_sampled_together(
-    model: Callable[[Tensor], Tensor], trajectories: Sequence[Trajectory], chunk_size: int = 1024
+    model: Callable[[Tensor], Tensor],
+    trajectories: Sequence[Trajectory],
+    chunk_size: int,
+    return_segments: bool,
 ) -> list[TransitionCount]:
-    """The sampled counts of several trajectories with one ``num_points`` :math:`k` (even, at least 6), with the
-    segments: ``count_transitions(model, curve, return_segments=True)`` for each, but with the points of
-    ``chunk_size // k`` curves in each forward pass, so that a monitor's many short curves cost a few large passes
-    instead of many small ones. Curves longer than ``chunk_size`` are counted one by one."""
+    """The sampled counts of several trajectories with one ``num_points`` :math:`k`:
+    ``count_transitions(model, curve, return_segments=...)`` for each, but with the points of ``chunk_size // k``
+    curves in each forward pass. Curves longer than ``chunk_size`` are counted one by one."""
     k = trajectories[0].num_points
-    assert all(curve.num_points == k for curve in trajectories), "curves counted together share `num_points`"
-    if k > chunk_size:
+    if k > chunk_size or k < 6 or k % 2:  # one by one (which also raises for too few points)
         return [
-            count_transitions(model, curve, chunk_size=chunk_size, return_segments=True)
+            count_transitions(model, curve, chunk_size=chunk_size, return_segments=return_segments)
             for curve in trajectories
         ]
     times = _times(k)
@@ -325,7 +366,14 @@ def _count_sampled_together(
                 group, steps, steps.sum(1).tolist(), half.tolist(), strict=True
             ):
                 results.append(
-                    TransitionCount(total, curve.arc_length(k), "sampled", k, half_total, segments=segments)
+                    TransitionCount(
+                        total,
+                        curve.arc_length(k),
+                        "sampled",
+                        k,
+                        half_total,
+                        segments=segments if return_segments else None,
+                    )
                 )
     return results
 

@@ -241,3 +241,12 @@ def test_projection_is_unbiased_for_the_squared_norm_at_one_point():
         estimates = jacobian_norm(model, x, output=output, method="projection", num_projections=3)
         assert estimates.std() > 0  # really random
         assert estimates.pow(2).mean().item() == pytest.approx(exact.pow(2).item(), rel=0.05)
+
+
+def test_return_logits_gives_the_measurement_forward_pass_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+    norms, logits = jacobian_norm(model, x, return_logits=True)
+    torch.testing.assert_close(norms, jacobian_norm(model, x))
+    torch.testing.assert_close(logits, model(x).detach())

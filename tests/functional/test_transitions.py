@@ -310,9 +310,21 @@ def test_counting_curves_together_equals_counting_each(chunk_size):
     torch.manual_seed(2)
     model = RandomCNN().eval()
     curves = [ellipse_through(*torch.randn(3, 1, 6, 6), num_points=96) for _ in range(5)]
-    together = transitions._count_sampled_together(model, curves, chunk_size)
+    together = count_transitions(model, curves, chunk_size=chunk_size, return_segments=True)
     for curve, result in zip(curves, together, strict=True):
         alone = count_transitions(model, curve, return_segments=True)
         assert (result.transitions, result.transitions_half) == (alone.transitions, alone.transitions_half)
         assert torch.equal(result.segments, alone.segments) and result.arc_length == alone.arc_length
     assert sum(result.transitions for result in together) > 20
+
+
+def test_a_sequence_of_curves_with_different_lengths_or_exact_is_counted_one_by_one():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    curves = [ellipse_through(*torch.randn(3, 2), num_points=n) for n in (64, 128)]
+    for method in ("sampled", "exact"):
+        results = count_transitions(model, curves, method=method)
+        assert [int(r) for r in results] == [int(count_transitions(model, c, method=method)) for c in curves]
+        assert all(r.segments is None for r in results)
+    with pytest.raises(TypeError, match="Trajectory"):
+        count_transitions(model, [curves[0].points])
