@@ -12,8 +12,8 @@ from lightning_sensitivity.functional import (
     activation_codes,
     count_transitions,
     ellipse_through,
+    sampled_transitions,
     trajectory_through,
-    transitions,
 )
 
 
@@ -260,7 +260,7 @@ def test_streamed_count_equals_a_naive_count_on_all_points(
     monkeypatch, make, shape, compare_bytes, chunk_size
 ):
     # A tiny comparison buffer forces a comparison (and a move of the last two rows) after every chunk.
-    monkeypatch.setattr(transitions, "_COMPARE_BYTES", compare_bytes)
+    monkeypatch.setattr(sampled_transitions, "_COMPARE_BYTES", compare_bytes)
     torch.manual_seed(1)
     model = make().eval()
     curve = ellipse_through(*torch.randn(3, *shape), num_points=1000)
@@ -276,7 +276,7 @@ def test_streamed_count_equals_a_naive_count_on_all_points(
 def test_arc_length_of_points_equals_the_trajectory_formula(monkeypatch, length_bytes, num_points):
     # A tiny block size measures the points' length in blocks of one chunk (998 = 15 * 64 + 38: a short last block;
     # 1024 = 16 * 64: the closing segment in a block of its own size).
-    monkeypatch.setattr(transitions, "_LENGTH_BYTES", length_bytes)
+    monkeypatch.setattr(sampled_transitions, "_LENGTH_BYTES", length_bytes)
     curve = trajectory_through(torch.randn(5, 3, 4, dtype=torch.float64), num_points=num_points)
     on_points = count_transitions(random_mlp().double(), curve.points, chunk_size=64)
     on_curve = count_transitions(random_mlp().double(), curve, chunk_size=64)
