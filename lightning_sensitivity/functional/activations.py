@@ -282,17 +282,20 @@ class _CodeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if self.flow is None:
+        flow = self.flow
+        if flow is None:
+            if name not in _PIECEWISE_LINEAR:  # most calls: one set lookup
+                return func(*args, **kwargs)
             return self._call(name, func, args, kwargs)
-        upstream = self.flow.upstream(args, kwargs)
+        upstream = flow.upstream(args, kwargs)
         units = len(self.units)
         result = self._call(name, func, args, kwargs)
         if upstream is not None:
-            self.flow.follow(name, args, kwargs, upstream, result, unit=len(self.units) > units)
+            flow.follow(name, args, kwargs, upstream, result, unit=len(self.units) > units)
         return result
 
     def _call(self, name: str, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        if name not in _PIECEWISE_LINEAR:  # most calls: one set lookup
+        if name not in _PIECEWISE_LINEAR:
             return func(*args, **kwargs)
         unit = _parse_unit(name, args, kwargs, self.batch_size)
         if unit is None:
