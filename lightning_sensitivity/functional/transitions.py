@@ -153,8 +153,9 @@ def count_transitions(
     no longer delimit linear regions: ``smooth_operations`` names the operations, and so does a ``UserWarning``
     unless ``warn_smooth=False``. The exact count refuses such a network before it steps.
 
-    The modules are evaluated in eval mode (each submodule's mode restored), without gradients, in the model's own
-    precision even inside ``autocast``; a module compiled with ``torch.compile`` (itself, a submodule, or in place
+    The modules it computes with (an ``nn.Module``, or those that a ``functools.partial``, a bound method or a
+    closure holds) are evaluated in eval mode (each submodule's mode restored), without gradients, in the model's
+    own precision even inside ``autocast``; a module compiled with ``torch.compile`` (itself, a submodule, or in place
     with ``module.compile()``) runs as its eager original, with the same parameters.
 
     Args:
