@@ -144,7 +144,8 @@ def _count_sampled_together(
         group = trajectories[start : start + per_pass]
         codes, output_sum = _codes_and_output_sum(model, _points_along(group, times), follow_input=not start)
         _check_finite(output_sum, "along the trajectory")
-        smooth_operations = smooth_operations or codes.smooth_operations
+        if not start:  # only the first pass follows the data flow
+            smooth_operations = codes.smooth_operations
         steps, half = _closed_steps(codes, k)
         for segments, total, half_total in zip(steps, steps.sum(1).tolist(), half.tolist(), strict=True):
             counts.append(_SampledCount(total, half_total, segments, smooth_operations))
