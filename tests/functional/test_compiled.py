@@ -109,3 +109,22 @@ def test_the_default_backend_whose_graph_cannot_take_the_jacobians_backward_pass
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-5)  # compiled and run
     torch.testing.assert_close(jacobian_norm(model, x), jacobian_norm(eager, x), rtol=1e-5, atol=1e-7)
+
+
+def test_the_compiled_forms_are_restored_when_the_model_raises():
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.compile(nn.Linear(4, 4), backend=GraphCalls())
+            self.head = nn.Linear(4, 2)
+            self.head.compile(backend=GraphCalls())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not isinstance(self.features, torch._dynamo.eval_frame.OptimizedModule)  # the eager original
+            raise RuntimeError("the model's own error")
+
+    model = Failing()
+    compiled_features, compiled_call = model.features, model.head._compiled_call_impl
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        activation_codes(model, torch.randn(3, 4))
+    assert model.features is compiled_features and model.head._compiled_call_impl is compiled_call
