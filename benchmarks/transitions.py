@@ -21,14 +21,13 @@ from torch import Tensor, nn
 from benchmarks._timing import timed
 from examples.digits import DigitsDataModule, train
 from lightning_sensitivity.functional import Trajectory, count_transitions, ellipse_through
-from lightning_sensitivity.functional.trajectories import _times
 
 
 def forward_in_chunks(model: nn.Module, points: Tensor | Trajectory, chunk_size: int) -> None:
     """The baseline: a plain forward pass over the same points, in the same chunks (points of a Trajectory are
     generated chunk by chunk, as the count does)."""
     k = points.num_points if isinstance(points, Trajectory) else len(points)
-    times = _times(k)
+    times = points.times if isinstance(points, Trajectory) else None
     with torch.no_grad():
         for start in range(0, k, chunk_size):
             if isinstance(points, Trajectory):

@@ -162,7 +162,7 @@ def _norms_and_logits(
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=out_dtype, device=x.device), torch.zeros(0, 0, device=x.device)
 
-    with _measuring(model, x.device, grad=True):
+    with _measuring(model, x.device, grad=True) as model:
         plan = _Plan(model, output, method, num_projections, generator, x)
         num_points = x.shape[0]
         step = chunk_size or max(1, _DEFAULT_MAX_ENTRIES // max(1, plan.rows_per_point * x[0].numel()))

@@ -1,4 +1,4 @@
-r"""Closed trajectories through anchor points (SPEC section 3), and anchors off the data manifold.
+r"""Closed trajectories through anchor points (Novak et al., ICLR 2018), and anchors off the data manifold.
 
 A trajectory through :math:`n \ge 3` anchors :math:`x_0, \dots, x_{n-1}` is the trigonometric interpolation
 
@@ -116,17 +116,6 @@ class Trajectory:
             total += ((weights @ gram) * weights).sum(1).clamp_min(0).sqrt().sum()
         self._arc_lengths[k] = float(total)
         return self._arc_lengths[k]
-
-    def to(self, device: torch.device | str) -> Trajectory:
-        """The same trajectory with its coefficients on ``device``."""
-        return Trajectory(
-            self.constant.to(device),
-            self.cosines.to(device),
-            self.sines.to(device),
-            self.num_points,
-            self.num_anchors,
-            self.dtype,
-        )
 
 
 def trajectory_through(anchors: Tensor, num_points: int) -> Trajectory:

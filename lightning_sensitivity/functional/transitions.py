@@ -1,4 +1,4 @@
-r"""Linear-region transitions along a closed trajectory (Novak et al., ICLR 2018; SPEC section 3).
+r"""Linear-region transitions along a closed trajectory (Novak et al., ICLR 2018): :func:`count_transitions`.
 
 With :math:`k` points :math:`z_i = z(2\pi i / k)` of a closed curve and the activation codes :math:`c` of
 :mod:`~lightning_sensitivity.functional.activations`, the number of transitions is
@@ -13,46 +13,36 @@ the arc length of the same polygon. A unit that flips twice between two points i
 :math:`T_{k/2}`, the count on every other point, computed in the same pass: :math:`T_k = T_{k/2}` is the evidence
 that the discretization is fine enough.
 
-For a piecewise-linear network the true count can be computed exactly along an ellipse
-:math:`z(t) = a + b \cos t + c \sin t`. Inside one linear region the network is affine, so the input of every
-unit is :math:`g(z(t)) = \alpha + \beta \cos t + \gamma \sin t` with :math:`\alpha = g(a)`,
-:math:`\beta = g(a + b) - g(a)`, :math:`\gamma = g(a + c) - g(a)`, all read off one forward pass through the
-region's affine map. Writing :math:`\beta \cos t + \gamma \sin t = R \cos(t - \varphi)`, the unit's boundary is
-crossed at :math:`t = \varphi \pm \arccos(-\alpha / R)` when :math:`\lvert\alpha\rvert < R`. The earliest such
-crossing after the current :math:`t`, over all units, ends the region; the count steps just past it, reads the
-new code there, adds the boundaries between the two codes, and repeats until :math:`t = 2\pi`.
+The sampled count is computed in :mod:`~lightning_sensitivity.functional.sampled_transitions`. For a
+piecewise-linear network the count can be made exact along an ellipse, by stepping from linear region to linear
+region: :mod:`~lightning_sensitivity.functional.exact_transitions`.
+
+A network with other non-linearities upstream of its units (Hardswish, GELU, softmax attention, LayerNorm, a
+product of activations) is not piecewise linear: the sampled count is then a count of the boundaries of its
+piecewise-linear units, not of linear regions, and it says so with a warning that names those operations.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, overload
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sensitivity.functional._utils import _measuring
-from lightning_sensitivity.functional.activations import (
-    ActivationCodes,
-    NonFiniteOutputError,
-    _codes_and_probe,
-    _copy_codes,
-    _empty_codes,
-    _is_finite,
-    _no_units_error,
-    _non_finite_probe,
-    _RegionRecorder,
+from lightning_sensitivity.functional.exact_transitions import _count_exact
+from lightning_sensitivity.functional.sampled_transitions import (
+    _count_sampled,
+    _count_sampled_together,
+    _polygon_length,
+    _SampledCount,
 )
-from lightning_sensitivity.functional.trajectories import Trajectory, _points_along, _times
+from lightning_sensitivity.functional.trajectories import Trajectory
 
 __all__ = ["TransitionCount", "count_transitions"]
-
-#: The exact count reads each new region's code this far (in t) past the boundary that ends the previous one.
-_STEP_PAST = 1e-8
-#: Relative tolerance of the check that the network is affine inside a region.
-_AFFINE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +58,10 @@ class TransitionCount:
             exact: equal to ``transitions``.
         regions: exact: the forward passes made, one per linear region visited; sampled: ``None``.
         segments: the boundaries crossed on each segment ``i -> i + 1`` (``[k]``, int32), if asked for.
+        smooth_operations: sampled: the operations upstream of the model's piecewise-linear units that are not
+            piecewise linear (see :attr:`ActivationCodes.smooth_operations`); when there are any, ``transitions``
+            counts the boundaries of the units, not of linear regions. Exact: always empty (the exact count
+            refuses such a model).
     """
 
     transitions: int
@@ -77,6 +71,7 @@ class TransitionCount:
     transitions_half: int
     regions: int | None = None
     segments: Tensor | None = None
+    smooth_operations: tuple[str, ...] = ()
 
     def __int__(self) -> int:
         return self.transitions
@@ -102,6 +97,7 @@ def count_transitions(
     chunk_size: int = ...,
     return_segments: bool = ...,
     max_regions: int = ...,
+    warn_smooth: bool = ...,
 ) -> TransitionCount: ...
 
 
@@ -115,6 +111,7 @@ def count_transitions(
     chunk_size: int = ...,
     return_segments: bool = ...,
     max_regions: int = ...,
+    warn_smooth: bool = ...,
 ) -> list[TransitionCount]: ...
 
 
@@ -127,6 +124,7 @@ def count_transitions(
     chunk_size: int = 1024,
     return_segments: bool = False,
     max_regions: int = 1_000_000,
+    warn_smooth: bool = True,
 ) -> TransitionCount | list[TransitionCount]:
     r"""Count the linear-region boundaries that a closed trajectory crosses (see the module docstring).
 
@@ -136,25 +134,29 @@ def count_transitions(
     a few large passes instead of many small ones.
 
     ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
-    points, so memory is bounded by one chunk for any :math:`k` (points of a :class:`Trajectory` are generated
-    chunk by chunk too). It costs a forward pass over the :math:`k` points, batched, plus one byte per unit
-    boundary per point, written by each unit straight into a buffer of consecutive points, and two comparisons of
-    neighbouring codes per buffer (1 MiB of codes, or one chunk). On a CPU core that is about 1.2 times the plain
-    forward pass for an MLP 784-500-500-500-10 or a CIFAR-sized CNN, 1.4 times for a small digits CNN and 1.6 to
-    1.9 times for the digits MLP 64-128-128-10, whose forward pass is too cheap to hide the codes
-    (``python -m benchmarks.transitions``). It also reports :math:`T_{k/2}` as its convergence evidence. For a
-    :class:`Trajectory` the arc length comes from its coefficients (:meth:`Trajectory.arc_length`); for a tensor
-    of points, from the points, read again after the count in blocks of 256 KiB (at least one chunk).
+    points, so memory is bounded by one chunk for any :math:`k`. It costs a forward pass over the points, plus one
+    byte per unit boundary per point and two comparisons of neighbouring codes per 1 MiB of codes: 1.2 to 1.9
+    times the plain forward pass on a CPU core, the most for the smallest models
+    (``python -m benchmarks.transitions``). It also reports :math:`T_{k/2}` as its convergence evidence. The arc
+    length of a :class:`Trajectory` comes from its coefficients; that of a tensor of points, from the points.
 
-    ``method="exact"`` needs an ellipse (a :class:`Trajectory` through 3 anchors) and a piecewise-linear
-    network. It costs one forward pass of 5 points per linear region the curve visits, run in ``float64``
-    (an ``nn.Module``'s parameters and buffers are cast for the call, the module itself is untouched). It checks
-    inside every region that the units' inputs are affine in the input, and raises if not (a tanh, a layer norm
-    or a product of activations upstream of a unit). Crossings closer than :math:`10^{-8}` in :math:`t` are
-    merged, which changes nothing unless one unit crosses twice that close (a near-tangency).
+    ``method="exact"`` needs an ellipse (a :class:`Trajectory` through 3 anchors) and a piecewise-linear network
+    (:mod:`~lightning_sensitivity.functional.exact_transitions`): one forward pass of 5 points per linear region
+    visited, in ``float64``. The tensors of an ``nn.Module`` (or of the modules that a ``functools.partial``, a
+    bound method or a closure holds) are cast for the call, the modules are untouched; another callable must accept
+    float64 inputs. Crossings closer than :math:`10^{-8}` in :math:`t` are merged (a near-tangency).
 
-    An ``nn.Module`` is evaluated in eval mode and its submodules' modes are restored; no gradient is taken. The
-    count runs in the model's own precision even inside an ``autocast`` region.
+    **Networks that are not piecewise linear.** The first forward pass is followed from the input on, naming the
+    operations upstream of a unit that are not piecewise linear (smooth functions such as Hardswish or GELU,
+    normalizations such as LayerNorm or softmax attention, products of two input-dependent tensors); affine ones
+    and anything after the last unit are not named. The sampled count still counts the units' boundaries, which
+    no longer delimit linear regions: ``smooth_operations`` names the operations, and so does a ``UserWarning``
+    unless ``warn_smooth=False``. The exact count refuses such a network before it steps.
+
+    The modules it computes with (an ``nn.Module``, or those that a ``functools.partial``, a bound method or a
+    closure holds) are evaluated in eval mode (each submodule's mode restored), without gradients, in the model's
+    own precision even inside ``autocast``; a module compiled with ``torch.compile`` (itself, a submodule, or in place
+    with ``module.compile()``) runs as its eager original, with the same parameters.
 
     Args:
         model: an ``nn.Module`` or a callable of a batch ``[B, *shape]``; any output (no classifier needed).
@@ -166,6 +168,8 @@ def count_transitions(
         chunk_size: points per forward pass of the sampled count.
         return_segments: also return the boundaries crossed on each segment (sampled only).
         max_regions: exact: stop with an error after this many regions.
+        warn_smooth: sampled: warn when the network is not piecewise linear (see above). A caller that reads
+            ``smooth_operations`` and reports it its own way passes ``False``.
 
     Returns:
         A :class:`TransitionCount`, or a list of them for a sequence of trajectories.
@@ -173,7 +177,12 @@ def count_transitions(
     Raises:
         ValueError: for a model with no piecewise-linear unit (naming its non-linearities), too few points, an
             exact count along a tensor of points or a curve of higher order than an ellipse, or a model that is
-            not piecewise linear along the curve (exact).
+            not piecewise linear (exact).
+        TypeError: exact: for a callable that holds no module and fails on float64 inputs.
+        NonFiniteOutputError: (a ``ValueError``) if the model's output is NaN or infinite along the curve.
+
+    Warns:
+        UserWarning: sampled: the network is not piecewise linear (``warn_smooth``).
 
     Example:
         >>> import torch
@@ -195,11 +204,26 @@ def count_transitions(
         curves = list(trajectory)
         if not all(isinstance(curve, Trajectory) for curve in curves):
             raise TypeError("A sequence to count must hold Trajectory objects (stack tensors of points yourself).")
-        lengths = {num_points or curve.num_points for curve in curves}
-        if method == "sampled" and num_points is None and len(lengths) == 1 and curves:
-            return _count_sampled_together(model, curves, chunk_size, return_segments)
+        k = curves[0].num_points if curves else 0
+        if method == "sampled" and num_points is None and 6 <= k <= chunk_size and k % 2 == 0:
+            if all(curve.num_points == k for curve in curves):
+                with _measuring(model, curves[0].constant.device) as eager:
+                    counts = _count_sampled_together(eager, curves, chunk_size)
+                results = [
+                    _sampled_result(count, curve.arc_length(k), k, return_segments)
+                    for count, curve in zip(counts, curves, strict=True)
+                ]
+                if warn_smooth:
+                    _warn_if_smooth(results[0].smooth_operations)
+                return results
         options = dict(method=method, num_points=num_points, chunk_size=chunk_size, max_regions=max_regions)
-        return [count_transitions(model, curve, return_segments=return_segments, **options) for curve in curves]
+        results = [
+            count_transitions(model, curve, return_segments=return_segments, warn_smooth=False, **options)
+            for curve in curves
+        ]
+        if warn_smooth and results:
+            _warn_if_smooth(results[0].smooth_operations)
+        return results
     if isinstance(trajectory, Trajectory):
         k = num_points or trajectory.num_points
     else:
@@ -219,275 +243,47 @@ def count_transitions(
             )
         if return_segments:
             raise ValueError("`return_segments` is available for the sampled count only.")
-        with _measuring(model, device):
-            transitions, regions = _count_exact(model, trajectory, max_regions)
+        with _measuring(model, device) as eager:
+            transitions, regions = _count_exact(eager, trajectory, max_regions)
         return TransitionCount(transitions, trajectory.arc_length(k), method, k, transitions, regions)
     if k < 6 or k % 2:
         raise ValueError(
             f"The sampled count needs an even number of at least 6 points (it also counts on every other point "
             f"as its convergence evidence), got {k}."
         )
-    arc_length: float | None = None
+    chunk_size += chunk_size % 2
     if isinstance(trajectory, Trajectory):
-        times = _times(k)
+        times = (trajectory if k == trajectory.num_points else replace(trajectory, num_points=k)).times
         points = lambda start, stop: trajectory.at(times[start:stop])  # noqa: E731
-        arc_length = trajectory.arc_length(k)
     else:
         points = lambda start, stop: trajectory[start:stop]  # noqa: E731
-    with _measuring(model, device):
-        return _count_sampled(model, points, k, chunk_size + chunk_size % 2, return_segments, arc_length)
-
-
-#: The codes of consecutive chunks are compared in batches of up to this many bytes (at least one chunk): on a small
-#: model the fixed costs of the comparisons, not their work, dominate, and a batch that stays in cache pays them once
-#: for several chunks.
-_COMPARE_BYTES = 1 << 20
-
-
-def _count_sampled(
-    model: Callable[[Tensor], Tensor],
-    points: Callable[[int, int], Tensor],
-    k: int,
-    chunk_size: int,
-    return_segments: bool,
-    arc_length: float | None,
-) -> TransitionCount:
-    """Stream the closed polygon in chunks (``chunk_size`` even); ``arc_length`` is measured on the points if
-    ``None``.
-
-    Every chunk's codes are written into one buffer of consecutive points. When it is full, and at the end, the
-    boundaries between neighbouring rows are counted, for all points and for the even ones, and the buffer's last
-    two rows move to its front (indices ``start - 2, start - 1``), so that the steps across the seam come out of
-    the same comparisons. The totals stay on the device until the end: one synchronization per count.
-    """
-    total: Tensor | int = 0
-    half: Tensor | int = 0
-    probe: Tensor | float = 0.0
-    buffer: ActivationCodes | None = None
-    first: ActivationCodes | None = None
-    filled, skip = 0, 0  # rows of the buffer in use; 1 when the step between its first two rows is counted
-    segments: list[Tensor] = []
-    for start in range(0, k, chunk_size):
-        z = points(start, min(start + chunk_size, k))
-        n = z.shape[0]
-        if buffer is not None and filled + n > len(buffer):
-            steps, even = _steps(buffer[:filled], skip)
-            total, half = total + steps.sum(), half + even
-            if return_segments:
-                segments.append(steps)
-            _copy_codes(buffer[:2], buffer[filled - 2 : filled])  # filled is even, so >= 4 here
-            filled, skip = 2, 1
-        rows = buffer[filled : filled + n] if buffer is not None else None
-        codes, chunk_probe = _codes_and_probe(model, z, rows)
-        probe = probe + chunk_probe
-        if buffer is None:
-            row_bytes = codes.sides.shape[1] + codes.winners.shape[1] * codes.winners.element_size()
-            buffer = _empty_codes(codes, min(k, max(chunk_size, _COMPARE_BYTES // max(row_bytes, 1))) + 2)
-            first = _copy_codes(_empty_codes(codes, 1), codes[:1])
-            rows = buffer[:n]
-        if codes is not rows:
-            if (codes.units, codes.layout, codes.winners.shape[1]) != (
-                buffer.units,
-                buffer.layout,
-                buffer.winners.shape[1],
-            ):
-                raise ValueError(
-                    "The model's piecewise-linear units differ from one batch of points to the next (a forward "
-                    "pass that depends on its input's values or batch size?), so their codes cannot be compared."
-                )
-            _copy_codes(rows, codes)
-        filled += n
-    assert buffer is not None and first is not None
-    _check_finite(probe)
-    steps, even = _steps(buffer[:filled], skip)
-    closing = buffer[filled - 1 : filled].distance(first)
-    total = int(total + steps.sum() + closing.sum())
-    half = int(half + even + buffer[filled - 2 : filled - 1].distance(first).sum())
-    if arc_length is None:
-        arc_length = _polygon_length(points, k, chunk_size)
-    segment_counts = torch.cat([*segments, steps, closing]) if return_segments else None
-    return TransitionCount(total, arc_length, "sampled", k, half, segments=segment_counts)
-
-
-#: The arc length of a tensor of points is measured in blocks of up to this many bytes of points (at least one chunk):
-#: fewer operations than a few per chunk, with the differences still small enough to stay in cache (on a CPU core,
-#: blocks of 256 KiB measured 40% faster than 4 MiB ones).
-_LENGTH_BYTES = 1 << 18
-
-
-def _polygon_length(points: Callable[[int, int], Tensor], k: int, chunk_size: int) -> float:
-    """The length of the closed polygon through the ``k`` points ``points(0, k)``, read in blocks."""
-    first = points(0, 1).flatten(1)
-    rows = max(chunk_size, _LENGTH_BYTES // max(first.shape[1] * first.element_size(), 1))
-    length = torch.zeros((), dtype=torch.float64, device=first.device)
-    for start in range(0, k, rows):
-        # Each block overlaps the next by one point; the last one closes the polygon.
-        block = points(start, min(start + rows + 1, k)).detach().flatten(1)
-        if start + rows >= k:
-            block = torch.cat([block, first])
-        # Neighbouring points are close, so their difference is exact in their own dtype (Sterbenz); only the
-        # sum runs in float64.
-        length += torch.linalg.vector_norm(block[1:] - block[:-1], dim=1).sum(dtype=torch.float64)
-    return float(length)
-
-
-def _steps(codes: ActivationCodes, skip: int) -> tuple[Tensor, Tensor]:
-    """The boundaries crossed between consecutive rows from row ``skip`` on, ``[len - 1 - skip]``, and their total
-    between consecutive even rows (row 0 is an even point of the polygon)."""
-    even = codes[::2]
-    return codes[skip + 1 :].distance(codes[skip:-1]), even[1:].distance(even[:-1]).sum()
-
-
-def _count_sampled_together(
-    model: Callable[[Tensor], Tensor],
-    trajectories: Sequence[Trajectory],
-    chunk_size: int,
-    return_segments: bool,
-) -> list[TransitionCount]:
-    """The sampled counts of several trajectories with one ``num_points`` :math:`k`:
-    ``count_transitions(model, curve, return_segments=...)`` for each, but with the points of ``chunk_size // k``
-    curves in each forward pass. Curves longer than ``chunk_size`` are counted one by one."""
-    k = trajectories[0].num_points
-    if k > chunk_size or k < 6 or k % 2:  # one by one (which also raises for too few points)
-        return [
-            count_transitions(model, curve, chunk_size=chunk_size, return_segments=return_segments)
-            for curve in trajectories
-        ]
-    times = _times(k)
-    per_pass = chunk_size // k
-    results: list[TransitionCount] = []
-    with _measuring(model, trajectories[0].constant.device):
-        for start in range(0, len(trajectories), per_pass):
-            group = trajectories[start : start + per_pass]
-            codes, probe = _codes_and_probe(model, _points_along(group, times))
-            _check_finite(probe)
-            steps, half = _closed_steps(codes, k)
-            for curve, segments, total, half_total in zip(
-                group, steps, steps.sum(1).tolist(), half.tolist(), strict=True
-            ):
-                results.append(
-                    TransitionCount(
-                        total,
-                        curve.arc_length(k),
-                        "sampled",
-                        k,
-                        half_total,
-                        segments=segments if return_segments else None,
-                    )
-                )
-    return results
-
-
-def _closed_steps(codes: ActivationCodes, k: int) -> tuple[Tensor, Tensor]:
-    """For codes whose rows are closed curves of ``k`` (even) consecutive points each: the boundaries crossed on
-    every segment, ``[curves, k]`` (row ``i`` of a curve to row ``i + 1``, its last row back to its first), and
-    every curve's count on its even points, ``[curves]``.
-
-    Neighbouring rows are compared all at once; the steps from one curve's last row into the next curve are then
-    replaced by the closing steps, a comparison of two rows per curve."""
-    steps = _steps_closing_every(codes, k)
-    half = _steps_closing_every(codes[::2], k // 2)
-    return steps.view(-1, k), half.view(-1, k // 2).sum(1)
-
-
-def _steps_closing_every(codes: ActivationCodes, k: int) -> Tensor:
-    """The boundaries crossed from every row to the next one of its curve of ``k`` rows, ``[len(codes)]``."""
-    n = len(codes)
-    steps = torch.empty(n, dtype=torch.int32, device=codes.sides.device)
-    steps[:-1] = codes[1:].distance(codes[:-1])
-    last = torch.arange(k - 1, n, k, device=steps.device)
-    steps[last] = codes[last].distance(codes[last - (k - 1)])
-    return steps
-
-
-def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """The model evaluated in float64, without touching it: a module gets float64 copies of its tensors."""
-    if not isinstance(model, nn.Module):
-        return model
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    state = {
-        name: t.detach().to(torch.float64) if t.is_floating_point() else t for name, t in tensors.items()
-    }
-    return lambda x: torch.func.functional_call(model, state, (x,))
-
-
-def _count_exact(
-    model: Callable[[Tensor], Tensor], trajectory: Trajectory, max_regions: int
-) -> tuple[int, int]:
-    """Step from region to region along the ellipse; returns the transitions and the regions visited."""
-    forward = _float64_model(model)
-    a, b, c = trajectory.constant[None], trajectory.cosines, trajectory.sines
-    probes = torch.cat(
-        [a, a + b, a + c, a + b + c]
-    )  # the region's affine map at these gives alpha, beta, gamma
-    t, total, regions = 0.0, 0, 0
-    first: ActivationCodes | None = None
-    last: ActivationCodes | None = None
-    while True:
-        regions += 1
-        if regions > max_regions:
-            raise RuntimeError(
-                f"The exact count visited more than `max_regions={max_regions}` linear regions."
-            )
-        recorder = _RegionRecorder(1 + probes.shape[0])
-        # The region is read at t itself, in float64: the next crossing is searched for after t, so a point read
-        # short of t (a float32 t is up to 2.4e-7 short, far more than _STEP_PAST) would be the previous region,
-        # the crossing just passed would be skipped, and a unit crossing back before any other unit crosses
-        # would be missed twice.
-        rows = torch.cat([trajectory.at(torch.tensor([t], dtype=torch.float64), torch.float64), probes])
-        with recorder:
-            out = forward(rows)
-        _check_finite(_non_finite_probe(out))
-        if not recorder.units:
-            raise _no_units_error(recorder.smooth)
-        codes = recorder.codes(rows[:1])
-        if last is None:
-            first = codes
+    with _measuring(model, device) as eager:
+        count = _count_sampled(eager, points, k, chunk_size, return_segments)
+        if isinstance(trajectory, Trajectory):
+            arc_length = trajectory.arc_length(k)
         else:
-            total += int(codes.distance(last).sum())
-        last = codes
-        g = torch.cat(recorder.boundaries, dim=1)
-        _check_affine(g, recorder.smooth)
-        crossing = _next_crossing(g[1], g[2] - g[1], g[3] - g[1], after=t)
-        if crossing is None or crossing + _STEP_PAST >= 2 * math.pi:
-            break
-        t = crossing + _STEP_PAST
-    return total + int(last.distance(first).sum()), regions
+            arc_length = _polygon_length(points, k, chunk_size)
+    if warn_smooth:
+        _warn_if_smooth(count.smooth_operations)
+    return _sampled_result(count, arc_length, k, return_segments)
 
 
-def _check_finite(probe: Tensor | float) -> None:
-    if not _is_finite(probe):
-        raise NonFiniteOutputError(
-            "The model's output is NaN or infinite along the trajectory, so its linear regions are undefined "
-            "(were the weights or the anchors NaN?)."
+def _sampled_result(count: _SampledCount, arc_length: float, k: int, return_segments: bool) -> TransitionCount:
+    segments = count.segments if return_segments else None
+    return TransitionCount(
+        count.transitions, arc_length, "sampled", k, count.transitions_half, None, segments, count.smooth_operations
+    )
+
+
+def _warn_if_smooth(smooth_operations: tuple[str, ...]) -> None:
+    if smooth_operations:
+        warnings.warn(
+            f"The model is not piecewise linear: upstream of its piecewise-linear units it also applies "
+            f"{', '.join(smooth_operations)}. The count is of the boundaries of those units, not of linear regions "
+            "(pass warn_smooth=False to silence this).",
+            UserWarning,
+            stacklevel=3,
         )
-
-
-def _check_affine(g: Tensor, smooth: set[str]) -> None:
-    """Inside a region, ``g(a + b + c) - g(a + b) - g(a + c) + g(a)`` vanishes for an affine ``g``."""
-    residual = (g[4] - g[2] - g[3] + g[1]).abs().nan_to_num(0.0).max()
-    scale = g[1:].abs().nan_to_num(0.0).max()
-    if residual > _AFFINE_TOLERANCE * (1.0 + scale):
-        found = f" Smooth non-linearities found: {', '.join(sorted(smooth))}." if smooth else ""
-        raise ValueError(
-            "The exact count needs a piecewise-linear network, but inside a linear region the inputs of its "
-            f"piecewise-linear units are not affine in the model's input.{found} Use method='sampled'."
-        )
-
-
-def _next_crossing(alpha: Tensor, beta: Tensor, gamma: Tensor, after: float) -> float | None:
-    r"""The first :math:`t \in (\text{after}, 2\pi)` where some :math:`\alpha + \beta\cos t + \gamma\sin t`
-    changes sign, or ``None``. Tangencies (:math:`\lvert\alpha\rvert = R`) touch without crossing."""
-    radius = torch.hypot(beta, gamma)
-    crosses = alpha.abs() < radius  # False for NaN entries (pooling inputs that cannot win)
-    if not bool(crosses.any()):
-        return None
-    alpha, beta, gamma, radius = alpha[crosses], beta[crosses], gamma[crosses], radius[crosses]
-    phase = torch.atan2(gamma, beta)
-    half_width = torch.arccos((-alpha / radius).clamp(-1.0, 1.0))
-    zeros = torch.cat([phase + half_width, phase - half_width]).remainder(2 * math.pi)
-    later = zeros[zeros > after]
-    return float(later.min()) if later.numel() else None
 
 
 def _transition_density_update(transitions: Tensor, arc_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -229,3 +229,16 @@ def test_distance_of_wide_codes_equals_a_unit_by_unit_count(units):
     assert torch.equal(codes[1:].distance(codes[:-1]).long(), expected)
     if units > 255:
         assert int(expected.max()) > 255  # some rows differ in more units than one byte lane holds
+
+
+def test_modules_held_by_a_partial_or_a_closure_are_measured_in_eval_mode_and_restored():
+    import functools
+
+    model = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.5), nn.ReLU()).train()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        expected = (model.eval()(x) > 0).to(torch.uint8)
+    model.train()
+    for form in (functools.partial(lambda m, v: m(v), model), lambda v: model(v), model.forward):
+        assert torch.equal(activation_codes(form, x).pieces, expected)  # dropout off
+        assert model.training and model[1].training

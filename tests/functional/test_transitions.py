@@ -12,8 +12,8 @@ from lightning_sensitivity.functional import (
     activation_codes,
     count_transitions,
     ellipse_through,
+    sampled_transitions,
     trajectory_through,
-    transitions,
 )
 
 
@@ -176,59 +176,6 @@ def test_inside_an_autocast_region_the_count_is_the_full_precision_one():
     assert inside.density == pytest.approx(outside.density, rel=1e-6)
 
 
-def closed_form_count(layer, curve):
-    """One hidden layer: unit i's input along the ellipse is alpha + beta cos t + gamma sin t, which has two zeros
-    on [0, 2 pi) when |alpha| < hypot(beta, gamma) and none otherwise (a tangency has measure zero)."""
-    weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
-    alpha = weight @ curve.constant.flatten() + bias
-    beta, gamma = weight @ curve.cosines[0].flatten(), weight @ curve.sines[0].flatten()
-    return 2 * int((alpha.abs() < torch.hypot(beta, gamma)).sum())
-
-
-def test_exact_equals_the_closed_form_of_one_hidden_layer_on_many_ellipses():
-    # Small ellipses through 64-d points, 256 units: ~37 crossings each, and often a unit whose two crossings
-    # follow each other with no other unit crossing in between. Reading regions at float32 times missed such
-    # pairs on 7 of these 200 ellipses.
-    generator = torch.Generator().manual_seed(0)
-    layer = nn.Linear(64, 256)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(256, 64, generator=generator) / 8.0)
-        layer.bias.copy_(torch.randn(256, generator=generator))
-    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(256, 10))
-    mismatches = []
-    for index in range(200):
-        curve = ellipse_through(*(0.1 * torch.randn(3, 64, generator=generator)), num_points=6)
-        exact, expected = (
-            int(count_transitions(model, curve, method="exact")),
-            closed_form_count(layer, curve),
-        )
-        if exact != expected:
-            mismatches.append((index, exact, expected))
-    assert not mismatches
-
-
-def test_a_unit_crossing_back_before_any_other_unit_crosses_counts_two():
-    # The F2 case (a trained digits MLP, 124 exact against 126) in two dimensions: unit 0 is positive on
-    # (t1, t1 + 0.3) only, and no other unit crosses in between. The region after t1 is read at t1 + 1e-8; in
-    # float32 that time rounds to 4.0, short of t1, so the region read was the one before t1, the search for the
-    # next crossing went on after t1 + 1e-8, and the next region read was past t1 + 0.3: both crossings lost.
-    t1, half_width = 4.0 + 1e-7, 0.15
-    assert torch.tensor([t1 + 1e-8], dtype=torch.float32).item() < t1  # the trap this case is built on
-    normal, other = t1 + half_width, 1.0  # unit 1: a line through the centre, crossed at 1 +- pi / 2
-    layer = nn.Linear(2, 2).double()
-    with torch.no_grad():
-        layer.weight.copy_(
-            torch.tensor([[math.cos(normal), math.sin(normal)], [math.cos(other), math.sin(other)]])
-        )
-        layer.bias.copy_(torch.tensor([-math.cos(half_width), 0.0]))
-    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(2, 3).double())
-    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
-    circle = ellipse_through(*torch.stack([angles.cos(), angles.sin()], dim=1), num_points=600)
-    exact = count_transitions(model, circle, method="exact")
-    assert int(exact) == closed_form_count(layer, circle) == int(count_transitions(model, circle)) == 4
-    assert exact.regions == 5
-
-
 @pytest.mark.parametrize("method", ["sampled", "exact"])
 def test_nan_weights_raise_instead_of_counting_zero(method):
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -260,7 +207,7 @@ def test_streamed_count_equals_a_naive_count_on_all_points(
     monkeypatch, make, shape, compare_bytes, chunk_size
 ):
     # A tiny comparison buffer forces a comparison (and a move of the last two rows) after every chunk.
-    monkeypatch.setattr(transitions, "_COMPARE_BYTES", compare_bytes)
+    monkeypatch.setattr(sampled_transitions, "_COMPARE_BYTES", compare_bytes)
     torch.manual_seed(1)
     model = make().eval()
     curve = ellipse_through(*torch.randn(3, *shape), num_points=1000)
@@ -276,7 +223,7 @@ def test_streamed_count_equals_a_naive_count_on_all_points(
 def test_arc_length_of_points_equals_the_trajectory_formula(monkeypatch, length_bytes, num_points):
     # A tiny block size measures the points' length in blocks of one chunk (998 = 15 * 64 + 38: a short last block;
     # 1024 = 16 * 64: the closing segment in a block of its own size).
-    monkeypatch.setattr(transitions, "_LENGTH_BYTES", length_bytes)
+    monkeypatch.setattr(sampled_transitions, "_LENGTH_BYTES", length_bytes)
     curve = trajectory_through(torch.randn(5, 3, 4, dtype=torch.float64), num_points=num_points)
     on_points = count_transitions(random_mlp().double(), curve.points, chunk_size=64)
     on_curve = count_transitions(random_mlp().double(), curve, chunk_size=64)

@@ -199,13 +199,30 @@ def _validate_with(monitor: pl.Callback, model: pl.LightningModule, loader: Data
 
 
 def _not_affine() -> None:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _Square(), nn.ReLU(), nn.Linear(16, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _SquareOutsideTorch(), nn.ReLU(), nn.Linear(16, 10))
     count_transitions(model, _curve(), method="exact")
 
 
 class _Square(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * x
+
+
+class _SquareOutsideTorch(nn.Module):
+    """A square computed by NumPy, where the forward pass cannot be followed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() ** 2)
+
+
+class _PlainWeights:
+    """A callable that keeps float32 weights as plain tensors."""
+
+    def __init__(self) -> None:
+        self.weight = torch.randn(10, 64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.flatten(1) @ self.weight.T)
 
 
 TRIGGERS: dict[str, Callable[[], Any]] = {
@@ -324,7 +341,16 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "transitions-exact-no-units": lambda: count_transitions(
         MLPClassifier(activation="tanh"), _curve(), method="exact"
     ),
+    "transitions-exact-not-piecewise-linear": lambda: count_transitions(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _Square(), nn.ReLU(), nn.Linear(16, 10)),
+        _curve(),
+        method="exact",
+    ),
     "transitions-not-affine": _not_affine,
+    "transitions-exact-float64-callable": lambda: count_transitions(_PlainWeights(), _curve(), method="exact"),
+    "transitions-not-piecewise-linear": lambda: count_transitions(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.ReLU(), nn.Linear(16, 10)), _curve()
+    ),
     "density-shapes": lambda: TransitionDensity().update(torch.tensor([1.0, 2.0]), torch.tensor([1.0])),
     "density-arc-length": lambda: TransitionDensity().update(torch.tensor([1.0]), torch.tensor([0.0])),
     # metrics/jacobian.py
