@@ -21,8 +21,8 @@ from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     _default_forward,
     _log_scalars,
+    _step,
     _tensorboard_writers,
-    _validation_step,
     _warn_once,
 )
 
@@ -176,10 +176,9 @@ class _Monitor(Callback):
 
     def __init__(self, every_n_epochs: int, prefix: str, forward_fn: ForwardFn | None, **state_key: Any) -> None:
         _check_positive("every_n_epochs", every_n_epochs)
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"`forward_fn` must be callable, got {type(forward_fn).__name__}.")
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
+        _check_callable("forward_fn", forward_fn)
         self.every_n_epochs = every_n_epochs
         self.prefix = prefix
         self.forward_fn: ForwardFn = forward_fn or _default_forward
@@ -224,9 +223,6 @@ class _Monitor(Callback):
 
     # --- logging ---------------------------------------------------------------------------------------------
 
-    def _step(self, trainer: pl.Trainer) -> int:
-        return _validation_step(trainer, after_training=self._after_training)
-
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
         if not self._after_training:
             _log_scalars(pl_module, scalars)
@@ -236,7 +232,7 @@ class _Monitor(Callback):
         trainer.callback_metrics.update(values)
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
-                logger.log_metrics({k: v.item() for k, v in values.items()}, step=self._step(trainer))
+                logger.log_metrics({k: v.item() for k, v in values.items()}, step=_step(trainer))
                 logger.save()
 
     @contextlib.contextmanager
@@ -391,13 +387,56 @@ def _check_positive(name: str, value: Any, *, optional: bool = False) -> None:
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer or None" if optional else "a positive integer"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+        if optional:
+            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    """``ValueError`` unless ``value`` is one of ``choices`` (``True`` is not ``1`` here)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def _check_callable(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"`{name}` must be a callable or None, got a {type(value).__name__}.")
+
+
+def _check_batch_key(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise ValueError(f"`{name}` must be a dict key (str), a tuple position (int) or None, got {value!r}.")
+
+
+def _check_seed(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`seed` must be an integer, got {value!r}.")
+
+
+def _check_continuous_input(monitor: str, x: Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"{monitor} needs continuous inputs, but the input taken from the batch has dtype {x.dtype}. For "
+            "integer inputs such as token ids, measure at the embeddings: `forward_fn=lambda module, x: "
+            "module.classifier(x)` and `get_input=lambda batch: module.embedding(batch[0])`."
+        )
+
+
+def _check_classifier_output(monitor: str, out: Any, batch_size: int) -> None:
+    """The first batch's output must be a classifier's logits ``[B, C]`` (``[B, 1]`` for a binary one)."""
+    hint = (
+        f" {monitor} measures `pl_module(x)`; if the module returns something else (a dict, a loss, several heads), "
+        "pass `forward_fn=lambda module, x: <logits [B, C]>`."
+    )
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"Expected the model to return logits of shape [batch, num_classes], got a {type(out).__name__}.{hint}"
+        )
+    if out.ndim != 2 or out.shape[0] != batch_size:
+        raise ValueError(
+            "Expected the model to return logits of shape [batch, num_classes] = "
+            f"[{batch_size}, C], got {tuple(out.shape)}.{hint}"
+        )
 
 
 def _has_tensorboard(trainer: pl.Trainer) -> bool:

@@ -20,6 +20,10 @@ from torch.utils.tensorboard.summary import hparams
 from lightning_sensitivity.callbacks._utils import _tensorboard_writers
 
 _DASHBOARD_CATEGORY = "sensitivity and generalization (Novak et al. 2018)"
+#: The charts of the dashboard; each monitor names, in its registry of keys, the chart each of its scalars goes to.
+JACOBIAN_BESIDE_GAP = "Jacobian norm beside the generalization gap (loss)"
+DENSITY_ON_OFF = "Transition density: on against off the data manifold"
+EVAL_LOSSES = "Loss in eval mode: training subset against validation"
 
 
 def _first_time(obj: Any, what: str) -> bool:

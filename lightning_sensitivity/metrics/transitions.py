@@ -65,7 +65,7 @@ class TransitionDensity(Metric):
         >>> metric.update(torch.tensor([3]), torch.tensor([1.0]))
         >>> metric.compute()
         tensor(2.3333, dtype=torch.float64)
-        >>> float(metric.transitions / metric.num_trajectories)  # the mean raw count
+        >>> float(metric.mean_transitions())  # the mean raw count
         5.666666666666667
     """
 
@@ -92,3 +92,9 @@ class TransitionDensity(Metric):
     def compute(self) -> Tensor:
         """The mean transition density."""
         return _transition_density_compute(self.density_sum, self.num_trajectories)
+
+    def mean_transitions(self) -> Tensor:
+        """The mean raw count per trajectory, :math:`\\frac{1}{N}\\sum_n T_n`, over every process (a collective
+        under DDP: every process must call it)."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            return _transition_density_compute(self.transitions, self.num_trajectories)
