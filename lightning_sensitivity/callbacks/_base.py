@@ -3,6 +3,7 @@ batch, the keys it logs, and how it logs them. Each monitor's own file holds onl
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,7 +281,7 @@ class _Monitor(Callback):
         self._schedule.passes = state_dict.get("passes", 0)
 
 
-class _EvaluationMonitor(_Monitor):
+class _EvaluationMonitor(_Monitor, abc.ABC):
     """A monitor that measures on validation (and test) batches as they pass, and logs at the epoch end.
 
     A subclass defines ``_begin`` (a measured pass starts), ``_measure_batch`` and ``_finish`` (returns the
@@ -295,14 +296,17 @@ class _EvaluationMonitor(_Monitor):
         super().__init__(every_n_epochs, prefix, forward_fn, **state_key)
         self._measuring = False
 
+    @abc.abstractmethod
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        raise NotImplementedError
+        """A measured pass starts: reset the pass's states."""
 
+    @abc.abstractmethod
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        raise NotImplementedError
+        """Measure one batch of dataloader ``idx``."""
 
+    @abc.abstractmethod
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The pass ends: the scalars to log (histograms and files are the monitor's to write)."""
 
     def _epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
@@ -209,14 +210,10 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
 
     @override
     def _check_watcher_timing(self, trainer: pl.Trainer, callback: Any) -> None:
-        # The densities are logged at the end of the training epoch, after the validation of that epoch.
-        at_epoch_end = getattr(callback, "_check_on_train_epoch_end", None) or getattr(
-            callback, "_save_on_train_epoch_end", None
-        )
-        if at_epoch_end is False and trainer.limit_val_batches != 0:
-            option = "check_on_train_epoch_end" if hasattr(callback, "_check_on_train_epoch_end") else (
-                "save_on_train_epoch_end"
-            )
+        # The densities are logged at the end of the training epoch, after that epoch's validation: a callback that
+        # checks after validation comes too early.
+        option = "check_on_train_epoch_end" if isinstance(callback, EarlyStopping) else "save_on_train_epoch_end"
+        if getattr(callback, f"_{option}", None) is False and trainer.limit_val_batches != 0:
             raise MisconfigurationException(
                 f"{type(callback).__name__}(monitor={callback.monitor!r}) checks after validation, but "
                 f"{type(self).__name__} logs the key at the end of the training epoch: set "
