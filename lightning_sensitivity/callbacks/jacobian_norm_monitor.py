@@ -207,6 +207,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             if self._records_wanted(trainer):
                 self._records[idx] = PointRecords().to(pl_module.device)
         if not keep.any():
+            self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
         x = x[keep]
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
@@ -258,6 +259,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         if isinstance(y, Tensor) and torch.is_floating_point(y) and logits.shape[1] == 1:
             y = y.round().long()
         if not isinstance(y, Tensor) or y.shape != keep.shape or torch.is_floating_point(y):
+            del self._records[idx]  # the batch format is the same on every process: all of them drop it
             self._warn_once(
                 "no-labels",
                 "the batches carry no class labels of shape [B], so no per-point records are written. Pass "
