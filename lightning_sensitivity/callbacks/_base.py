@@ -64,8 +64,7 @@ class _MeasuredModel(nn.Module):
 
     def forward(self, x: Tensor, upcast: bool = True) -> Any:
         if upcast:
-            if x.dtype in _LOW_PRECISION:
-                x = x.float()
+            x = _full_precision(x)
             low = {
                 name: t.detach().float()
                 for name, t in [*self.named_parameters(), *self.named_buffers()]
@@ -75,6 +74,11 @@ class _MeasuredModel(nn.Module):
                 return torch.func.functional_call(self, low, (x,), {"upcast": False})
         with _eager_forward(self.module):
             return self.forward_fn(self.module, x)
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    """A half-precision input as float32: a Jacobian is taken with respect to the input in its own dtype."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
 
 
 @contextlib.contextmanager

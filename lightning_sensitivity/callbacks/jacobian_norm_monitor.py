@@ -29,6 +29,7 @@ from lightning_sensitivity.callbacks._base import (
     _check_seed,
     _evaluating,
     _EvaluationMonitor,
+    _full_precision,
     _Key,
 )
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
@@ -209,7 +210,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        x = x[keep]
+        x = _full_precision(x[keep])
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
         model = self._measured_model(pl_module)
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
