@@ -27,10 +27,14 @@ def _point_records_update(
 ) -> dict[str, Tensor]:
     """The rows of a batch: the prediction and the cross-entropy loss come from the logits (one-logit classifiers
     read as the logits ``(0, z)``)."""
-    if not (index.ndim == norms.ndim == target.ndim == 1 and len(index) == len(norms) == len(target)):
+    if not (
+        index.ndim == norms.ndim == target.ndim == 1
+        and logits.ndim == 2
+        and len(index) == len(norms) == len(target) == len(logits)
+    ):
         raise ValueError(
-            "`PointRecords.update` expects positions, norms and labels of shape [B], got "
-            f"{tuple(index.shape)}, {tuple(norms.shape)} and {tuple(target.shape)}."
+            "`PointRecords.update` expects positions, norms and labels of shape [B], and logits [B, C]; got "
+            f"{tuple(index.shape)}, {tuple(norms.shape)}, {tuple(target.shape)} and {tuple(logits.shape)}."
         )
     classes = _class_logits(logits).float()
     target = target.to(classes.device).long()
