@@ -34,15 +34,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
+    _evaluating,
+    _EvaluationMonitor,
+    _Key,
+    _load_batch,
+)
+from lightning_sensitivity.callbacks._checks import (
     _check_batch_key,
     _check_callable,
     _check_classifier_output,
     _check_positive,
     _check_seed,
-    _evaluating,
-    _EvaluationMonitor,
-    _Key,
-    _load_batch,
 )
 from lightning_sensitivity.callbacks._dashboard import EVAL_LOSSES, JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._utils import (

@@ -20,6 +20,12 @@ from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
+    _evaluating,
+    _EvaluationMonitor,
+    _full_precision,
+    _Key,
+)
+from lightning_sensitivity.callbacks._checks import (
     _check_batch_key,
     _check_callable,
     _check_choice,
@@ -27,10 +33,6 @@ from lightning_sensitivity.callbacks._base import (
     _check_continuous_input,
     _check_positive,
     _check_seed,
-    _evaluating,
-    _EvaluationMonitor,
-    _full_precision,
-    _Key,
 )
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._utils import (

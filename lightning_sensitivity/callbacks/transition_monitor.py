@@ -11,7 +11,6 @@ the model trains.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -23,17 +22,19 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
+    _has_tensorboard,
+    _Key,
+    _Monitor,
+)
+from lightning_sensitivity.callbacks._chart import _trajectory_figure
+from lightning_sensitivity.callbacks._checks import (
     _check_batch_key,
     _check_callable,
     _check_choice,
     _check_continuous_input,
     _check_positive,
     _check_seed,
-    _has_tensorboard,
-    _Key,
-    _Monitor,
 )
-from lightning_sensitivity.callbacks._chart import _trajectory_chart
 from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
@@ -50,17 +51,12 @@ from lightning_sensitivity.functional import (
     activation_codes,
     count_transitions,
     gaussian_anchors,
-    jacobian_norm,
     shuffled_anchors,
     trajectory_through,
 )
 from lightning_sensitivity.metrics import TransitionDensity
 
 _KINDS = ("on_manifold", "off_manifold")
-#: Points along the figure's trajectory at which the Jacobian norm is drawn.
-_FIGURE_JACOBIAN_POINTS = 96
-#: Bars of the figure's transitions-per-segment histogram.
-_FIGURE_BINS = 96
 
 
 class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
@@ -392,37 +388,15 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
                 )
         return results
 
-    def _figure(
-        self, trainer: pl.Trainer, forward: Any, curve: Trajectory, count: TransitionCount
-    ) -> np.ndarray:
-        """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
-        (see :func:`~lightning_sensitivity.callbacks._chart._trajectory_chart`)."""
-        segments = count.segments
-        if segments is None:  # an exact count: draw the sampled per-segment counts
-            segments = count_transitions(
-                forward, curve, chunk_size=self.chunk_size, return_segments=True
-            ).segments
-        segments = segments.cpu()
-        bins = min(_FIGURE_BINS, len(segments))
-        per_bin = torch.zeros(bins).index_add_(
-            0, torch.arange(len(segments)) * bins // len(segments), segments.float()
+    def _figure(self, trainer: pl.Trainer, model: Any, curve: Trajectory, count: TransitionCount) -> np.ndarray:
+        return _trajectory_figure(
+            model,
+            curve,
+            count,
+            self.chunk_size,
+            f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0",
+            lambda error: self._warn_once("jacobian", f"the figure has no Jacobian norm curve: {error}"),
         )
-        norms = self._jacobian_norms(forward, curve)
-        return _trajectory_chart(
-            per_bin.tolist(),
-            None if norms is None else norms.clamp_min(1e-12).log10().tolist(),
-            (curve.anchor_times / (2 * math.pi)).tolist(),
-            f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0 "
-            f"({bins} bins)",
-        )
-
-    def _jacobian_norms(self, forward: Any, curve: Trajectory) -> Tensor | None:
-        points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))
-        try:
-            return jacobian_norm(forward, points).cpu()
-        except (ValueError, TypeError) as error:
-            self._warn_once("jacobian", f"the figure has no Jacobian norm curve: {error}")
-            return None
 
     # --- state ----------------------------------------------------------------------------------------------
 
