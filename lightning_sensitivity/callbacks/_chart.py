@@ -32,8 +32,8 @@ def _trajectory_figure(
     on_no_jacobian: Callable[[Exception], None],
 ) -> np.ndarray:
     """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
-    (:func:`_trajectory_chart`). A model whose output is not a classifier's gets no Jacobian curve: ``on_no_jacobian`` is
-    told why."""
+    (:func:`_trajectory_chart`). A model whose output is not a classifier's gets no Jacobian curve, and
+    ``on_no_jacobian`` is told why."""
     segments = count.segments
     if segments is None:  # an exact count: draw the sampled per-segment counts
         segments = count_transitions(model, curve, chunk_size=chunk_size, return_segments=True).segments
