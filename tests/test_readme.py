@@ -2,6 +2,9 @@
 
 import pathlib
 import re
+import sys
+
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -11,6 +14,9 @@ def test_usage_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) == 2, "the README's two python examples"
     monkeypatch.chdir(tmp_path)
+    # as pasted into a fresh project: nothing but the package and its dependencies (no `examples`, no `tests`)
+    for name in ("examples", "tests"):
+        monkeypatch.setitem(sys.modules, name, None)
     functional: dict = {}
     exec(compile(blocks[1], "README.md", "exec"), functional)
     assert functional["norms"].shape == (8,) and (functional["norms"] > 0).all()
@@ -22,8 +28,10 @@ def test_usage_examples_run(tmp_path, monkeypatch):
         "sensitivity/jacobian_norm",
         "generalization/gap_loss",
         "sensitivity/transition_density_on_manifold",
+        "sensitivity/transitions_on_manifold",
     ):
         assert key in metrics, key
+        assert torch.isfinite(metrics[key]), key
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
 
 

@@ -4,14 +4,50 @@ overhead on short runs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from lightning_sensitivity.functional import Trajectory, TransitionCount, count_transitions, jacobian_norm
 
 _WIDTH, _HEIGHT = 640, 280
 _LEFT, _RIGHT, _TOP, _BOTTOM = 52, 64, 44, 46
 _BLUE, _LIGHT_BLUE, _RED, _GREY = (31, 119, 180), (150, 190, 220), (214, 39, 40), (90, 90, 90)
+#: Points along the figure's trajectory at which the Jacobian norm is drawn.
+_FIGURE_JACOBIAN_POINTS = 96
+#: Bars of the figure's transitions-per-segment histogram.
+_FIGURE_BINS = 96
+
+
+def _trajectory_figure(
+    model: Callable[[Tensor], Tensor],
+    curve: Trajectory,
+    count: TransitionCount,
+    chunk_size: int,
+    title: str,
+    on_no_jacobian: Callable[[Exception], None],
+) -> np.ndarray:
+    """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
+    (:func:`_trajectory_chart`). A model whose output is not a classifier's gets no Jacobian curve, and
+    ``on_no_jacobian`` is told why."""
+    segments = count.segments
+    if segments is None:  # an exact count: draw the sampled per-segment counts
+        segments = count_transitions(model, curve, chunk_size=chunk_size, return_segments=True).segments
+    segments = segments.cpu()
+    bins = min(_FIGURE_BINS, len(segments))
+    per_bin = torch.zeros(bins).index_add_(0, torch.arange(len(segments)) * bins // len(segments), segments.float())
+    points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))
+    try:
+        log_norms = jacobian_norm(model, points).cpu().clamp_min(1e-12).log10().tolist()
+    except (ValueError, TypeError) as error:
+        on_no_jacobian(error)
+        log_norms = None
+    anchors = (curve.anchor_times / (2 * math.pi)).tolist()
+    return _trajectory_chart(per_bin.tolist(), log_norms, anchors, f"{title} ({bins} bins)")
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

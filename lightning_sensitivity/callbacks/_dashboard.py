@@ -1,14 +1,15 @@
 """The TensorBoard side of the monitors that goes beyond scalars: one dashboard layout, and the monitors' values
 as the hparam metrics of the run.
 
-Every monitor calls :func:`_register_dashboard` from ``on_fit_start``; it acts once per run however many monitors
-call it, so the monitors need not know about each other.
+Every monitor calls :func:`_register_dashboard` from ``on_fit_start`` with all the monitors of the trainer; it acts
+once per run however many monitors call it. The charts and the hparam metrics come from each monitor's registry of
+logged keys, under its own prefix.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +20,10 @@ from torch.utils.tensorboard.summary import hparams
 from lightning_sensitivity.callbacks._utils import _tensorboard_writers
 
 _DASHBOARD_CATEGORY = "sensitivity and generalization (Novak et al. 2018)"
+#: The charts of the dashboard; each monitor names, in its registry of keys, the chart each of its scalars goes to.
+JACOBIAN_BESIDE_GAP = "Jacobian norm beside the generalization gap (loss)"
+DENSITY_ON_OFF = "Transition density: on against off the data manifold"
+EVAL_LOSSES = "Loss in eval mode: training subset against validation"
 
 
 def _first_time(obj: Any, what: str) -> bool:
@@ -40,43 +45,29 @@ def _exact_tag(key: str) -> str:
     return f"^{re.escape(key)}$"
 
 
-def _dashboard_layout(sensitivity_prefix: str, generalization_prefix: str) -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: one category, one chart per comparison the paper makes.
+def _dashboard_layout(monitors: Sequence[Any]) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: one category, one chart per comparison the paper makes, each holding the keys
+    the given monitors log into it (under their own prefixes). A chart no monitor logs into is left out.
 
-    >>> charts = _dashboard_layout("sensitivity", "generalization")[_DASHBOARD_CATEGORY]
-    >>> charts["Jacobian norm beside the generalization gap (loss)"]
-    ['Multiline', ['^sensitivity/jacobian_norm$', '^generalization/gap_loss$']]
+    >>> from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor
+    >>> charts = _dashboard_layout([JacobianNormMonitor(prefix="sens"), GeneralizationGapMonitor(prefix="gen")])
+    >>> charts[_DASHBOARD_CATEGORY]["Jacobian norm beside the generalization gap (loss)"]
+    ['Multiline', ['^sens/jacobian_norm$', '^gen/gap_loss$']]
     """
-    s, g = sensitivity_prefix, generalization_prefix
-    return {
-        _DASHBOARD_CATEGORY: {
-            "Jacobian norm beside the generalization gap (loss)": [
-                "Multiline",
-                [_exact_tag(f"{s}/jacobian_norm"), _exact_tag(f"{g}/gap_loss")],
-            ],
-            "Transition density: on against off the data manifold": [
-                "Multiline",
-                [
-                    _exact_tag(f"{s}/transition_density_on_manifold"),
-                    _exact_tag(f"{s}/transition_density_off_manifold"),
-                ],
-            ],
-            "Loss in eval mode: training subset against validation": [
-                "Multiline",
-                [_exact_tag(f"{g}/train_loss"), _exact_tag(f"{g}/val_loss")],
-            ],
-        }
-    }
+    charts: dict[str, list[str]] = {}
+    for monitor in monitors:
+        for key in monitor.KEYS:
+            if key.kind == "scalar" and key.chart is not None:
+                tag = _exact_tag(f"{monitor.prefix}/{key.name}")
+                if tag not in charts.setdefault(key.chart, []):
+                    charts[key.chart].append(tag)
+    return {_DASHBOARD_CATEGORY: {title: ["Multiline", tags] for title, tags in charts.items()}}
 
 
-def _register_dashboard(
-    trainer: pl.Trainer,
-    *,
-    sensitivity_prefix: str = "sensitivity",
-    generalization_prefix: str = "generalization",
-) -> None:
-    """Write the dashboard layout to every TensorBoard logger of the trainer, once per writer, and declare the
-    hparam metrics (:func:`_log_hparam_metrics`). Call it from ``on_fit_start``.
+def _register_dashboard(trainer: pl.Trainer, monitors: Sequence[Any]) -> None:
+    """Write the dashboard layout of ``monitors`` (every monitor of the trainer) to every TensorBoard logger of the
+    trainer, once per writer, and declare their keys as the hparam metrics (:func:`_log_hparam_metrics`). Every
+    monitor calls it from ``on_fit_start``; the first call does the work.
 
     Without a TensorBoard logger, says once per trainer (``rank_zero_info``) that scalars still reach the other
     loggers while the layout, histograms and figures are skipped.
@@ -90,16 +81,11 @@ def _register_dashboard(
                 "scalars go to the loggers it has, their dashboard layout, histograms and figures are skipped."
             )
         return
-    layout = _dashboard_layout(sensitivity_prefix, generalization_prefix)
+    layout = _dashboard_layout(monitors)
     for writer in writers:
         if _first_time(writer, "dashboard"):
             writer.add_custom_scalars(layout)
-    _log_hparam_metrics(
-        trainer,
-        trainer.lightning_module,
-        sensitivity_prefix=sensitivity_prefix,
-        generalization_prefix=generalization_prefix,
-    )
+    _log_hparam_metrics(trainer, trainer.lightning_module, monitors)
 
 
 def _hyperparameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -130,32 +116,15 @@ def _flat_params(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
     return flat
 
 
-def _hparam_metric_keys(sensitivity_prefix: str, generalization_prefix: str) -> list[str]:
-    """Every scalar key the package's monitors log (SPEC section 6), under the given prefixes."""
-    sensitivity = ["jacobian_norm", "jacobian_loss_spearman", "transition_density_on_manifold"]
-    sensitivity.append("transition_density_off_manifold")
-    generalization = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
-    return [f"{sensitivity_prefix}/{key}" for key in sensitivity] + [
-        f"{generalization_prefix}/{key}" for key in generalization
-    ]
-
-
-def _log_hparam_metrics(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    *,
-    sensitivity_prefix: str = "sensitivity",
-    generalization_prefix: str = "generalization",
-) -> None:
+def _log_hparam_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, monitors: Sequence[Any]) -> None:
     """Make the monitors' keys the hparam metrics of the run, so the HPARAMS tab compares the runs of a sweep by
     their final ``sensitivity/*`` and ``generalization/*`` values.
 
     TensorBoard keeps the *first* hparams summary of a run and reads each metric's value from the last point of the
     scalar with the metric's name. So this writes, when the module (or data module) saved hyper-parameters, one
-    hparams summary that names those hyper-parameters and every key of the package (``hp_metric`` too when the
-    logger logs it), before Lightning writes its own just after ``on_fit_start``. The final values then come from
-    the scalars the monitors log, and nothing is logged twice. A key no monitor logs stays an empty column.
-    :func:`_register_dashboard` calls this; it acts once per trainer, and a later call (say from ``on_fit_end``)
+    hparams summary that names those hyper-parameters and every scalar key the ``monitors`` log (``hp_metric`` too
+    when the logger logs it), before Lightning writes its own just after ``on_fit_start``. The final values then come from
+    the scalars the monitors log, and nothing is logged twice.     :func:`_register_dashboard` calls this; it acts once per trainer, and a later call (say from ``on_fit_end``)
     does nothing.
     """
     if not _first_time(trainer, "hparam_metrics"):
@@ -164,7 +133,7 @@ def _log_hparam_metrics(
     if not params:
         return
     loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-    metrics = dict.fromkeys(_hparam_metric_keys(sensitivity_prefix, generalization_prefix), 0.0)
+    metrics = dict.fromkeys([key for monitor in monitors for key in monitor.logged_keys("scalar")], 0.0)
     if any(logger._default_hp_metric for logger in loggers):
         metrics["hp_metric"] = -1.0
     experiment, session_start, session_end = hparams(params, metrics)

@@ -70,18 +70,6 @@ def _batch_target(
     )
 
 
-def _should_measure(trainer: pl.Trainer, every_n_epochs: int) -> bool:
-    """True on the validation/test passes the monitor measures: never the sanity check; in ``fit``, every
-    ``every_n_epochs``-th epoch (counting from 1) and the last one; always in ``validate``/``test``."""
-    if trainer.sanity_checking:
-        return False
-    if trainer.state.fn != "fit":
-        return True
-    epoch = trainer.current_epoch + 1
-    last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
-    return epoch % every_n_epochs == 0 or last
-
-
 def _evaluation_dataloader(trainer: pl.Trainer, idx: int) -> Any:
     """The evaluation dataloader of index ``idx`` that the current validation or test loop runs."""
     loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders

@@ -24,8 +24,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -33,59 +31,45 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
-from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._dashboard import _register_dashboard
+from lightning_sensitivity.callbacks._base import (
+    _evaluating,
+    _EvaluationMonitor,
+    _Key,
+    _load_batch,
+)
+from lightning_sensitivity.callbacks._checks import (
+    _check_batch_key,
+    _check_callable,
+    _check_classifier_output,
+    _check_positive,
+    _check_seed,
+)
+from lightning_sensitivity.callbacks._dashboard import EVAL_LOSSES, JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
     _batch_input,
     _batch_target,
-    _default_forward,
     _evaluation_dataloader,
     _evaluation_points,
-    _log_scalars,
     _new_generator,
-    _should_measure,
 )
-from lightning_sensitivity.functional._utils import _eval_mode
+from lightning_sensitivity.metrics import ClassificationLossAccuracy
 
 __all__ = ["GeneralizationGapMonitor"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class _LossAccuracy(Metric):
-    """Mean loss and top-1 accuracy from per-batch sums: the states add up over batches and DDP ranks."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("loss_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("correct", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, loss_sum: Tensor, correct: Tensor, count: int) -> None:
-        self.loss_sum += loss_sum.to(self.loss_sum)
-        self.correct += correct.to(self.correct)
-        self.count += count
-
-    def compute(self) -> dict[str, Tensor]:
-        return {
-            "count": self.count,
-            "loss": self.loss_sum / self.count,
-            "accuracy": (self.correct / self.count).float(),
-        }
-
-
-class GeneralizationGapMonitor(Callback):
+class GeneralizationGapMonitor(_EvaluationMonitor):
     r"""Log the generalization gap measured in eval mode on a fixed training subset and the validation set.
 
-    After every ``every_n_epochs``-th validation of ``trainer.fit`` (and the last one; never the sanity check), the
-    model is evaluated in eval mode, with the same code, on
+    On every ``every_n_epochs``-th validation pass of ``trainer.fit`` that runs and on the fit's last one (never the
+    sanity check; when the fit ends in a way not known at its last pass, such as early stopping or ``max_time``, and
+    that pass was not measured, the final weights are measured at the end of training), the model is evaluated in
+    eval mode, with the same code, on
 
     - the validation batches of that validation epoch (the first validation dataloader), re-evaluated by the monitor
       as they pass: the outputs of the module's ``validation_step`` are not used;
@@ -113,17 +97,18 @@ class GeneralizationGapMonitor(Callback):
     Logged Metrics:
         ``{prefix}/train_loss``, ``{prefix}/val_loss``: mean loss on the training subset and the validation set.
         ``{prefix}/gap_loss``: ``val_loss - train_loss``.
-        ``{prefix}/train_accuracy``, ``{prefix}/val_accuracy``: top-1 accuracy.
+        ``{prefix}/train_accuracy``, ``{prefix}/val_accuracy``: top-1 accuracy (for a one-logit binary classifier,
+        ``[B, 1]`` logits trained with BCE: the sign of the logit, and the loss is the binary cross-entropy).
         ``{prefix}/gap_accuracy``: ``train_accuracy - val_accuracy``.
 
     With a TensorBoard logger, the monitor also registers the package's custom-scalars dashboard and, when the
     module saved hyper-parameters, makes the final values the run's hparam metrics (the HPARAMS tab of a sweep).
 
     Args:
-        every_n_epochs: measure after the validation of every ``every_n_epochs``-th epoch, and of the last epoch.
+        every_n_epochs: measure on every n-th validation pass that runs, and on the last one.
         max_train_points: the most training points in the subset; ``None`` for no cap beyond the validation size.
         loss_fn: ``loss_fn(logits, target)``, returning the mean over the batch (as ``F.cross_entropy`` does) or
-            one loss per point; ``None`` means cross-entropy.
+            one loss per point; ``None`` means cross-entropy (binary cross-entropy for ``[B, 1]`` logits).
         train_dataset: the dataset the training subset is drawn from; default: the training dataloader's.
         batch_size: batch size for evaluating the training subset; default: the training dataloader's.
         seed: seeds the choice of the subset and the global RNGs while its samples are read.
@@ -136,11 +121,15 @@ class GeneralizationGapMonitor(Callback):
 
     Raises:
         ValueError:
-            If ``every_n_epochs`` or ``max_train_points`` is not positive.
+            At construction, if an argument is out of range. At the first validation batch (the sanity check, when
+            there is one), if the model's output is not logits ``[B, C]``.
+        KeyError, TypeError:
+            At the first validation batch, if the batch holds no labels where the monitor looks.
         MisconfigurationException:
             In ``setup``, if the module has no ``validation_step`` or validation is switched off
             (``limit_val_batches=0``); at the start of training, if the training dataloader is not a single
-            ``DataLoader`` and no ``train_dataset`` is given.
+            ``DataLoader`` and no ``train_dataset`` is given; at the start of ``fit``, if an ``EarlyStopping`` or
+            ``ModelCheckpoint`` monitors a key of this monitor and ``every_n_epochs`` is not 1.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -151,6 +140,16 @@ class GeneralizationGapMonitor(Callback):
     After ``trainer.fit(model, datamodule)``, ``trainer.callback_metrics["generalization/gap_loss"]`` holds the
     last gap, and every logger of the trainer received the six values.
     """
+
+    KEYS = (
+        _Key("train_loss", chart=EVAL_LOSSES),
+        _Key("val_loss", chart=EVAL_LOSSES),
+        _Key("gap_loss", chart=JACOBIAN_BESIDE_GAP),
+        _Key("train_accuracy"),
+        _Key("val_accuracy"),
+        _Key("gap_accuracy"),
+    )
+    MEASURES_OUTSIDE_FIT = False
 
     def __init__(
         self,
@@ -167,36 +166,29 @@ class GeneralizationGapMonitor(Callback):
         get_target: GetInput | None = None,
         forward_fn: ForwardFn | None = None,
     ) -> None:
-        super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs}.")
-        if max_train_points is not None and max_train_points < 1:
-            raise ValueError(f"`max_train_points` must be positive or None, got {max_train_points}.")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"`batch_size` must be positive or None, got {batch_size}.")
-        self.every_n_epochs = every_n_epochs
+        _check_positive("max_train_points", max_train_points, optional=True)
+        _check_callable("loss_fn", loss_fn)
+        if train_dataset is not None and not isinstance(train_dataset, Dataset):
+            raise ValueError(f"`train_dataset` must be a torch Dataset or None, got a {type(train_dataset).__name__}.")
+        _check_positive("batch_size", batch_size, optional=True)
+        _check_seed(seed)
+        for name, key in (("input_key", input_key), ("target_key", target_key)):
+            _check_batch_key(name, key)
+        for name, fn in (("get_input", get_input), ("get_target", get_target)):
+            _check_callable(name, fn)
+        super().__init__(every_n_epochs, prefix, forward_fn, seed=seed)
         self.max_train_points = max_train_points
-        self.loss_fn: LossFn = F.cross_entropy if loss_fn is None else loss_fn
+        self.loss_fn = loss_fn
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.prefix = prefix
         self.input_key, self.target_key = input_key, target_key
         self.get_input, self.get_target = get_input, get_target
-        self.forward_fn: ForwardFn = _default_forward if forward_fn is None else forward_fn
-        self._train_metric = _LossAccuracy()
-        self._val_metric = _LossAccuracy()
+        self._train_metric = ClassificationLossAccuracy(loss_fn)
+        self._val_metric = ClassificationLossAccuracy(loss_fn)
         self._train_indices: Tensor | None = None
         self._train_batches: list[Any] | None = None
-        self._measuring = False
         self._val_seen = 0
-        # Lightning reads `state_key` around every hook call: build it once.
-        self._state_key = self._generate_state_key(prefix=prefix, seed=seed)
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._state_key
 
     @property
     def train_indices(self) -> Tensor | None:
@@ -219,10 +211,6 @@ class GeneralizationGapMonitor(Callback):
             )
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _register_dashboard(trainer, generalization_prefix=self.prefix)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.train_dataset is None and not isinstance(trainer.train_dataloader, DataLoader):
             raise MisconfigurationException(
@@ -232,100 +220,87 @@ class GeneralizationGapMonitor(Callback):
             )
 
     @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._measuring = trainer.state.fn == TrainerFn.FITTING and _should_measure(
-            trainer, self.every_n_epochs
-        )
-        if self._measuring:
-            self._val_seen = 0
-            for metric in (self._train_metric, self._val_metric):
-                metric.reset()
-                metric.to(pl_module.device)
+    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        x = _batch_input(batch, self.input_key, self.get_input)
+        target = _batch_target(batch, self.target_key, self.get_target)
+        if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != x.shape[0]:
+            shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+            raise ValueError(
+                f"{type(self).__name__} needs one label per point ([B] class indices, or [B, C] class probabilities), "
+                f"got {shape} for a batch of {x.shape[0]} inputs. Pass `target_key=` or `get_target=`."
+            )
+        if x.shape[0] > 0:
+            model = self._measured_model(pl_module)
+            with _evaluating(model):
+                logits = model(x[:2])
+                _check_classifier_output(type(self).__name__, logits, len(x[:2]))
+                ClassificationLossAccuracy(self.loss_fn).update(logits, target[:2].to(logits.device))
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not self._measuring or dataloader_idx != 0:
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_seen = 0
+        for metric in (self._train_metric, self._val_metric):
+            metric.reset()
+            metric.to(pl_module.device)
+
+    @override
+    def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if idx != 0:
             return
         # Under DDP the validation sampler pads the last round with repeated points; those are skipped, so that
         # the sums over ranks are those of one process on the whole validation set.
         size = len(_batch_input(batch, self.input_key, self.get_input))
-        _, keep = _evaluation_points(
-            _evaluation_dataloader(trainer, 0), self._val_seen, size, pl_module.device
-        )
+        _, keep = _evaluation_points(_evaluation_dataloader(trainer, 0), self._val_seen, size, pl_module.device)
         self._val_seen += size
-        if not bool(keep.any()):
-            return
-        self._val_metric.update(*self._evaluate(pl_module, batch, keep))
+        if bool(keep.any()):
+            self._evaluate(pl_module, batch, self._val_metric, keep)
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._measuring:
-            return
-        self._measuring = False
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
         val = self._val_metric.compute()
-        num_val = int(val["count"])
+        num_val = int(self._val_metric.count)
         if num_val == 0:
-            rank_zero_warn(
-                f"{type(self).__name__}: no validation batch was seen; nothing is logged this epoch."
-            )
-            return
+            self._warn_once("no-validation-batch", "no validation batch was seen; nothing is logged this epoch.")
+            return {}
         if self._train_batches is None:
             self._train_batches = self._read_train_subset(trainer, num_val)
         for batch in self._train_batches:
-            self._train_metric.update(*self._evaluate(pl_module, trainer.strategy.batch_to_device(batch)))
+            self._evaluate(pl_module, _load_batch(trainer, batch), self._train_metric)
         train = self._train_metric.compute()
-        p = self.prefix
-        _log_scalars(
-            pl_module,
-            {
-                f"{p}/train_loss": train["loss"],
-                f"{p}/val_loss": val["loss"],
-                f"{p}/gap_loss": val["loss"] - train["loss"],
-                f"{p}/train_accuracy": train["accuracy"],
-                f"{p}/val_accuracy": val["accuracy"],
-                f"{p}/gap_accuracy": train["accuracy"] - val["accuracy"],
-            },
-        )
+        return {
+            self._key("train_loss"): train["loss"],
+            self._key("val_loss"): val["loss"],
+            self._key("gap_loss"): val["loss"] - train["loss"],
+            self._key("train_accuracy"): train["accuracy"],
+            self._key("val_accuracy"): val["accuracy"],
+            self._key("gap_accuracy"): train["accuracy"] - val["accuracy"],
+        }
 
     @override
     def state_dict(self) -> dict[str, Any]:
         indices = None if self._train_indices is None else self._train_indices.tolist()
-        return {"train_indices": indices}
+        return {**super().state_dict(), "train_indices": indices}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         indices = state_dict["train_indices"]
         self._train_indices = None if indices is None else torch.tensor(indices, dtype=torch.long)
         self._train_batches = None
 
     def _evaluate(
-        self, pl_module: pl.LightningModule, batch: Any, keep: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, int]:
-        """Summed loss, number correct and number of points of one batch (the points ``keep`` marks), the model
-        in eval mode."""
+        self, pl_module: pl.LightningModule, batch: Any, metric: ClassificationLossAccuracy, keep: Tensor | None = None
+    ) -> None:
+        """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode."""
         x = _batch_input(batch, self.input_key, self.get_input)
         target = _batch_target(batch, self.target_key, self.get_target)
-        with torch.no_grad(), _eval_mode(pl_module):
-            logits = self.forward_fn(pl_module, x)
+        model = self._measured_model(pl_module)
+        with _evaluating(model):
+            logits = model(x)
+            target = target.to(logits.device)
             if keep is not None:
                 logits, target = logits[keep], target[keep]
-            loss = self.loss_fn(logits, target)
-        count = logits.shape[0]
-        loss_sum = loss.sum() if loss.ndim > 0 else loss * count
-        labels = target.argmax(-1) if target.ndim == logits.ndim else target
-        correct = (logits.argmax(-1) == labels).sum().double()
-        if not torch.isfinite(logits).all():
-            # argmax of NaN logits is a class like any other: report the broken model as NaN, not as a score.
-            correct = torch.full_like(correct, float("nan"))
-        return loss_sum.detach(), correct, count
+            metric.update(logits, target)
 
     def _read_train_subset(self, trainer: pl.Trainer, num_val: int) -> list[Any]:
         """Draw the subset (unless restored from a checkpoint) and read this rank's share of it, as CPU batches."""
@@ -375,7 +350,7 @@ def _detached_copy(dataset: Any) -> Any:
         return copy.deepcopy(dataset)
     except Exception as error:  # whatever stops the copy (an open file, a lock), the fallback is said aloud
         rank_zero_warn(
-            f"GeneralizationGapMonitor could not copy the training dataset ({type(error).__name__}: {error}); it "
+            f"GeneralizationGapMonitor: could not copy the training dataset ({type(error).__name__}: {error}); it "
             "reads the training subset from the dataset itself, which advances any random state the dataset owns."
         )
         return dataset

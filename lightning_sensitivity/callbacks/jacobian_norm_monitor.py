@@ -10,78 +10,57 @@ logs it while the model trains.
 from __future__ import annotations
 
 import csv
-import functools
 import os
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
-from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._dashboard import _register_dashboard
+from lightning_sensitivity.callbacks._base import (
+    _evaluating,
+    _EvaluationMonitor,
+    _full_precision,
+    _Key,
+)
+from lightning_sensitivity.callbacks._checks import (
+    _check_batch_key,
+    _check_callable,
+    _check_choice,
+    _check_classifier_output,
+    _check_continuous_input,
+    _check_positive,
+    _check_seed,
+)
+from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
     _batch_input,
     _batch_target,
-    _default_forward,
     _evaluation_dataloader,
     _evaluation_points,
     _log_histogram,
-    _log_scalars,
     _new_generator,
-    _should_measure,
     _SpawnSafeGenerator,
-    _warn_once,
 )
 from lightning_sensitivity.functional import jacobian_norm
-from lightning_sensitivity.functional._utils import _check_continuous, _check_logits, _eval_mode
-from lightning_sensitivity.metrics.jacobian import JacobianNorm
-
-_FORWARD_HINT = (
-    " The monitor measures `pl_module(x)`; if the module returns something else (a dict, a loss, several "
-    "heads), pass `forward_fn=lambda module, x: <logits [B, C]>`."
-)
+from lightning_sensitivity.metrics import JacobianNorm, PointRecords
 
 
-class _Records:
-    """Per-point rows (position, label, prediction, loss, Jacobian norm) of one evaluation epoch."""
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list[Tensor]] = {
-            k: [] for k in ("index", "label", "prediction", "loss", "norm")
-        }
-
-    def add(self, **values: Tensor) -> None:
-        for key, value in values.items():
-            self.columns[key].append(value.detach())
-
-    def gathered(self, device: torch.device) -> dict[str, Tensor]:
-        """Every process's rows (a collective under DDP; ranks may hold different numbers), sorted by position."""
-        columns = {
-            k: (dim_zero_cat(v) if v else torch.zeros(0)).double().to(device) for k, v in self.columns.items()
-        }
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            columns = {k: torch.cat(gather_all_tensors(v)) for k, v in columns.items()}
-        order = columns["index"].argsort()
-        return {k: v[order].cpu() for k, v in columns.items()}
-
-
-class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
+class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
     r"""Logs the Jacobian norm of the classifier on validation points, while it trains.
 
     For every measured point :math:`x` with logits :math:`z = f(x)`, the sensitivity is
     :math:`s(x) = \lVert \partial\, \mathrm{softmax}(z) / \partial x^\top \rVert_F`
     (see :func:`~lightning_sensitivity.functional.jacobian_norm`). The monitor measures the first
-    ``max_points`` points of each validation dataloader, every ``every_n_epochs`` epochs of ``fit`` (and the
-    last one; never the sanity check), and on every ``trainer.validate`` and ``trainer.test`` run. The model
+    ``max_points`` points of each validation dataloader on every ``every_n_epochs``-th validation pass of ``fit``
+    that runs (never the sanity check) and on the fit's last one, and on every ``trainer.validate`` and
+    ``trainer.test`` run. When a fit ends in a way not known at its last validation pass (early stopping,
+    ``max_time``) and that pass was not measured, the monitor reads the validation data again at the end of training
+    and logs the measurement of the final weights, at the step of the fit's last epoch end. The model
     is evaluated in eval mode and restored to its previous mode; weights, gradients, optimizer state and the
     global random streams are untouched, so training is the same with or without the monitor.
 
@@ -106,7 +85,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     Args:
         max_points: points measured per validation dataloader and epoch (the first ones in the loader's order;
             under DDP, the same points as on one device). ``None`` measures all.
-        every_n_epochs: measure after every n-th training epoch (and after the last).
+        every_n_epochs: measure on every n-th validation pass that runs (and on the last one).
         output: ``"softmax"`` (the paper's) or ``"logits"``.
         method: ``"exact"`` or ``"projection"``.
         num_projections: directions per point for ``method="projection"``.
@@ -125,8 +104,10 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         seed: seeds the monitor's own generator (used by ``method="projection"``).
 
     Raises:
-        ValueError: in ``setup``, if an argument is out of range; at the first validation batch (the sanity
+        ValueError: at construction, if an argument is out of range; at the first validation batch (the sanity
             check, when there is one), if the model's output is not ``[B, C]``.
+        MisconfigurationException: at the start of ``fit``, if an ``EarlyStopping`` or ``ModelCheckpoint``
+            monitors a key of this monitor and ``every_n_epochs`` is not 1.
         TypeError: at the first validation batch, if the input is not floating point (token ids: measure at the
             embeddings with ``forward_fn``).
 
@@ -135,6 +116,12 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         >>> from lightning_sensitivity import JacobianNormMonitor
         >>> trainer = Trainer(callbacks=[JacobianNormMonitor(max_points=256)], max_epochs=3)
     """
+
+    KEYS = (
+        _Key("jacobian_norm", chart=JACOBIAN_BESIDE_GAP),
+        _Key("jacobian_loss_spearman"),
+        _Key("jacobian_norm_per_point", kind="histogram"),
+    )
 
     def __init__(
         self,
@@ -154,121 +141,104 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
         record_epochs: Literal["last", "all"] | list[int] | None = "last",
         seed: int = 0,
     ) -> None:
+        _check_positive("max_points", max_points, optional=True)
+        _check_choice("output", output, ("softmax", "logits"))
+        _check_choice("method", method, ("exact", "projection"))
+        _check_positive("num_projections", num_projections, optional=True)
+        _check_positive("chunk_size", chunk_size, optional=True)
+        for name, key in (("input_key", input_key), ("target_key", target_key)):
+            _check_batch_key(name, key)
+        for name, fn in (("get_input", get_input), ("get_target", get_target)):
+            _check_callable(name, fn)
+        _check_choice("log_histogram", log_histogram, (True, False))
+        if not (
+            record_epochs in (None, "last", "all")
+            or (
+                isinstance(record_epochs, (list, tuple))
+                and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in record_epochs)
+            )
+        ):
+            raise ValueError(
+                f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {record_epochs!r}."
+            )
+        _check_seed(seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, output=output, method=method)
         self.max_points = max_points
-        self.every_n_epochs = every_n_epochs
         self.output = output
         self.method = method
         self.num_projections = num_projections
         self.chunk_size = chunk_size
         self.input_key, self.target_key = input_key, target_key
         self.get_input, self.get_target = get_input, get_target
-        self.forward_fn = forward_fn or _default_forward
-        self.prefix = prefix
         self.log_histogram = log_histogram
         self.record_epochs = record_epochs
         self.seed = seed
         self._generator = _new_generator(seed)
-        # Lightning reads `state_key` around every hook call: build it once.
-        self._state_key = self._generate_state_key(prefix=prefix, output=output, method=method)
-        self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current epoch
-        self._metric_pool: dict[int, JacobianNorm] = {}  # reused from epoch to epoch
-        self._records: dict[int, _Records] = {}
-        self._seen: dict[int, int] = {}
+        self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current pass
+        self._records: dict[int, PointRecords] = {}
+        self._seen: dict[int, int] = {}  # points of each dataloader seen in the current pass
         self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
-        self._checked = False
         self._measured_in_fit = False
-        self._warned: set[str] = set()
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._state_key
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.max_points is not None and self.max_points < 1:
-            raise ValueError(f"`max_points` must be a positive integer or None, got {self.max_points}.")
-        if self.every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs}.")
-        if self.output not in ("softmax", "logits"):
-            raise ValueError(f"`output` must be 'softmax' or 'logits', got {self.output!r}.")
-        if self.method not in ("exact", "projection"):
-            raise ValueError(f"`method` must be 'exact' or 'projection', got {self.method!r}.")
-        if not (self.record_epochs in (None, "last", "all") or isinstance(self.record_epochs, Sequence)):
-            raise ValueError(
-                f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {self.record_epochs!r}."
-            )
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _register_dashboard(trainer, sensitivity_prefix=self.prefix)
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
-    def _on_epoch_start(self, trainer: pl.Trainer) -> None:
+    @override
+    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        x = _batch_input(batch, self.input_key, self.get_input)
+        _check_continuous_input(type(self).__name__, x)
+        if x.shape[0] > 0:
+            model = self._measured_model(pl_module)
+            with _evaluating(model):
+                _check_classifier_output(type(self).__name__, model(x[:1]), 1)
+
+    @override
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
         self._records.clear()
         self._seen.clear()
 
-    def _on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if not self._checked:
-            self._check_configuration(pl_module, batch)
-        if not _should_measure(trainer, self.every_n_epochs):
-            return
+    @override
+    def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         x = _batch_input(batch, self.input_key, self.get_input)
         start = self._seen.get(idx, 0)
         self._seen[idx] = start + x.shape[0]
         loader = _evaluation_dataloader(trainer, idx)
         positions, keep = _evaluation_points(loader, start, x.shape[0], x.device, self.max_points)
-        # Every rank creates the same states, even with no point to measure: the epoch end gathers them.
-        if idx not in self._metrics:  # the first batch of this dataloader in this epoch
-            metric = self._metric_pool.get(idx) or JacobianNorm()
-            metric = self._metric_pool[idx] = metric.to(pl_module.device)
-            metric.reset()
-            self._metrics[idx] = metric
-        records_wanted = self._records_wanted(trainer)
-        if records_wanted:
-            self._records.setdefault(idx, _Records())
+        # Every rank creates the same states, even with no point to measure: the pass's end gathers them.
+        if idx not in self._metrics:
+            self._metrics[idx] = JacobianNorm().to(pl_module.device)
+            if self._records_wanted(trainer):
+                self._records[idx] = PointRecords().to(pl_module.device)
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        x = x[keep]
+        x = _full_precision(x[keep])
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
-        model = functools.partial(self.forward_fn, pl_module)
+        model = self._measured_model(pl_module)
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
         logits: Tensor | None = None
-        with _eval_mode(pl_module):
-            if finite.any():
-                values, finite_logits = jacobian_norm(
-                    model,
-                    x[finite],
-                    output=self.output,
-                    method=self.method,
-                    num_projections=self.num_projections,
-                    chunk_size=self.chunk_size,
-                    generator=self._generator,
-                    return_logits=True,
-                )
-                norms[finite] = values.to(norms.dtype)
-                logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
-                logits[finite] = finite_logits
-            if records_wanted:
-                if logits is None:
-                    with torch.no_grad():
-                        logits = model(x)
-                self._add_records(batch, idx, keep, positions[keep], norms, logits.float())
+        if finite.any():
+            values, finite_logits = jacobian_norm(
+                model,
+                x[finite],
+                output=self.output,
+                method=self.method,
+                num_projections=self.num_projections,
+                chunk_size=self.chunk_size,
+                generator=self._generator,
+                return_logits=True,
+            )
+            norms[finite] = values.to(norms.dtype)
+            logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
+            logits[finite] = finite_logits
+        if idx in self._records:
+            if logits is None:
+                with _evaluating(model):
+                    logits = model(x)
+            self._add_records(batch, idx, keep, positions[keep], norms, logits.float())
         self._metrics[idx].update(norms)
         if trainer.state.fn == "fit":
             self._measured_in_fit = True
-
-    def _check_configuration(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Fail on the first validation batch (the sanity check) rather than after an epoch of training."""
-        x = _batch_input(batch, self.input_key, self.get_input)
-        _check_continuous(x, "the input taken from the batch")
-        if x.shape[0] > 0:
-            with torch.no_grad(), _eval_mode(pl_module):
-                _check_logits(self.forward_fn(pl_module, x[:1]), 1, _FORWARD_HINT)
-        self._checked = True
 
     def _records_wanted(self, trainer: pl.Trainer) -> bool:
         if self.record_epochs is None:
@@ -287,57 +257,52 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
                 y = _batch_target(batch, self.target_key)
             except (KeyError, TypeError, IndexError):  # a batch without labels: records are optional
                 y = None
+        if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # a one-logit classifier's labels, as BCE takes them
+        if isinstance(y, Tensor) and torch.is_floating_point(y) and logits.shape[1] == 1:
+            y = y.round().long()
         if not isinstance(y, Tensor) or y.shape != keep.shape or torch.is_floating_point(y):
-            _warn_once(
-                self._warned,
+            del self._records[idx]  # the batch format is the same on every process: all of them drop it
+            self._warn_once(
                 "no-labels",
-                "JacobianNormMonitor: the batches carry no class labels of shape [B], so no per-point records "
-                "are written. Pass `get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
+                "the batches carry no class labels of shape [B], so no per-point records are written. Pass "
+                "`get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
             )
             return
-        if logits.shape[1] == 1:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        y = y[keep].to(logits.device)
-        self._records[idx].add(
-            index=positions,
-            label=y,
-            prediction=logits.argmax(dim=1),
-            loss=F.cross_entropy(logits, y, reduction="none"),
-            norm=norms,
-        )
+        self._records[idx].update(positions, norms, logits, y[keep])
 
-    # --- epoch end: compute, log, record ---------------------------------------------------------------
+    # --- the end of a pass: compute, log, record ---------------------------------------------------------------
 
-    def _on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not _should_measure(trainer, self.every_n_epochs) or not self._metrics:
-            return
+    @override
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
         multiple = len(self._metrics) > 1
+        scalars: dict[str, Tensor] = {}
         for idx in sorted(self._metrics):
             suffix = f"/dataloader_idx_{idx}" if multiple else ""
             metric = self._metrics[idx]
-            mean = metric.compute()
+            scalars[self._key("jacobian_norm") + suffix] = metric.compute()
             values = metric.per_point() if self.log_histogram else None
-            key = f"{self.prefix}/jacobian_norm{suffix}"
-            scalars = {key: mean}
-            records = self._records[idx].gathered(pl_module.device) if idx in self._records else None
-            if records is not None and records["norm"].numel() > 1:
-                finite = torch.isfinite(records["norm"]) & torch.isfinite(records["loss"])
-                rho = spearman_corrcoef(records["norm"][finite].float(), records["loss"][finite].float())
-                scalars[f"{self.prefix}/jacobian_loss_spearman{suffix}"] = rho.to(pl_module.device)
+            records = self._records[idx].compute() if idx in self._records else None
+            if records is not None and records["jacobian_norm"].numel() > 1:
+                records = {k: v.double().cpu() for k, v in records.items()}
+                finite = torch.isfinite(records["jacobian_norm"]) & torch.isfinite(records["loss"])
+                rho = spearman_corrcoef(
+                    records["jacobian_norm"][finite].float(), records["loss"][finite].float()
+                )
+                scalars[self._key("jacobian_loss_spearman") + suffix] = rho.to(pl_module.device)
                 self._last_records[idx] = (trainer.current_epoch, records)
                 if self.record_epochs != "last" or trainer.state.fn != "fit":
                     self._write_records(trainer, stage, trainer.current_epoch, idx, multiple, records)
-            _log_scalars(pl_module, scalars)
             if values is not None:
-                _log_histogram(trainer, f"{self.prefix}/jacobian_norm_per_point{suffix}", values)
+                _log_histogram(trainer, self._key("jacobian_norm_per_point") + suffix, values)
             num_excluded = int(metric.num_excluded)
             if num_excluded:
-                _warn_once(
-                    self._warned,
+                self._warn_once(
                     "non-finite",
-                    f"JacobianNormMonitor: {num_excluded} point(s) with NaN or infinite inputs, outputs or "
-                    "Jacobian norms were left out of the mean.",
+                    f"{num_excluded} point(s) with NaN or infinite inputs, outputs or Jacobian norms were left out "
+                    "of the mean.",
                 )
+        return scalars
 
     def _write_records(
         self,
@@ -365,63 +330,23 @@ class JacobianNormMonitor(_SpawnSafeGenerator, Callback):
     # --- Lightning hooks ---------------------------------------------------------------------------------
 
     @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._on_epoch_start(trainer)
-
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._on_epoch_start(trainer)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._on_batch_end(trainer, pl_module, batch, dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._on_batch_end(trainer, pl_module, batch, dataloader_idx)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._on_epoch_end(trainer, pl_module, "validate" if trainer.state.fn != "fit" else "fit")
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._on_epoch_end(trainer, pl_module, "test")
-
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.record_epochs == "last":
             multiple = len(self._last_records) > 1
             for idx, (epoch, records) in self._last_records.items():
                 self._write_records(trainer, "fit", epoch, idx, multiple, records)
         if not self._measured_in_fit:
-            _warn_once(
-                self._warned,
+            self._warn_once(
                 "no-validation",
-                "JacobianNormMonitor measured no validation point during `fit`: there was no validation data "
-                "(no `val_dataloader`, `limit_val_batches=0`, or fewer epochs than `every_n_epochs`).",
+                "measured no validation point during `fit`: there was no validation data (no `val_dataloader`, "
+                "`limit_val_batches=0`).",
             )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state()}
+        return {**super().state_dict(), "generator_state": self._generator.get_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self._generator.set_state(state_dict["generator_state"])

@@ -11,54 +11,55 @@ the model trains.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._chart import _trajectory_chart
+from lightning_sensitivity.callbacks._base import (
+    _has_tensorboard,
+    _Key,
+    _Monitor,
+)
+from lightning_sensitivity.callbacks._chart import _trajectory_figure
+from lightning_sensitivity.callbacks._checks import (
+    _check_batch_key,
+    _check_callable,
+    _check_choice,
+    _check_continuous_input,
+    _check_positive,
+    _check_seed,
+)
+from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
     _batch_input,
-    _default_forward,
     _log_image,
-    _log_scalars,
     _new_generator,
-    _should_measure,
     _SpawnSafeGenerator,
-    _tensorboard_writers,
-    _warn_once,
 )
-from lightning_sensitivity.functional._utils import _check_continuous, _eval_mode
-from lightning_sensitivity.functional.activations import NonFiniteOutputError, activation_codes
-from lightning_sensitivity.functional.jacobian import jacobian_norm
-from lightning_sensitivity.functional.trajectories import (
+from lightning_sensitivity.functional import (
+    NonFiniteOutputError,
     Trajectory,
+    TransitionCount,
+    activation_codes,
+    count_transitions,
     gaussian_anchors,
     shuffled_anchors,
     trajectory_through,
 )
-from lightning_sensitivity.functional.transitions import (
-    TransitionCount,
-    count_transitions,
-)
-from lightning_sensitivity.metrics.transitions import TransitionDensity
+from lightning_sensitivity.metrics import TransitionDensity
 
 _KINDS = ("on_manifold", "off_manifold")
-#: Points along the figure's trajectory at which the Jacobian norm is drawn.
-_FIGURE_JACOBIAN_POINTS = 96
-#: Bars of the figure's transitions-per-segment histogram.
-_FIGURE_BINS = 96
 
 
-class TransitionMonitor(_SpawnSafeGenerator, Callback):
+class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
     r"""Logs the linear-region transition density along trajectories on and off the data manifold.
 
     Each trajectory is the ellipse through three anchor points (see
@@ -73,7 +74,9 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
     (a reservoir sample drawn with the monitor's own generator, so no extra data is loaded and no random stream
     of training is touched), and are kept in the callback's ``state_dict``: a resumed run measures the same
     trajectories. The model is measured in eval mode (restored afterwards) without gradients after every
-    ``every_n_epochs``-th training epoch and after the last one. Weights, gradients, optimizer state and the
+    ``every_n_epochs``-th training epoch and after the fit's last one (when the fit ends in a way not known at that
+    epoch's end, such as ``max_time`` mid-epoch, at the end of training, logged at the same step). Under DDP each
+    process counts its share of the trajectories, and the sums combine into the one-process values. Weights, gradients, optimizer state and the
     global random streams are untouched, so training is the same with or without the monitor.
 
     **Logged Metrics**
@@ -110,10 +113,13 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         seed: seeds the monitor's own generator (anchors).
 
     Raises:
-        ValueError: in ``setup``, if an argument is out of range; at the
-            first training batch, if the model has no piecewise-linear unit (the message names the
+        ValueError: at construction, if an argument is out of range; at the first batch (the sanity check's, or
+            the first training batch), if the model has no piecewise-linear unit (the message names the
             non-linearities it found).
-        TypeError: at the first training batch, if the input is not floating point (token ids: pass ``get_input``
+        MisconfigurationException: at the start of ``fit``, if an ``EarlyStopping`` or ``ModelCheckpoint``
+            monitors a key of this monitor and does not check at the end of the training epoch, or
+            ``every_n_epochs`` is not 1.
+        TypeError: at the first batch, if the input is not floating point (token ids: pass ``get_input``
             and ``forward_fn`` that measure at the embeddings).
 
     Example:
@@ -121,6 +127,14 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         >>> from lightning_sensitivity import TransitionMonitor
         >>> trainer = Trainer(callbacks=[TransitionMonitor(num_trajectories=8, every_n_epochs=5)], max_epochs=20)
     """
+
+    KEYS = (
+        _Key("transition_density_on_manifold", chart=DENSITY_ON_OFF),
+        _Key("transition_density_off_manifold", chart=DENSITY_ON_OFF),
+        _Key("transitions_on_manifold"),
+        _Key("transitions_off_manifold"),
+        _Key("transitions_along_trajectory", kind="image"),
+    )
 
     def __init__(
         self,
@@ -138,37 +152,43 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         convergence_tolerance: float = 0.1,
         seed: int = 0,
     ) -> None:
+        _check_positive("num_trajectories", num_trajectories)
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 6 or num_points % 2:
+            raise ValueError(
+                f"`num_points` must be even and at least 6 (the count on every other point is the convergence "
+                f"evidence), got {num_points!r}."
+            )
+        _check_choice("off_manifold", off_manifold, ("gaussian", "shuffled"))
+        _check_choice("method", method, ("sampled", "exact"))
+        _check_positive("chunk_size", chunk_size)
+        _check_batch_key("input_key", input_key)
+        _check_callable("get_input", get_input)
+        _check_choice("log_figure", log_figure, (True, False, "end"))
+        if (
+            isinstance(convergence_tolerance, bool)
+            or not isinstance(convergence_tolerance, (int, float))
+            or not convergence_tolerance >= 0
+        ):
+            raise ValueError(f"`convergence_tolerance` must be a number >= 0, got {convergence_tolerance!r}.")
+        _check_seed(seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, off_manifold=off_manifold, seed=seed)
         self.num_trajectories = num_trajectories
         self.num_points = num_points
-        self.every_n_epochs = every_n_epochs
         self.off_manifold = off_manifold
         self.method = method
         self.chunk_size = chunk_size
         self.input_key, self.get_input = input_key, get_input
-        self.forward_fn = forward_fn or _default_forward
-        self.prefix = prefix
         self.log_figure = log_figure
         self.convergence_tolerance = convergence_tolerance
         self.seed = seed
         self._generator = _new_generator(seed)
-        # Lightning reads `state_key` around every hook call: build it once.
-        self._state_key = self._generate_state_key(prefix=prefix, off_manifold=off_manifold, seed=seed)
-        self._anchors: dict[str, Tensor] | None = (
-            None  # [num_trajectories, 3, *input_shape] per kind, on the CPU
-        )
+        self._anchors: dict[str, Tensor] | None = None  # [num_trajectories, 3, *input_shape] per kind, on the CPU
         self._reservoir: list[Tensor] = []
         self._seen = 0
         self._sums: tuple[Tensor, Tensor] | None = None  # per-feature sum and sum of squares, float64
-        self._checked = False
-        self._warned: set[str] = set()
         self._densities = {kind: TransitionDensity() for kind in _KINDS}
         # The curves through the anchors, built once for the module's device and dtype (the key).
         self._curves: tuple[tuple[torch.device, torch.dtype], dict[str, list[Trajectory]]] | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._state_key
 
     @property
     def anchors(self) -> dict[str, Tensor] | None:
@@ -176,24 +196,37 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
         return self._anchors
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.num_trajectories < 1:
-            raise ValueError(f"`num_trajectories` must be a positive integer, got {self.num_trajectories}.")
-        if self.num_points < 6 or self.num_points % 2:
-            raise ValueError(
-                f"`num_points` must be even and at least 6 (the count on every other point is the convergence "
-                f"evidence), got {self.num_points}."
+    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        x = _batch_input(batch, self.input_key, self.get_input)
+        _check_continuous_input(type(self).__name__, x)  # a curve through token ids means nothing
+        # Fail at once for a model without piecewise-linear units (NaN outputs are the measurement's business:
+        # it logs NaN).
+        with contextlib.suppress(NonFiniteOutputError):
+            activation_codes(self._measured_model(pl_module), x[:1].detach())
+
+    @override
+    def _check_watcher_timing(self, trainer: pl.Trainer, callback: Any) -> None:
+        # The densities are logged at the end of the training epoch, after that epoch's validation: a callback that
+        # checks after validation comes too early.
+        option = "check_on_train_epoch_end" if isinstance(callback, EarlyStopping) else "save_on_train_epoch_end"
+        if getattr(callback, f"_{option}", None) is False and trainer.limit_val_batches != 0:
+            raise MisconfigurationException(
+                f"{type(callback).__name__}(monitor={callback.monitor!r}) checks after validation, but "
+                f"{type(self).__name__} logs the key at the end of the training epoch: set "
+                f"`{type(callback).__name__}(..., {option}=True)`."
             )
-        if self.every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be a positive integer, got {self.every_n_epochs}.")
-        if self.off_manifold not in ("gaussian", "shuffled"):
-            raise ValueError(f"`off_manifold` must be 'gaussian' or 'shuffled', got {self.off_manifold!r}.")
-        if self.method not in ("sampled", "exact"):
-            raise ValueError(f"`method` must be 'sampled' or 'exact', got {self.method!r}.")
-        if self.chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, got {self.chunk_size}.")
-        if self.log_figure not in (True, False, "end"):
-            raise ValueError(f"`log_figure` must be True, False or 'end', got {self.log_figure!r}.")
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._first_batch(trainer, pl_module, batch)
 
     # --- the anchors, collected during the first epoch -----------------------------------------------------------
 
@@ -205,16 +238,10 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._first_batch(trainer, pl_module, batch)
         if self._anchors is not None:
             return
         x = _batch_input(batch, self.input_key, self.get_input).detach()
-        if not self._checked:
-            _check_continuous(x)  # a curve through token ids means nothing: measure at the embeddings
-            with _eval_mode(pl_module), contextlib.suppress(NonFiniteOutputError):
-                # fail at once for a model without piecewise-linear units (NaN outputs are the measurement's
-                # business: it logs NaN)
-                activation_codes(functools.partial(self.forward_fn, pl_module), x[:1])
-            self._checked = True
         # Per-feature sums, kept on the batch's device: no synchronization per batch.
         flat = x.flatten(1).to(torch.float64)
         sums = (flat.sum(0), flat.pow(2).sum(0))
@@ -241,10 +268,9 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
     def _choose_anchors(self, trainer: pl.Trainer) -> None:
         n = self.num_trajectories
         if len(self._reservoir) < self._reservoir_size:
-            _warn_once(
-                self._warned,
+            self._warn_once(
                 "few points",
-                f"TransitionMonitor: the first epoch had {self._seen} training points, fewer than the "
+                f"the first epoch had {self._seen} training points, fewer than the "
                 f"{self._reservoir_size} anchors needed; lower `num_trajectories`. Nothing is measured.",
             )
             return
@@ -260,6 +286,7 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             off = gaussian_anchors(mean.view(shape), std.view(shape), 3 * n, generator=self._generator).to(
                 on.dtype
             )
+        off = trainer.precision_plugin.convert_input(off)  # made by the monitor: converted as a batch would be
         anchors = {"on_manifold": on.view(n, 3, *on.shape[1:]), "off_manifold": off.view(n, 3, *on.shape[1:])}
         self._anchors = trainer.strategy.broadcast(anchors, src=0)  # every process measures the same curves
         self._reservoir, self._sums, self._curves = [], None, None
@@ -270,61 +297,72 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._anchors is None and self._seen > 0:
             self._choose_anchors(trainer)
-        if self._anchors is None or not _should_measure(trainer, self.every_n_epochs):
-            return
-        forward = functools.partial(self.forward_fn, pl_module)
-        figure = self.log_figure is True and bool(_tensorboard_writers(trainer))
+        if self._schedule.start(trainer, validation=False) and self._anchors is not None:
+            self._log(trainer, pl_module, self._measure(trainer, pl_module))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._schedule.owes_last and self._anchors is not None:
+            self._schedule.last_measured = True
+            with self._measuring_after_training():
+                self._log(trainer, pl_module, self._measure(trainer, pl_module))
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Count this process's share of the trajectories of each kind; the metrics' sums combine the shares."""
+        model = self._measured_model(pl_module)
+        figure = self.log_figure is True and _has_tensorboard(trainer)
         logged: dict[str, Tensor] = {}
         all_curves = self._curves_of(pl_module)
-        with _eval_mode(pl_module):
-            for kind in _KINDS:
-                curves = all_curves[kind]
-                try:
-                    counts = self._count(forward, curves)
-                except NonFiniteOutputError as error:
-                    _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
-                    nan = torch.tensor(float("nan"), device=pl_module.device)
-                    logged[f"{self.prefix}/transition_density_{kind}"] = nan
-                    logged[f"{self.prefix}/transitions_{kind}"] = nan
-                    continue
-                metric = self._densities[kind].to(pl_module.device)
-                metric.reset()
-                metric.update(
-                    torch.tensor([c.transitions for c in counts], device=pl_module.device),
-                    torch.tensor([c.arc_length for c in counts], device=pl_module.device),
+        rank, world = trainer.global_rank, trainer.world_size
+        for kind in _KINDS:
+            curves = all_curves[kind][rank::world]
+            counts: list[TransitionCount] = []
+            failed = False
+            try:
+                counts = self._count(model, curves) if curves else []
+            except NonFiniteOutputError as error:
+                failed = True
+                self._warn_once("non-finite", f"{error} Logging NaN.")
+            # Every process takes part in the same collectives, whatever its share held.
+            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+            metric = self._densities[kind].to(pl_module.device)
+            metric.reset()
+            metric.update(
+                torch.tensor([float(c.transitions) for c in counts], device=pl_module.device),
+                torch.tensor([c.arc_length for c in counts], device=pl_module.device),
+            )
+            density, mean_count = metric.compute().float(), metric.mean_transitions().float()
+            if failed:
+                density = mean_count = torch.tensor(float("nan"), device=pl_module.device)
+            logged[self._key(f"transition_density_{kind}")] = density
+            logged[self._key(f"transitions_{kind}")] = mean_count
+            if figure and kind == "on_manifold" and counts and not failed:
+                _log_image(
+                    trainer,
+                    self._key("transitions_along_trajectory"),
+                    self._figure(trainer, model, curves[0], counts[0]),
                 )
-                logged[f"{self.prefix}/transition_density_{kind}"] = metric.compute().float()
-                logged[f"{self.prefix}/transitions_{kind}"] = (
-                    metric.transitions / metric.num_trajectories
-                ).float()
-                if figure and kind == "on_manifold":
-                    _log_image(
-                        trainer,
-                        f"{self.prefix}/transitions_along_trajectory",
-                        self._figure(trainer, forward, curves[0], counts[0]),
-                    )
-        _log_scalars(pl_module, logged)
+        return logged
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_figure != "end" or self._anchors is None or not _tensorboard_writers(trainer):
+        if self.log_figure != "end" or self._anchors is None or not _has_tensorboard(trainer):
             return
-        forward = functools.partial(self.forward_fn, pl_module)
-        with _eval_mode(pl_module):
-            curve = self._curves_of(pl_module)["on_manifold"][0]
-            try:
-                (count,) = self._count(forward, [curve])
-            except NonFiniteOutputError as error:
-                _warn_once(self._warned, "non-finite", f"TransitionMonitor: {error} Logging NaN.")
-                return
-            figure = self._figure(trainer, forward, curve, count)
-        _log_image(trainer, f"{self.prefix}/transitions_along_trajectory", figure)
+        model = self._measured_model(pl_module)
+        curve = self._curves_of(pl_module)["on_manifold"][0]
+        try:
+            (count,) = self._count(model, [curve])
+        except NonFiniteOutputError as error:
+            self._warn_once("non-finite", f"{error} Logging NaN.")
+            return
+        _log_image(trainer, self._key("transitions_along_trajectory"), self._figure(trainer, model, curve, count))
 
     def _curves_of(self, pl_module: pl.LightningModule) -> dict[str, list[Trajectory]]:
         """The closed curves through the anchors of each kind, on the module's device and in its floating dtype
         (built again only when these change)."""
         assert self._anchors is not None
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
+        dtype = torch.promote_types(dtype, torch.float32)  # half-precision weights are measured in float32
         key = (pl_module.device, dtype)
         if self._curves is None or self._curves[0] != key:
             curves = {
@@ -342,56 +380,32 @@ class TransitionMonitor(_SpawnSafeGenerator, Callback):
             if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
                 result.transitions, 1
             ):
-                _warn_once(
-                    self._warned,
+                self._warn_once(
                     "convergence",
-                    f"TransitionMonitor: a sampled count has not converged: {result.transitions} transitions on "
+                    f"a sampled count has not converged: {result.transitions} transitions on "
                     f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. "
                     "Raise `num_points` (or use `method='exact'` for a piecewise-linear model).",
                 )
         return results
 
-    def _figure(
-        self, trainer: pl.Trainer, forward: Any, curve: Trajectory, count: TransitionCount
-    ) -> np.ndarray:
-        """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
-        (see :func:`~lightning_sensitivity.callbacks._chart._trajectory_chart`)."""
-        segments = count.segments
-        if segments is None:  # an exact count: draw the sampled per-segment counts
-            segments = count_transitions(
-                forward, curve, chunk_size=self.chunk_size, return_segments=True
-            ).segments
-        segments = segments.cpu()
-        bins = min(_FIGURE_BINS, len(segments))
-        per_bin = torch.zeros(bins).index_add_(
-            0, torch.arange(len(segments)) * bins // len(segments), segments.float()
+    def _figure(self, trainer: pl.Trainer, model: Any, curve: Trajectory, count: TransitionCount) -> np.ndarray:
+        return _trajectory_figure(
+            model,
+            curve,
+            count,
+            self.chunk_size,
+            f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0",
+            lambda error: self._warn_once("jacobian", f"the figure has no Jacobian norm curve: {error}"),
         )
-        norms = self._jacobian_norms(forward, curve)
-        return _trajectory_chart(
-            per_bin.tolist(),
-            None if norms is None else norms.clamp_min(1e-12).log10().tolist(),
-            (curve.anchor_times / (2 * math.pi)).tolist(),
-            f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0 "
-            f"({bins} bins)",
-        )
-
-    def _jacobian_norms(self, forward: Any, curve: Trajectory) -> Tensor | None:
-        points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))
-        try:
-            return jacobian_norm(forward, points).cpu()
-        except (ValueError, TypeError) as error:
-            _warn_once(
-                self._warned, "jacobian", f"TransitionMonitor: the figure has no Jacobian norm curve: {error}"
-            )
-            return None
 
     # --- state ----------------------------------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"anchors": self._anchors, "generator_state": self._generator.get_state()}
+        return {**super().state_dict(), "anchors": self._anchors, "generator_state": self._generator.get_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self._anchors, self._curves = state_dict["anchors"], None
         self._generator.set_state(state_dict["generator_state"])

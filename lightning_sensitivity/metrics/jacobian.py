@@ -23,6 +23,22 @@ from torchmetrics.utilities.data import dim_zero_cat
 __all__ = ["JacobianNorm"]
 
 
+def _jacobian_norm_update(norms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The finite norms of a batch: their sum (float64), their number, the number left out, and the values."""
+    if not isinstance(norms, Tensor) or norms.ndim != 1:
+        shape = tuple(norms.shape) if isinstance(norms, Tensor) else type(norms).__name__
+        raise ValueError(f"`JacobianNorm.update` expects per-point norms of shape [B], got {shape}.")
+    values = norms[torch.isfinite(norms)]
+    return values.double().sum(), torch.tensor(values.numel()), torch.tensor(norms.numel() - values.numel()), values
+
+
+def _jacobian_norm_compute(total: Tensor, count: Tensor) -> Tensor:
+    r"""The mean :math:`\bar s = \frac{1}{N}\sum_n s(x_n)` of the finite norms (NaN when there are none)."""
+    if count == 0:
+        return torch.tensor(float("nan"), device=total.device)
+    return (total / count).float()
+
+
 class JacobianNorm(Metric):
     r"""Mean Jacobian norm over points, with the per-point values kept.
 
@@ -70,22 +86,16 @@ class JacobianNorm(Metric):
 
     def update(self, norms: Tensor) -> None:
         """Add per-point norms ``[B]``."""
-        if not isinstance(norms, Tensor) or norms.ndim != 1:
-            shape = tuple(norms.shape) if isinstance(norms, Tensor) else type(norms).__name__
-            raise ValueError(f"`JacobianNorm.update` expects per-point norms of shape [B], got {shape}.")
-        finite = torch.isfinite(norms)
-        values = norms[finite]
-        self.total += values.double().sum()
-        self.count += values.numel()
-        self.num_excluded += norms.numel() - values.numel()
+        total, count, excluded, values = _jacobian_norm_update(norms)
+        self.total += total.to(self.total.device)
+        self.count += count.to(self.count.device)
+        self.num_excluded += excluded.to(self.num_excluded.device)
         if self.keep_values:
             self.values.append(values.float())
 
     def compute(self) -> Tensor:
         """The mean of the finite per-point norms."""
-        if self.count == 0:
-            return torch.tensor(float("nan"), device=self.total.device)
-        return (self.total / self.count).float()
+        return _jacobian_norm_compute(self.total, self.count)
 
     def per_point(self) -> Tensor:
         """All finite per-point values seen since the last reset, gathered from every process.

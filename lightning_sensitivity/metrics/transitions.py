@@ -19,12 +19,29 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_sensitivity.functional.transitions import (
-    _transition_density_compute,
-    _transition_density_update,
-)
-
 __all__ = ["TransitionDensity"]
+
+
+def _transition_density_update(transitions: Tensor, arc_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-trajectory densities summed, transitions summed, and the number of trajectories."""
+    if transitions.shape != arc_lengths.shape or transitions.ndim != 1:
+        raise ValueError(
+            "Expected one transition count and one arc length per trajectory (two 1-D tensors of the same length), "
+            f"got shapes {tuple(transitions.shape)} and {tuple(arc_lengths.shape)}."
+        )
+    if bool((arc_lengths <= 0).any()):
+        raise ValueError("Every trajectory needs a positive arc length (its anchors must not all coincide).")
+    transitions = transitions.to(torch.float64)
+    density = transitions / arc_lengths.to(torch.float64)
+    count = torch.tensor(float(len(transitions)), dtype=torch.float64, device=transitions.device)
+    return density.sum(), transitions.sum(), count
+
+
+def _transition_density_compute(density_sum: Tensor, num_trajectories: Tensor) -> Tensor:
+    r"""The mean transition density over trajectories, :math:`\frac{1}{N}\sum_n T_n / L_n` (NaN for none)."""
+    if num_trajectories == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64, device=density_sum.device)
+    return density_sum / num_trajectories
 
 
 class TransitionDensity(Metric):
@@ -48,7 +65,7 @@ class TransitionDensity(Metric):
         >>> metric.update(torch.tensor([3]), torch.tensor([1.0]))
         >>> metric.compute()
         tensor(2.3333, dtype=torch.float64)
-        >>> float(metric.transitions / metric.num_trajectories)  # the mean raw count
+        >>> float(metric.mean_transitions())  # the mean raw count
         5.666666666666667
     """
 
@@ -74,6 +91,10 @@ class TransitionDensity(Metric):
 
     def compute(self) -> Tensor:
         """The mean transition density."""
-        if self.num_trajectories == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.density_sum.device)
         return _transition_density_compute(self.density_sum, self.num_trajectories)
+
+    def mean_transitions(self) -> Tensor:
+        """The mean raw count per trajectory, :math:`\\frac{1}{N}\\sum_n T_n`, over every process (a collective
+        under DDP: every process must call it)."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            return _transition_density_compute(self.transitions, self.num_trajectories)

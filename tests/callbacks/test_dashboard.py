@@ -12,7 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from examples.digits import MLPClassifier, train
-from lightning_sensitivity import GeneralizationGapMonitor
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 from lightning_sensitivity.callbacks._dashboard import _log_hparam_metrics, _register_dashboard
 
 KEYS = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
@@ -35,32 +35,61 @@ def _events(log_dir: str) -> EventAccumulator:
     return events
 
 
+def _layout(log_dir: str) -> dict[str, list[str]]:
+    tensor = _events(log_dir).Tensors("custom_scalars__config__")[-1].tensor_proto
+    layout = layout_pb2.Layout.FromString(tensor.string_val[0])
+    (category,) = layout.category
+    return {chart.title: list(chart.multiline.tag) for chart in category.chart}
+
+
 def test_layout_is_written_once_and_names_the_charts(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitors = [GeneralizationGapMonitor(prefix="generalization"), GeneralizationGapMonitor(prefix="gen2")]
     trainer, _ = train(monitors, logger=logger, **FAST)
-    _register_dashboard(trainer)  # a third caller (another monitor) on the same writer adds nothing
+    _register_dashboard(trainer, monitors)  # a third caller (another monitor) on the same writer adds nothing
     logger.experiment.flush()
     assert _tag_count(logger.log_dir, "custom_scalars__config__") == 1
-
-    tensor = _events(logger.log_dir).Tensors("custom_scalars__config__")[-1].tensor_proto
-    layout = layout_pb2.Layout.FromString(tensor.string_val[0])
-    (category,) = layout.category
-    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert charts == {
+    # Only keys that are logged are charted: no Jacobian norm or transition density without their monitors.
+    assert _layout(logger.log_dir) == {
         "Jacobian norm beside the generalization gap (loss)": [
-            "^sensitivity/jacobian_norm$",
             "^generalization/gap_loss$",
-        ],
-        "Transition density: on against off the data manifold": [
-            "^sensitivity/transition_density_on_manifold$",
-            "^sensitivity/transition_density_off_manifold$",
+            "^gen2/gap_loss$",
         ],
         "Loss in eval mode: training subset against validation": [
             "^generalization/train_loss$",
             "^generalization/val_loss$",
+            "^gen2/train_loss$",
+            "^gen2/val_loss$",
         ],
     }
+
+
+def test_layout_and_hparam_metrics_follow_each_monitors_prefix(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitors = [
+        JacobianNormMonitor(prefix="sens", max_points=16),
+        GeneralizationGapMonitor(prefix="gen", max_train_points=16),
+        TransitionMonitor(prefix="tr", num_trajectories=1, num_points=16, log_figure=False),
+    ]
+    trainer, _ = train(monitors, logger=logger, model=MLPClassifier(lr=0.03), **FAST)
+    logger.experiment.flush()
+    assert _layout(logger.log_dir) == {
+        "Jacobian norm beside the generalization gap (loss)": ["^sens/jacobian_norm$", "^gen/gap_loss$"],
+        "Loss in eval mode: training subset against validation": ["^gen/train_loss$", "^gen/val_loss$"],
+        "Transition density: on against off the data manifold": [
+            "^tr/transition_density_on_manifold$",
+            "^tr/transition_density_off_manifold$",
+        ],
+    }
+    content = _events(logger.log_dir).PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metric_tags = {info.name.tag for info in experiment.metric_infos}
+    assert metric_tags == {"hp_metric", "sens/jacobian_norm", "sens/jacobian_loss_spearman"} | {
+        f"gen/{k}" for k in KEYS
+    } | {f"tr/{k}_{side}_manifold" for k in ("transition_density", "transitions") for side in ("on", "off")}
+    # every scalar in the hparams is one the run logged
+    logged = set(_events(logger.log_dir).Tags()["scalars"])
+    assert metric_tags - {"hp_metric"} <= logged
 
 
 def test_hparam_metrics_are_the_final_values(tmp_path):
@@ -68,7 +97,8 @@ def test_hparam_metrics_are_the_final_values(tmp_path):
     trainer, model = train(
         [GeneralizationGapMonitor(every_n_epochs=1)], logger=logger, model=MLPClassifier(lr=0.03), **FAST
     )
-    _log_hparam_metrics(trainer, model)  # a later call, from another monitor's on_fit_end, adds nothing
+    monitors = [cb for cb in trainer.callbacks if isinstance(cb, GeneralizationGapMonitor)]
+    _log_hparam_metrics(trainer, model, monitors)  # a later call adds nothing
     logger.experiment.flush()
     # Ours, then Lightning's own (hp_metric only), which TensorBoard ignores: it keeps a run's first summary.
     assert _tag_count(logger.log_dir, "_hparams_/experiment") == 2
@@ -77,7 +107,7 @@ def test_hparam_metrics_are_the_final_values(tmp_path):
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     metric_tags = {info.name.tag for info in experiment.metric_infos}
-    assert {f"generalization/{k}" for k in KEYS} | {"sensitivity/jacobian_norm", "hp_metric"} <= metric_tags
+    assert {f"generalization/{k}" for k in KEYS} | {"hp_metric"} == metric_tags  # only the keys logged
     assert {"lr", "hidden_sizes", "activation", "optimizer"} <= {h.name for h in experiment.hparam_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["lr"].number_value == 0.03
@@ -128,6 +158,6 @@ def test_without_tensorboard_one_info_line_and_nothing_else(tmp_path, caplog):
     )
     with caplog.at_level(logging.INFO):
         for _ in range(3):
-            _register_dashboard(trainer)
+            _register_dashboard(trainer, [GeneralizationGapMonitor()])
     messages = [r.getMessage() for r in caplog.records if "TensorBoardLogger" in r.getMessage()]
     assert len(messages) == 1 and "CSVLogger" in messages[0]

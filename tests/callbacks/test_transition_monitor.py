@@ -142,10 +142,9 @@ def test_a_model_without_piecewise_linear_units_fails_at_the_first_batch():
         ({"off_manifold": "x"}, "off_manifold"),
     ],
 )
-def test_misconfiguration_fails_in_setup(kwargs, match):
-    monitor = TransitionMonitor(**kwargs)
+def test_misconfiguration_fails_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        train([monitor], max_epochs=1)
+        TransitionMonitor(**kwargs)
 
 
 def test_the_monitor_pickles_with_its_generator_state():

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -35,7 +36,12 @@ from lightning_sensitivity.functional import (
     jacobian_norm,
     trajectory_through,
 )
-from lightning_sensitivity.metrics import JacobianNorm, TransitionDensity
+from lightning_sensitivity.metrics import (
+    ClassificationLossAccuracy,
+    JacobianNorm,
+    PointRecords,
+    TransitionDensity,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "lightning_sensitivity"
@@ -171,6 +177,13 @@ class _InputsOnly(MLPClassifier):
         self(batch)
 
 
+class _SkipsValidation(MLPClassifier):
+    """A ``validation_step`` that does nothing: the batches reach the callbacks as they are."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+
 class _TwoValidationSets(MLPClassifier):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "val")
@@ -233,9 +246,6 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "target-key-missing": lambda: _batch_target({"x": torch.zeros(1)}),
     "target-not-found": lambda: _batch_target(torch.zeros(4)),
     # callbacks/generalization_gap_monitor.py
-    "gap-every-n-epochs": lambda: GeneralizationGapMonitor(every_n_epochs=0),
-    "gap-max-train-points": lambda: GeneralizationGapMonitor(max_train_points=0),
-    "gap-batch-size": lambda: GeneralizationGapMonitor(batch_size=0),
     "gap-no-validation-step": lambda: GeneralizationGapMonitor().setup(_trainer(), _NoValidation(), "fit"),
     "gap-limit-val-batches": lambda: _setup(GeneralizationGapMonitor(), limit_val_batches=0),
     "gap-train-loader": lambda: _trainer(max_epochs=1, callbacks=[GeneralizationGapMonitor()]).fit(
@@ -249,12 +259,36 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "gap-dataset-not-copied": lambda: _fit(
         [GeneralizationGapMonitor(train_dataset=_Uncopyable(*_digits(32).tensors))]
     ),
+    # the monitors' arguments, at construction
+    "monitor-argument-positive": lambda: JacobianNormMonitor(every_n_epochs=0),
+    "monitor-argument-positive-or-none": lambda: GeneralizationGapMonitor(max_train_points=0),
+    "monitor-argument-choice": lambda: JacobianNormMonitor(output="probabilities"),
+    "monitor-argument-callable": lambda: GeneralizationGapMonitor(loss_fn="cross_entropy"),
+    "monitor-argument-batch-key": lambda: JacobianNormMonitor(input_key=1.5),
+    "monitor-seed": lambda: TransitionMonitor(seed="0"),
+    "monitor-prefix": lambda: JacobianNormMonitor(prefix=""),
+    "gap-train-dataset": lambda: GeneralizationGapMonitor(train_dataset=DataLoader(_digits())),
+    "transition-monitor-convergence-tolerance": lambda: TransitionMonitor(convergence_tolerance=-1),
+    # the monitors' first batch, and the callbacks watching their keys
+    "monitor-input-not-continuous": lambda: _validate_with(
+        JacobianNormMonitor(), _SkipsValidation(), DataLoader(torch.zeros(4, 1, 8, 8, dtype=torch.long))
+    ),
+    "gap-labels-shape": lambda: _validate_with(
+        GeneralizationGapMonitor(get_target=lambda batch: torch.zeros(3, dtype=torch.long)),
+        MLPClassifier(),
+        DataLoader(_digits(), batch_size=8),
+    ),
+    "monitor-watcher-every-n": lambda: _fit(
+        [JacobianNormMonitor(), EarlyStopping(monitor="sensitivity/jacobian_norm")]
+    ),
+    "transition-monitor-watcher-timing": lambda: _fit(
+        [
+            TransitionMonitor(every_n_epochs=1),
+            EarlyStopping(monitor="sensitivity/transition_density_on_manifold", check_on_train_epoch_end=False),
+        ]
+    ),
     # callbacks/jacobian_norm_monitor.py
-    "jacobian-monitor-max-points": lambda: _setup(JacobianNormMonitor(max_points=0)),
-    "jacobian-monitor-every-n-epochs": lambda: _setup(JacobianNormMonitor(every_n_epochs=0)),
-    "jacobian-monitor-output": lambda: _setup(JacobianNormMonitor(output="probabilities")),
-    "jacobian-monitor-method": lambda: _setup(JacobianNormMonitor(method="sampled")),
-    "jacobian-monitor-record-epochs": lambda: _setup(JacobianNormMonitor(record_epochs=3)),
+    "jacobian-monitor-record-epochs": lambda: JacobianNormMonitor(record_epochs="first"),
     "jacobian-monitor-no-labels": lambda: _validate_with(
         JacobianNormMonitor(), _InputsOnly(), DataLoader(DigitsDataModule().x_val[:16], batch_size=8)
     ),
@@ -265,13 +299,7 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     ),
     "jacobian-monitor-no-validation": lambda: _fit([JacobianNormMonitor()], limit_val_batches=0),
     # callbacks/transition_monitor.py
-    "transition-monitor-num-trajectories": lambda: _setup(TransitionMonitor(num_trajectories=0)),
-    "transition-monitor-num-points": lambda: _setup(TransitionMonitor(num_points=7)),
-    "transition-monitor-every-n-epochs": lambda: _setup(TransitionMonitor(every_n_epochs=0)),
-    "transition-monitor-off-manifold": lambda: _setup(TransitionMonitor(off_manifold="uniform")),
-    "transition-monitor-method": lambda: _setup(TransitionMonitor(method="exactly")),
-    "transition-monitor-chunk-size": lambda: _setup(TransitionMonitor(chunk_size=0)),
-    "transition-monitor-log-figure": lambda: _setup(TransitionMonitor(log_figure="always")),
+    "transition-monitor-num-points": lambda: TransitionMonitor(num_points=7),
     "uncounted-piecewise-linear": lambda: activation_codes(
         nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.Hardshrink()), torch.randn(2, 4)
     ),
@@ -353,6 +381,10 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     ),
     "density-shapes": lambda: TransitionDensity().update(torch.tensor([1.0, 2.0]), torch.tensor([1.0])),
     "density-arc-length": lambda: TransitionDensity().update(torch.tensor([1.0]), torch.tensor([0.0])),
+    "loss-accuracy-loss-fn": lambda: ClassificationLossAccuracy(loss_fn="bce"),
+    "point-records-shapes": lambda: PointRecords().update(
+        torch.arange(3), torch.ones(2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    ),
     # metrics/jacobian.py
     "jacobian-metric-shape": lambda: JacobianNorm().update(torch.ones(2, 3)),
     "jacobian-metric-keep-values": lambda: JacobianNorm(keep_values=False).per_point(),

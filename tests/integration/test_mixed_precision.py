@@ -1,16 +1,21 @@
-"""Mixed precision: the monitors measure in float32 whatever the training precision.
+"""Mixed and true precision: the monitors measure in float32 (or float64 for ``64-true``) whatever the training
+precision.
 
 Tolerance: the logged values equal the float32 measurement of the same weights to a relative 1e-5 (Jacobian norm,
 losses; float32 summation order) and exactly for transition counts. A bf16 run trains to other weights than a
-float32 run, so "the full-precision value" is the float32 measurement of the weights the bf16 run reached.
+float32 run, so "the full-precision value" is the float32 measurement of the weights the bf16 run reached; under a
+``*-true`` precision, on the inputs as the precision plugin converts them (``bf16-true`` rounds the inputs too).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
@@ -23,16 +28,21 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def float32_measurements(
-    model: pl.LightningModule, monitors: list[pl.Callback], dm: DigitsDataModule
+    model: pl.LightningModule,
+    monitors: list[pl.Callback],
+    dm: DigitsDataModule,
+    convert: Callable[[Tensor], Tensor] = lambda x: x,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """What the monitors should log, measured here in float32 without autocast, model in eval mode."""
+    """What the monitors should log, measured here in ``dtype`` without autocast, model in eval mode, on the inputs
+    as ``convert`` (the precision plugin's input conversion) gives them."""
     jacobian, transitions, gap = monitors
-    model = model.float().eval()
-    x_val, y_val = dm.x_val.to(model.device), dm.y_val.to(model.device)
+    model = model.to(dtype).eval()
+    x_val, y_val = convert(dm.x_val).to(model.device, dtype), dm.y_val.to(model.device)
     expected = {"sensitivity/jacobian_norm": jacobian_norm(model, x_val[: jacobian.max_points]).mean().item()}
     for kind in ("on_manifold", "off_manifold"):
         counts = [
-            count_transitions(model, trajectory_through(a.to(model.device), 64))
+            count_transitions(model, trajectory_through(a.to(model.device, dtype), 64))
             for a in transitions.anchors[kind]
         ]
         expected[f"sensitivity/transitions_{kind}"] = sum(c.transitions for c in counts) / len(counts)
@@ -40,21 +50,30 @@ def float32_measurements(
     with torch.no_grad():
         expected["generalization/val_loss"] = F.cross_entropy(model(x_val), y_val).item()
         indices = gap.train_indices
-        x_train, y_train = dm.x_train[indices].to(model.device), dm.y_train[indices].to(model.device)
+        x_train = convert(dm.x_train[indices]).to(model.device, dtype)
+        y_train = dm.y_train[indices].to(model.device)
         expected["generalization/train_loss"] = F.cross_entropy(model(x_train), y_train).item()
     return expected
 
 
-def check_mixed_precision_run(precision: str, accelerator: str) -> None:
+def check_mixed_precision_run(precision: str, accelerator: str, dtype: torch.dtype = torch.float32) -> None:
     pl.seed_everything(0)
     model, dm, monitors = DigitsCNN(), DigitsDataModule(), all_monitors()
     trainer, _ = train(
         monitors, max_epochs=2, model=model, datamodule=dm, precision=precision, accelerator=accelerator
     )
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    expected = float32_measurements(model, monitors, dm)
+    expected = float32_measurements(model, monitors, dm, trainer.precision_plugin.convert_input, dtype)
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=RELATIVE_TOLERANCE), key
+
+
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("bf16-true", torch.float32), ("16-true", torch.float32), ("64-true", torch.float64)],
+)
+def test_true_precision_logs_the_measurement_of_the_same_weights_in_full_precision(precision, dtype):
+    check_mixed_precision_run(precision, "cpu", dtype)
 
 
 def test_bf16_mixed_on_cpu_logs_float32_measurements():

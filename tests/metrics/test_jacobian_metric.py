@@ -1,4 +1,4 @@
-"""``JacobianNorm``: mean via sum and count, kept values, NaN exclusion, and rank combination."""
+"""``JacobianNorm``: mean via sum and count, kept values, NaN exclusion (rank combination: ``test_distributed.py``)."""
 
 import pytest
 import torch
@@ -30,19 +30,6 @@ def test_empty_metric_is_nan_and_reset():
     metric.reset()
     metric.update(torch.tensor([4.0]))
     assert metric.compute().item() == 4.0
-
-
-def test_states_combine_like_one_process():
-    """Two "ranks" merged with the states' own reductions equal one metric over all the data."""
-    values = torch.rand(30)
-    whole, rank0, rank1 = JacobianNorm(), JacobianNorm(), JacobianNorm()
-    whole.update(values)
-    rank0.update(values[::2])
-    rank1.update(values[1::2])
-    rank0.merge_state(rank1)
-    torch.testing.assert_close(rank0.compute(), whole.compute())
-    assert JacobianNorm.full_state_update is False
-    assert {rank0._reductions[k].__name__ for k in ("total", "count", "num_excluded")} == {"dim_zero_sum"}
 
 
 def test_bad_update_and_no_values():

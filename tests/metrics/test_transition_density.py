@@ -22,18 +22,12 @@ def test_mean_of_per_trajectory_densities_from_count_transitions():
     assert metric.num_trajectories.item() == 5
 
 
-def test_states_reduce_by_sum_like_one_process_on_all_trajectories():
+def test_the_mean_of_densities_and_of_counts():
     transitions, lengths = torch.tensor([3, 8, 0, 5]), torch.tensor([1.0, 2.0, 0.5, 4.0])
     whole = TransitionDensity()
     whole.update(transitions, lengths)
-    ranks = [TransitionDensity(), TransitionDensity()]
-    ranks[0].update(transitions[:1], lengths[:1])
-    ranks[1].update(transitions[1:], lengths[1:])
-    assert TransitionDensity.full_state_update is False
-    assert all(ranks[0]._reductions[name].__name__ == "dim_zero_sum" for name in ranks[0]._defaults)
-    ranks[0].merge_state(ranks[1])
-    assert ranks[0].compute().item() == pytest.approx(whole.compute().item())
     assert whole.compute().item() == pytest.approx((3 / 1 + 8 / 2 + 0 + 5 / 4) / 4)
+    assert whole.mean_transitions().item() == pytest.approx(16 / 4)
 
 
 def test_empty_reset_and_bad_updates():

@@ -1,0 +1,66 @@
+"""The checks every monitor makes of its arguments (at construction, ``ValueError`` naming the argument, as
+Lightning's callbacks do) and of its first batch (the input's dtype, the model's output)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _check_positive(name: str, value: Any, *, optional: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a positive integer (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if optional:
+            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices`` (``True`` is not ``1`` here)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def _check_callable(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"`{name}` must be a callable or None, got a {type(value).__name__}.")
+
+
+def _check_batch_key(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise ValueError(f"`{name}` must be a dict key (str), a tuple position (int) or None, got {value!r}.")
+
+
+def _check_seed(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`seed` must be an integer, got {value!r}.")
+
+
+def _check_continuous_input(monitor: str, x: Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"{monitor} needs continuous inputs, but the input taken from the batch has dtype {x.dtype}. For "
+            "integer inputs such as token ids, measure at the embeddings: `forward_fn=lambda module, x: "
+            "module.classifier(x)` and `get_input=lambda batch: module.embedding(batch[0])`."
+        )
+
+
+def _check_classifier_output(monitor: str, out: Any, batch_size: int) -> None:
+    """The first batch's output must be a classifier's logits ``[B, C]`` (``[B, 1]`` for a binary one)."""
+    hint = (
+        f" {monitor} measures `pl_module(x)`; if the module returns something else (a dict, a loss, several heads), "
+        "pass `forward_fn=lambda module, x: <logits [B, C]>`."
+    )
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"Expected the model to return logits of shape [batch, num_classes], got a {type(out).__name__}.{hint}"
+        )
+    if out.ndim != 2 or out.shape[0] != batch_size:
+        raise ValueError(
+            "Expected the model to return logits of shape [batch, num_classes] = "
+            f"[{batch_size}, C], got {tuple(out.shape)}.{hint}"
+        )

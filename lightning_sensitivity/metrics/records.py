@@ -1,0 +1,102 @@
+r"""``PointRecords``: one row per measured point (its position, label, prediction, loss and Jacobian norm), the data
+of finding F4 (at individual test points the Jacobian norm predicts the loss), as a torchmetrics ``Metric``.
+
+The columns are ``cat`` states: DDP ranks, which may hold different numbers of points, combine into the rows of one
+process, sorted by position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from lightning_sensitivity.metrics.classification import _class_logits
+
+__all__ = ["PointRecords"]
+
+_COLUMNS = ("index", "label", "prediction", "loss", "jacobian_norm")
+
+
+def _point_records_update(
+    index: Tensor, norms: Tensor, logits: Tensor, target: Tensor
+) -> dict[str, Tensor]:
+    """The rows of a batch: the prediction and the cross-entropy loss come from the logits (one-logit classifiers
+    read as the logits ``(0, z)``)."""
+    if not (
+        index.ndim == norms.ndim == target.ndim == 1
+        and logits.ndim == 2
+        and len(index) == len(norms) == len(target) == len(logits)
+    ):
+        raise ValueError(
+            "`PointRecords.update` expects positions, norms and labels of shape [B], and logits [B, C]; got "
+            f"{tuple(index.shape)}, {tuple(norms.shape)}, {tuple(target.shape)} and {tuple(logits.shape)}."
+        )
+    classes = _class_logits(logits).float()
+    target = target.to(classes.device).long()
+    rows = {
+        "index": index,
+        "label": target,
+        "prediction": classes.argmax(dim=1),
+        "loss": F.cross_entropy(classes, target, reduction="none"),
+        "jacobian_norm": norms,
+    }
+    return {name: value.detach().float() for name, value in rows.items()}
+
+
+def _point_records_compute(columns: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows sorted by position."""
+    order = columns["index"].argsort()
+    return {name: value[order] for name, value in columns.items()}
+
+
+class PointRecords(Metric):
+    r"""Per-point rows of a measurement: ``index`` (the point's position in the evaluation order), ``label``,
+    ``prediction``, ``loss`` (cross-entropy) and ``jacobian_norm``.
+
+    ``update(index, norms, logits, target)`` takes the positions ``[B]``, the Jacobian norms ``[B]``, the logits
+    ``[B, C]`` (or ``[B, 1]``) and the labels ``[B]`` of a batch. ``compute()`` returns the columns as float
+    tensors, sorted by ``index`` and gathered from every process.
+
+    Args:
+        kwargs: passed to ``torchmetrics.Metric``.
+
+    Raises:
+        ValueError: if ``update`` gets positions, norms or labels that are not 1-D of one length.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sensitivity.metrics import PointRecords
+        >>> records = PointRecords()
+        >>> records.update(torch.tensor([1, 0]), torch.tensor([0.5, 0.1]), torch.tensor([[0.0, 2.0], [3.0, 0.0]]),
+        ...                torch.tensor([1, 1]))
+        >>> rows = records.compute()
+        >>> rows["index"].tolist(), rows["prediction"].tolist(), rows["jacobian_norm"].tolist()
+        ([0.0, 1.0], [0.0, 1.0], [0.10000000149011612, 0.5])
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in _COLUMNS:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, index: Tensor, norms: Tensor, logits: Tensor, target: Tensor) -> None:
+        """Add the rows of one batch."""
+        for name, value in _point_records_update(index, norms, logits, target).items():
+            getattr(self, name).append(value)
+
+    def compute(self) -> dict[str, Tensor]:
+        """The rows, sorted by position (empty columns before any update)."""
+        columns = {}
+        for name in _COLUMNS:
+            value = getattr(self, name)
+            columns[name] = dim_zero_cat(value) if isinstance(value, Tensor) or value else torch.zeros(0)
+        return _point_records_compute(columns)

@@ -1,0 +1,99 @@
+"""When the monitors measure: every n-th validation pass that runs, and always the last one of the fit, whatever ends
+the fit. Each logged value is checked against a direct measurement of the weights it must have measured."""
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from examples.digits import DigitsDataModule, train
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from lightning_sensitivity.functional import jacobian_norm
+from tests.integration._helpers import scalar_series
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+
+MAX_POINTS = 40
+
+
+class Snapshots(Callback):
+    """The weights at the end of each validation pass of the fit (not the sanity check)."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.weights.append(copy.deepcopy(pl_module.state_dict()))
+
+
+def _monitors() -> list[Callback]:
+    """The three monitors at their default schedule."""
+    return [
+        JacobianNormMonitor(max_points=MAX_POINTS),
+        GeneralizationGapMonitor(max_train_points=MAX_POINTS),
+        TransitionMonitor(num_trajectories=1, num_points=16, log_figure=False),
+    ]
+
+
+def _jacobian_of(model, weights=None) -> float:
+    model = copy.deepcopy(model)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return jacobian_norm(model, DigitsDataModule().x_val[:MAX_POINTS]).mean().item()
+
+
+CASES = {
+    # the last validation pass is not known in advance: the final weights are measured after training
+    "max_steps, max_epochs unset": (dict(max_epochs=-1, max_steps=32), "final"),
+    "val_check_interval inside the epoch": (dict(max_epochs=2, val_check_interval=0.3), "final"),
+    "max_time": (dict(max_epochs=1000, max_time={"seconds": 2}), "final"),
+    "early stopping": (dict(max_epochs=50, extra=[EarlyStopping("val_loss", patience=0, min_delta=10)]), "final"),
+    # the last validation pass is known (the next one would be past max_epochs), and the fit trains on after it
+    "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "last pass"),
+    "num_sanity_val_steps=0, max_epochs=2": (dict(max_epochs=2, num_sanity_val_steps=0), "last pass"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_last_validation_pass_is_always_measured(case):
+    options, expected_weights = CASES[case]
+    options = dict(options)
+    snapshots = Snapshots()
+    trainer, model = train(_monitors() + [snapshots] + options.pop("extra", []), **options)
+    assert snapshots.weights, "the fit ran at least one validation pass"
+    weights = None if expected_weights == "final" else snapshots.weights[-1]
+    logged = trainer.callback_metrics
+    assert logged["sensitivity/jacobian_norm"].item() == pytest.approx(_jacobian_of(model, weights), rel=1e-5)
+    for key in ("generalization/gap_loss", "sensitivity/transition_density_on_manifold"):
+        assert torch.isfinite(logged[key])
+
+
+def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    snapshots = Snapshots()
+    monitor = JacobianNormMonitor(max_points=MAX_POINTS, every_n_epochs=2)
+    trainer, model = train([monitor, snapshots], max_epochs=7, check_val_every_n_epoch=2, logger=logger)
+    series = scalar_series(logger.log_dir)["sensitivity/jacobian_norm"]
+    # validation runs after epochs 2, 4 and 6 (three passes): the 2nd is measured, and the 3rd, the last
+    assert len(snapshots.weights) == 3
+    assert [value for _, value in series] == pytest.approx(
+        [_jacobian_of(model, snapshots.weights[i]) for i in (1, 2)], rel=1e-5
+    )
+
+
+def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer, model = train(
+        [JacobianNormMonitor(max_points=MAX_POINTS), GeneralizationGapMonitor(max_train_points=MAX_POINTS)],
+        max_epochs=-1,
+        max_steps=32,
+        logger=logger,
+    )
+    series = scalar_series(logger.log_dir)
+    (step, value), = series["sensitivity/jacobian_norm"]
+    assert step == trainer.global_step - 1
+    assert value == pytest.approx(_jacobian_of(model), rel=1e-5)
+    assert [s for s, _ in series["generalization/gap_loss"]] == [step]
