@@ -66,20 +66,13 @@ def _compile(form: str, model: MLPClassifier) -> nn.Module:
     return model
 
 
-_NEEDS_FUNCTIONAL = pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=False,
-    reason="a compiled submodule (or `module.compile()`) is unwrapped inside the functional layer's measurement",
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "form",
     [
         "fit(torch.compile(module))",
-        pytest.param("module.compile()", marks=_NEEDS_FUNCTIONAL),
-        pytest.param("self.net = torch.compile(net)", marks=_NEEDS_FUNCTIONAL),
+        "module.compile()",
+        "self.net = torch.compile(net)",
     ],
 )
 def test_a_compiled_module_is_measured_on_its_eager_original(form):
