@@ -1,0 +1,468 @@
+"""The monitors on the set-ups real projects use: torchvision models, compiled modules, the ways a ``Trainer`` ends
+a fit or schedules validation, precision plugins, one-logit and dict heads, ``EarlyStopping`` and
+``ModelCheckpoint`` on a logged key, iterable datasets, prefixes.
+
+Every cell checks the logged values against a direct measurement (``jacobian_norm``, ``count_transitions``, the
+eval-mode loss and accuracy) on the weights the value was measured on: the capturing logger copies the weights
+with each logged value, so a cell whose last measurement is not on the final weights is still checked exactly.
+
+Tolerances: relative 1e-4 for Jacobian norms and losses (float32, batches of other sizes than the monitors'),
+1e-5 for the compiled modules against their eager copy, 1e-6 for accuracies and transition densities (counts
+of integers). Half-precision runs are compared with the float32 measurement of the same weights (cast to
+float32) on the inputs as the precision plugin converts them (rounded to the half type).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from tests.integration._matrix_models import (
+    CapturingLogger,
+    MatrixClassifier,
+    SyntheticImages,
+    eager_copy,
+    expected_densities,
+    expected_jacobian,
+    expected_loss_accuracy,
+    weights_of,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
+    pytest.mark.filterwarnings("ignore:.*sampled count has not converged.*"),
+    pytest.mark.filterwarnings("ignore:.*per-point records.*"),
+]
+
+REL = 1e-4
+REL_COMPILED = 1e-5
+EXACT = 1e-6
+MAX_POINTS = 12
+NUM_POINTS = 16
+MAX_TRAIN = 16
+SMOOTH_WARNING = "(?i)not piecewise.linear"
+
+
+def monitors(
+    every_n_epochs: int | None = 1,
+    jacobian: bool = True,
+    transitions: bool = True,
+    gap: bool = True,
+    gap_options: dict[str, Any] | None = None,
+    **reading: Any,
+) -> list[pl.Callback]:
+    """The monitors of a cell, small: ``every_n_epochs=None`` keeps each monitor's default schedule; ``reading``
+    (``forward_fn``, ...) goes to every monitor, ``gap_options`` to the gap monitor only."""
+    schedule = {} if every_n_epochs is None else {"every_n_epochs": every_n_epochs}
+    chosen: list[pl.Callback] = []
+    if jacobian:
+        chosen.append(JacobianNormMonitor(max_points=MAX_POINTS, **schedule, **reading))
+    if transitions:
+        transition_reading = {
+            k: v for k, v in reading.items() if k in ("forward_fn", "get_input", "input_key")
+        }
+        chosen.append(
+            TransitionMonitor(
+                num_trajectories=1, num_points=NUM_POINTS, log_figure=False, **schedule, **transition_reading
+            )
+        )
+    if gap:
+        chosen.append(
+            GeneralizationGapMonitor(max_train_points=MAX_TRAIN, **schedule, **reading, **(gap_options or {}))
+        )
+    return chosen
+
+
+def fit(
+    model: MatrixClassifier,
+    dm: SyntheticImages,
+    callbacks: list[pl.Callback],
+    tmp_path: Any,
+    fit_target: Any = None,
+    loggers: list[Any] = (),
+    **trainer_kwargs: Any,
+) -> tuple[pl.Trainer, CapturingLogger]:
+    """A seeded CPU fit of ``model`` (or ``fit_target``, a wrapped ``model``) with a capturing logger."""
+    capture = CapturingLogger(model)
+    options: dict[str, Any] = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=[capture, *loggers],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **options)
+    trainer.fit(model if fit_target is None else fit_target, datamodule=dm)
+    return trainer, capture
+
+
+def of_type(callbacks: list[pl.Callback], kind: type) -> Any:
+    return next((c for c in callbacks if isinstance(c, kind)), None)
+
+
+def check_logged(
+    trainer: pl.Trainer,
+    capture: CapturingLogger,
+    model: MatrixClassifier,
+    dm: SyntheticImages,
+    callbacks: list[pl.Callback],
+    *,
+    rel: float = REL,
+    dtype: torch.dtype = torch.float32,
+    input_dtype: torch.dtype | None = None,
+    num_val: int | None = None,
+) -> None:
+    """Each monitor's last logged values equal the direct measurement on the weights they were measured on.
+
+    ``input_dtype``: the type the precision plugin gives the inputs (their rounding); ``num_val``: the validation
+    points that the validation passes see (``limit_val_batches``).
+    """
+    binary = model.hparams.binary
+    as_seen = (lambda x: x) if input_dtype is None else (lambda x: x.to(input_dtype).to(torch.float32))
+    x_val, y_val = as_seen(dm.x_val[:num_val]), dm.y_val[:num_val]
+    jacobian = of_type(callbacks, JacobianNormMonitor)
+    if jacobian is not None:
+        key = f"{jacobian.prefix}/jacobian_norm"
+        record = capture.last(key)
+        net = eager_copy(model, record.weights, dtype)
+        expected = expected_jacobian(net, x_val[: jacobian.max_points])
+        assert record.metrics[key] == pytest.approx(expected, rel=rel), key
+        if key in trainer.callback_metrics and capture.steps(key)[-1] == capture.history[-1].step:
+            assert float(trainer.callback_metrics[key]) == pytest.approx(record.metrics[key], rel=1e-6)
+    gap = of_type(callbacks, GeneralizationGapMonitor)
+    if gap is not None:
+        p = gap.prefix
+        record = capture.last(f"{p}/val_loss")
+        net = eager_copy(model, record.weights, dtype)
+        indices = gap.train_indices
+        assert indices is not None and len(indices) == min(len(x_val), gap.max_train_points or len(x_val))
+        val_loss, val_accuracy = expected_loss_accuracy(net, x_val, y_val, binary)
+        train_loss, train_accuracy = expected_loss_accuracy(
+            net, as_seen(dm.x_train[indices]), dm.y_train[indices], binary
+        )
+        expected = {
+            "val_loss": (val_loss, rel),
+            "train_loss": (train_loss, rel),
+            "gap_loss": (val_loss - train_loss, None),
+            "val_accuracy": (val_accuracy, EXACT),
+            "train_accuracy": (train_accuracy, EXACT),
+            "gap_accuracy": (train_accuracy - val_accuracy, None),
+        }
+        for name, (value, tolerance) in expected.items():
+            logged = record.metrics[f"{p}/{name}"]
+            if tolerance is None:  # a difference: as exact as its two terms
+                assert logged == pytest.approx(
+                    value, rel=rel, abs=rel * (abs(val_loss) + abs(train_loss)) + EXACT
+                ), name
+            else:
+                assert logged == pytest.approx(value, rel=tolerance, abs=EXACT), name
+    transitions = of_type(callbacks, TransitionMonitor)
+    if transitions is not None:
+        p = transitions.prefix
+        record = capture.last(f"{p}/transition_density_on_manifold")
+        net = eager_copy(model, record.weights, dtype)
+        anchors = transitions.state_dict()["anchors"]
+        for kind, (density, count) in expected_densities(
+            net, anchors, transitions.num_points, transitions.method
+        ).items():
+            assert record.metrics[f"{p}/transition_density_{kind}"] == pytest.approx(density, rel=EXACT), kind
+            assert record.metrics[f"{p}/transitions_{kind}"] == pytest.approx(count, rel=EXACT), kind
+
+
+def check_last_pass_measured(capture: CapturingLogger, keys: tuple[str, ...]) -> None:
+    """Each key was logged at least once, and at the step of the last validation pass (where ``val_loss`` is)."""
+    passes = capture.steps("val_loss")
+    assert passes, "no validation pass ran"
+    for key in keys:
+        steps = capture.steps(key)
+        assert steps, f"{key} was never measured in {len(passes)} validation passes (at steps {passes})"
+        assert steps[-1] == passes[-1], (
+            f"{key}: last measured at step {steps[-1]}, last validation pass at {passes[-1]}"
+        )
+
+
+# --- torchvision models ---------------------------------------------------------------------------------------
+
+TORCHVISION_CELLS = [
+    pytest.param("resnet18", False, id="resnet18"),
+    pytest.param("mobilenet_v3_small", True, id="mobilenet_v3_small"),
+    pytest.param("vgg11_bn", False, id="vgg11_bn", marks=pytest.mark.slow),
+    pytest.param("googlenet", False, id="googlenet", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "smooth"), TORCHVISION_CELLS)
+def test_torchvision_model(name, smooth, tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier(name), SyntheticImages(num_train=32, num_val=16)
+    callbacks = monitors()
+    if smooth:  # Hardswish beside ReLU: a count of the ReLUs' boundaries, not of linear regions
+        with pytest.warns(UserWarning, match=SMOOTH_WARNING):
+            trainer, capture = fit(model, dm, callbacks, tmp_path)
+    else:
+        trainer, capture = fit(model, dm, callbacks, tmp_path)
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_jacobian_and_gap(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("efficientnet_b0"), SyntheticImages(num_train=32, num_val=16)
+    callbacks = monitors(transitions=False)
+    trainer, capture = fit(model, dm, callbacks, tmp_path)
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_transition_monitor_refuses_before_training(tmp_path):
+    """efficientnet_b0 has no piecewise-linear unit at all (SiLU and sigmoid only): no transitions to count, an
+    error naming its non-linearities, before any optimizer step."""
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("efficientnet_b0"), SyntheticImages(num_train=32, num_val=16)
+    callbacks = monitors(jacobian=False, gap=False)
+    trainer = None
+    with pytest.raises(ValueError, match="(?i)silu"):
+        trainer, _ = fit(model, dm, callbacks, tmp_path)
+    assert trainer is None
+    assert model.trainer.global_step == 0
+
+
+# --- compiled modules ---------------------------------------------------------------------------------------
+
+COMPILE_FORMS = ["inner", "module_compile", "fit_compiled"]
+
+
+def compiled(form: str) -> tuple[MatrixClassifier, Any]:
+    """The module and what ``fit`` is given, for each way of compiling."""
+    model = MatrixClassifier("cnn", size=16, compile_net=form == "inner")
+    if form == "module_compile":
+        model.compile()
+    return model, torch.compile(model) if form == "fit_compiled" else model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", COMPILE_FORMS)
+def test_compiled_module_is_measured_as_its_eager_copy(form, tmp_path):
+    pl.seed_everything(0)
+    model, target = compiled(form)
+    dm, callbacks = SyntheticImages(size=16), monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, fit_target=target, max_epochs=2)
+    check_logged(trainer, capture, model, dm, callbacks, rel=REL_COMPILED)
+
+
+# --- how a fit ends, how validation is scheduled ------------------------------------------------------------
+
+ALL_KEYS = ("sensitivity/jacobian_norm", "generalization/gap_loss")
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        pytest.param({"max_steps": 6, "max_epochs": None}, id="max_steps_at_epoch_end"),
+        pytest.param({"max_steps": 4, "max_epochs": None}, id="max_steps_mid_epoch"),
+        pytest.param({"check_val_every_n_epoch": 2, "max_epochs": 3}, id="check_val_every_2_of_3_epochs"),
+    ],
+)
+def test_default_schedule_measures_the_last_validation_pass(trainer_kwargs, tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)  # 3 batches an epoch
+    callbacks = monitors(every_n_epochs=None)
+    trainer, capture = fit(model, dm, callbacks, tmp_path, **trainer_kwargs)
+    check_last_pass_measured(capture, ALL_KEYS)
+    assert capture.steps("sensitivity/transition_density_on_manifold"), "the TransitionMonitor never measured"
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+def test_max_time_measures_at_least_once(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
+    callbacks = monitors(every_n_epochs=None)
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_time={"seconds": 3}, max_epochs=None)
+    for key in (*ALL_KEYS, "sensitivity/transition_density_on_manifold"):
+        assert capture.steps(key), (
+            f"{key} was never measured in {len(capture.steps('val_loss'))} validation passes"
+        )
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+def test_val_check_interval_measures_every_validation_pass(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(num_train=64, size=16)  # 4 batches an epoch
+    callbacks = monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2, val_check_interval=0.5)
+    passes = capture.steps("val_loss")
+    assert len(passes) == 4
+    for key in ALL_KEYS:
+        assert capture.steps(key) == passes, key
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "num_val"),
+    [
+        pytest.param({"limit_val_batches": 2}, 16, id="limit_val_batches_2"),
+        pytest.param({"accumulate_grad_batches": 2}, None, id="accumulate_grad_batches_2"),
+        pytest.param({"num_sanity_val_steps": 0}, None, id="num_sanity_val_steps_0"),
+    ],
+)
+def test_trainer_option(trainer_kwargs, num_val, tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16, batch_size=8)
+    callbacks = monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2, **trainer_kwargs)
+    check_last_pass_measured(capture, ALL_KEYS)
+    check_logged(trainer, capture, model, dm, callbacks, num_val=num_val)
+
+
+# --- precision plugins ---------------------------------------------------------------------------------------
+
+
+def _runs_on_cpu(dtype: torch.dtype) -> bool:
+    try:
+        conv = torch.nn.Conv2d(3, 2, 3).to(dtype)
+        conv(torch.ones(1, 3, 4, 4, dtype=dtype)).sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+PRECISIONS = [
+    pytest.param("bf16-mixed", torch.float32, None, id="bf16-mixed"),
+    pytest.param("bf16-true", torch.float32, torch.bfloat16, id="bf16-true"),
+    pytest.param(
+        "16-true",
+        torch.float32,
+        torch.float16,
+        id="16-true",
+        marks=pytest.mark.skipif(
+            not _runs_on_cpu(torch.float16), reason="float16 convolutions do not run on this CPU"
+        ),
+    ),
+    pytest.param("64-true", torch.float64, torch.float64, id="64-true"),
+]
+
+
+@pytest.mark.parametrize(("precision", "reference_dtype", "input_dtype"), PRECISIONS)
+def test_precision(precision, reference_dtype, input_dtype, tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
+    callbacks = monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2, precision=precision)
+    for key in ALL_KEYS:  # past the first epoch
+        assert len(capture.steps(key)) == 2, key
+    check_logged(trainer, capture, model, dm, callbacks, dtype=reference_dtype, input_dtype=input_dtype)
+
+
+# --- heads: one logit, a dict, no labels ---------------------------------------------------------------------
+
+
+def _bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.squeeze(1), y.to(logits.dtype))
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [pytest.param(None, id="default_loss"), pytest.param(_bce, id="bce_loss_fn")]
+)
+def test_one_logit_binary_classifier(loss_fn, tmp_path):
+    """``[B, 1]`` logits: accuracy is the sign of the logit, the loss binary cross-entropy (a softmax over one
+    column is 1 whatever the logit, so cross-entropy would be 0 and argmax would always say class 0)."""
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16, binary=True), SyntheticImages(size=16, binary=True)
+    callbacks = monitors(gap_options=None if loss_fn is None else {"loss_fn": loss_fn})
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2)
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+def _logits_of(module: pl.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    return module(x)["logits"]
+
+
+def test_dict_output_with_forward_fn(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16, dict_output=True), SyntheticImages(size=16)
+    callbacks = monitors(forward_fn=_logits_of)
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2)
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+def test_gap_monitor_on_dict_output_without_forward_fn_fails_before_training(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16, dict_output=True), SyntheticImages(size=16)
+    with pytest.raises(Exception, match="forward_fn"):  # noqa: B017 - the class is the rewrite's choice
+        fit(model, dm, [GeneralizationGapMonitor(every_n_epochs=1)], tmp_path, max_epochs=2)
+    assert model.trainer.global_step == 0
+
+
+def test_gap_monitor_on_label_less_batches_fails_before_training(tmp_path):
+    pl.seed_everything(0)
+    model = MatrixClassifier("cnn", size=16, labelled=False)
+    dm = SyntheticImages(size=16, labelled=False)
+    with pytest.raises(Exception, match="(?i)label|target"):  # noqa: B017 - the class is the rewrite's choice
+        fit(model, dm, [GeneralizationGapMonitor(every_n_epochs=1)], tmp_path, max_epochs=2)
+    assert model.trainer.global_step == 0
+
+
+# --- EarlyStopping and ModelCheckpoint on a logged key, at the monitors' defaults ---------------------------
+
+WHAT_TO_SET = "every_n_epochs"
+
+
+def _works_or_fails_at_start(run, model: pl.LightningModule, key: str) -> pl.Trainer | None:
+    """Either the fit works, and ``key`` was logged; or it fails before the first optimizer step, saying what to
+    set. Returns the trainer when the fit worked."""
+    try:
+        trainer, capture = run()
+    except Exception as error:  # noqa: BLE001 - any class is fine, if it comes at once and says what to set
+        assert model.trainer.global_step == 0, f"failed after {model.trainer.global_step} steps: {error!r}"
+        assert WHAT_TO_SET in str(error), f"the message does not say what to set: {error}"
+        return None
+    assert capture.steps(key), f"the fit worked but {key} was never logged"
+    return trainer
+
+
+def test_early_stopping_on_the_jacobian_norm(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
+    callbacks = [JacobianNormMonitor(), EarlyStopping(monitor="sensitivity/jacobian_norm")]
+    _works_or_fails_at_start(
+        lambda: fit(model, dm, callbacks, tmp_path, max_epochs=3), model, "sensitivity/jacobian_norm"
+    )
+
+
+def test_model_checkpoint_on_the_gap_loss(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="generalization/gap_loss")
+    callbacks = [GeneralizationGapMonitor(), checkpoint]
+    trainer = _works_or_fails_at_start(
+        lambda: fit(model, dm, callbacks, tmp_path, max_epochs=3, enable_checkpointing=True),
+        model,
+        "generalization/gap_loss",
+    )
+    if trainer is not None:
+        assert checkpoint.best_model_path and checkpoint.best_model_score is not None
+
+
+# --- iterable datasets ----------------------------------------------------------------------------------------
+
+
+def test_iterable_datasets(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16, iterable=True)
+    callbacks = monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2)
+    check_last_pass_measured(capture, ALL_KEYS)
+    check_logged(trainer, capture, model, dm, callbacks)
