@@ -184,19 +184,17 @@ class Logged:
 
     step: int
     metrics: dict[str, float]
-    weights: dict[str, Tensor] | None
+    weights: dict[str, Tensor]
 
 
 class CapturingLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory. When a call holds a key under one of ``prefixes``, the weights
-    of ``module`` are copied with it: a monitor logs right after it measures, so these are the weights the value
-    was measured on (whatever the schedule, the last logged value need not be on the final weights)."""
+    """Keeps every ``log_metrics`` call in memory, with a copy of the weights of ``module`` at that moment: a monitor
+    logs right after it measures, so these are the weights the values were measured on (whatever the schedule, the
+    last logged value need not be on the final weights)."""
 
-    def __init__(
-        self, module: nn.Module, prefixes: tuple[str, ...] = ("sensitivity/", "generalization/")
-    ) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.module, self.prefixes = module, prefixes
+        self.module = module
         self.history: list[Logged] = []
 
     @property
@@ -211,12 +209,10 @@ class CapturingLogger(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        weights = None
-        if any(key.startswith(self.prefixes) for key in metrics):
-            weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-            previous = next((r.weights for r in reversed(self.history) if r.weights is not None), None)
-            if previous is not None and all(torch.equal(v, previous[k]) for k, v in weights.items()):
-                weights = previous  # the same weights: one copy (vgg11_bn has 129M parameters)
+        weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        previous = self.history[-1].weights if self.history else None
+        if previous is not None and all(torch.equal(v, previous[k]) for k, v in weights.items()):
+            weights = previous  # the same weights: one copy (vgg11_bn has 129M parameters)
         self.history.append(
             Logged(-1 if step is None else step, {k: float(v) for k, v in metrics.items()}, weights)
         )

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +26,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 from tests.integration._matrix_models import (
@@ -209,12 +215,16 @@ def test_torchvision_model(name, smooth, tmp_path):
     pl.seed_everything(0)
     model, dm = MatrixClassifier(name), SyntheticImages(num_train=32, num_val=16)
     callbacks = monitors()
-    if smooth:  # Hardswish beside ReLU: a count of the ReLUs' boundaries, not of linear regions
-        with pytest.warns(UserWarning, match=SMOOTH_WARNING):
-            trainer, capture = fit(model, dm, callbacks, tmp_path)
-    else:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer, capture = fit(model, dm, callbacks, tmp_path)
     check_logged(trainer, capture, model, dm, callbacks)
+    smooth_warnings = [w for w in caught if re.search(SMOOTH_WARNING, str(w.message))]
+    if smooth:  # Hardswish beside ReLU: a count of the ReLUs' boundaries, not of linear regions
+        assert smooth_warnings, "the TransitionMonitor did not warn that the model is not piecewise linear"
+        assert all(issubclass(w.category, UserWarning) for w in smooth_warnings)
+    else:
+        assert not smooth_warnings, [str(w.message) for w in smooth_warnings]
 
 
 @pytest.mark.slow
@@ -466,3 +476,232 @@ def test_iterable_datasets(tmp_path):
     trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2)
     check_last_pass_measured(capture, ALL_KEYS)
     check_logged(trainer, capture, model, dm, callbacks)
+
+
+# --- training is unchanged ------------------------------------------------------------------------------------
+
+
+def training_state(model_args: dict[str, Any], callbacks: list[pl.Callback], tmp_path: Any) -> dict[str, Any]:
+    """Weights, buffers, optimizer state and the global random streams after two seeded epochs."""
+    pl.seed_everything(0)
+    model = MatrixClassifier(**model_args)
+    trainer, _ = fit(
+        model,
+        SyntheticImages(size=model_args.get("size", 32)),
+        callbacks,
+        tmp_path,
+        max_epochs=2,
+        deterministic=True,
+    )
+    return {
+        "model": weights_of(model),
+        "optimizer": trainer.optimizers[0].state_dict()["state"],
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "training": model.training,
+    }
+
+
+UNCHANGED_CELLS = [
+    pytest.param({"net": "resnet18"}, id="resnet18"),
+    pytest.param({"net": "cnn", "size": 16, "compile_net": True}, id="compiled_cnn", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("model_args", UNCHANGED_CELLS)
+def test_monitors_leave_training_bit_identical(model_args, tmp_path):
+    plain = training_state(model_args, [], tmp_path / "plain")
+    monitored = training_state(model_args, monitors(), tmp_path / "monitored")
+    assert plain["model"].keys() == monitored["model"].keys()
+    for name, tensor in plain["model"].items():
+        assert torch.equal(tensor, monitored["model"][name]), name
+    assert plain["optimizer"].keys() == monitored["optimizer"].keys()
+    for index, state in plain["optimizer"].items():
+        for name, value in state.items():
+            assert torch.equal(value, monitored["optimizer"][index][name]), (index, name)
+    assert torch.equal(plain["torch"], monitored["torch"])
+    numpy_plain, numpy_monitored = plain["numpy"], monitored["numpy"]
+    assert numpy_plain[0] == numpy_monitored[0] and np.array_equal(numpy_plain[1], numpy_monitored[1])
+    assert numpy_plain[2:] == numpy_monitored[2:]
+    assert plain["python"] == monitored["python"]
+    assert plain["training"] == monitored["training"]
+
+
+# --- every constructor argument is checked at construction ---------------------------------------------------
+
+#: Out-of-range values and unknown options: ``ValueError``.
+BAD_VALUES = {
+    JacobianNormMonitor: [
+        ("max_points", 0),
+        ("max_points", -1),
+        ("every_n_epochs", 0),
+        ("output", "probabilities"),
+        ("method", "sampled"),
+        ("num_projections", 0),
+        ("chunk_size", 0),
+        ("prefix", ""),
+        ("record_epochs", "first"),
+        ("record_epochs", [-1]),
+    ],
+    TransitionMonitor: [
+        ("num_trajectories", 0),
+        ("num_points", 4),
+        ("num_points", 7),
+        ("every_n_epochs", 0),
+        ("off_manifold", "uniform"),
+        ("method", "integrated"),
+        ("chunk_size", 0),
+        ("prefix", ""),
+        ("log_figure", "start"),
+        ("convergence_tolerance", -0.1),
+    ],
+    GeneralizationGapMonitor: [
+        ("every_n_epochs", 0),
+        ("max_train_points", 0),
+        ("batch_size", 0),
+        ("prefix", ""),
+    ],
+}
+
+#: Values of the wrong type: ``ValueError`` or ``TypeError`` (Python's convention for a wrong type).
+BAD_TYPES = {
+    JacobianNormMonitor: [
+        ("max_points", 2.5),
+        ("every_n_epochs", 1.5),
+        ("input_key", 1.5),
+        ("target_key", 1.5),
+        ("get_input", "x"),
+        ("get_target", "y"),
+        ("forward_fn", "logits"),
+        ("prefix", 3),
+        ("log_histogram", "yes"),
+        ("record_epochs", 3),
+        ("seed", "0"),
+    ],
+    TransitionMonitor: [
+        ("num_trajectories", 1.5),
+        ("input_key", 1.5),
+        ("get_input", "x"),
+        ("forward_fn", "logits"),
+        ("prefix", 3),
+        ("convergence_tolerance", "0.1"),
+        ("seed", "0"),
+    ],
+    GeneralizationGapMonitor: [
+        ("batch_size", 2.5),
+        ("loss_fn", "cross_entropy"),
+        ("train_dataset", 3),
+        ("seed", "0"),
+        ("input_key", 1.5),
+        ("target_key", 1.5),
+        ("get_input", "x"),
+        ("get_target", "y"),
+        ("forward_fn", "logits"),
+        ("prefix", 3),
+    ],
+}
+
+
+def _cases(table: dict[type, list[tuple[str, Any]]]) -> list[Any]:
+    return [
+        pytest.param(monitor, name, value, id=f"{monitor.__name__}-{name}={value!r}")
+        for monitor, cases in table.items()
+        for name, value in cases
+    ]
+
+
+@pytest.mark.parametrize(("monitor", "name", "value"), _cases(BAD_VALUES))
+def test_bad_value_raises_at_construction(monitor, name, value):
+    with pytest.raises(ValueError, match=name):
+        monitor(**{name: value})
+
+
+@pytest.mark.parametrize(("monitor", "name", "value"), _cases(BAD_TYPES))
+def test_bad_type_raises_at_construction(monitor, name, value):
+    with pytest.raises((ValueError, TypeError), match=name):
+        monitor(**{name: value})
+
+
+@pytest.mark.parametrize("monitor", list(BAD_VALUES), ids=lambda m: m.__name__)
+def test_every_argument_has_a_bad_value_case(monitor):
+    arguments = set(inspect.signature(monitor.__init__).parameters) - {"self"}
+    covered = {name for name, _ in BAD_VALUES[monitor] + BAD_TYPES[monitor]}
+    assert arguments <= covered, f"no invalid-value case for {sorted(arguments - covered)}"
+
+
+# --- the exact count in the monitor ----------------------------------------------------------------------------
+
+
+def test_transition_monitor_exact_count_on_a_float32_relu_model(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("mlp", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(
+            num_trajectories=2, num_points=NUM_POINTS, every_n_epochs=1, method="exact", log_figure=False
+        )
+    ]
+    trainer, capture = fit(model, dm, callbacks, tmp_path)
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+# --- prefixes, the dashboard layout and the hparams metrics ----------------------------------------------------
+
+PREFIXED_KEYS = {
+    "sens/jacobian_norm",
+    "sens/transition_density_on_manifold",
+    "sens/transition_density_off_manifold",
+    *(f"gen/{side}_{what}" for side in ("train", "val", "gap") for what in ("loss", "accuracy")),
+}
+
+
+@pytest.fixture(scope="module")
+def prefixed_run(tmp_path_factory):
+    """All three monitors with ``prefix="sens"`` / ``"gen"``, logging to TensorBoard as well."""
+    tmp_path = tmp_path_factory.mktemp("prefixed")
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
+    callbacks = [
+        JacobianNormMonitor(max_points=MAX_POINTS, every_n_epochs=1, prefix="sens"),
+        TransitionMonitor(num_trajectories=1, num_points=NUM_POINTS, every_n_epochs=1, prefix="sens"),
+        GeneralizationGapMonitor(max_train_points=MAX_TRAIN, every_n_epochs=1, prefix="gen"),
+    ]
+    tensorboard = TensorBoardLogger(tmp_path, name="tb")
+    trainer, capture = fit(model, dm, callbacks, tmp_path, loggers=[tensorboard], max_epochs=2)
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return trainer, capture, model, dm, callbacks, events
+
+
+def test_prefixes_name_every_logged_key(prefixed_run):
+    trainer, capture, model, dm, callbacks, events = prefixed_run
+    logged = {key for record in capture.history for key in record.metrics}
+    assert PREFIXED_KEYS <= logged, sorted(PREFIXED_KEYS - logged)
+    assert not [k for k in logged if k.startswith(("sensitivity/", "generalization/"))]
+    assert PREFIXED_KEYS <= set(events.Tags()["scalars"])
+    check_logged(trainer, capture, model, dm, callbacks)
+
+
+def _layout_regexes(events: EventAccumulator) -> list[str]:
+    (config,) = events.Tensors("custom_scalars__config__")[-1:]
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    return [tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag]
+
+
+def test_dashboard_charts_only_logged_keys(prefixed_run):
+    *_, events = prefixed_run
+    scalars = events.Tags()["scalars"]
+    regexes = _layout_regexes(events)
+    assert regexes, "no custom-scalars chart"
+    # TensorBoard's custom-scalars plugin selects tags with `re.match`
+    unmatched = [regex for regex in regexes if not any(re.match(regex, tag) for tag in scalars)]
+    assert not unmatched, f"charted but never logged: {unmatched}"
+
+
+def test_hparams_metrics_hold_every_logged_key(prefixed_run):
+    *_, events = prefixed_run
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    logged = {tag for tag in events.Tags()["scalars"] if tag.startswith(("sens/", "gen/"))}
+    assert logged <= metrics, f"logged but not an hparams metric: {sorted(logged - metrics)}"
