@@ -23,8 +23,9 @@ TORCHVISION = ("resnet18", "vgg11_bn", "mobilenet_v3_small", "googlenet", "effic
 
 
 def build_net(name: str, num_outputs: int = NUM_CLASSES, size: int = 32) -> nn.Module:
-    """A torchvision classifier by name, or one of two tiny networks: ``"cnn"`` (convolutions, batch norm, ReLU,
-    max pooling) and ``"mlp"`` (one hidden ReLU layer over ``3 x size x size`` inputs)."""
+    """A torchvision classifier by name, or a tiny network: ``"cnn"`` (convolutions, batch norm, ReLU,
+    max pooling), ``"mlp"`` (one hidden ReLU layer over ``3 x size x size`` inputs) and ``"gelu_layernorm_relu"``
+    (layer norm and GELU, then a ReLU head: counted units beside smooth ones)."""
     if name in TORCHVISION:
         import torchvision.models as models
 
@@ -45,6 +46,16 @@ def build_net(name: str, num_outputs: int = NUM_CLASSES, size: int = 32) -> nn.M
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(), nn.Linear(3 * size * size, 32), nn.ReLU(), nn.Linear(32, num_outputs)
+        )
+    if name == "gelu_layernorm_relu":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(3 * size * size, 32),
+            nn.LayerNorm(32),
+            nn.GELU(),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, num_outputs),
         )
     raise ValueError(f"unknown network {name!r}")
 

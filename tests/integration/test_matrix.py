@@ -206,12 +206,15 @@ TORCHVISION_CELLS = [
     pytest.param("resnet18", False, id="resnet18"),
     pytest.param("mobilenet_v3_small", True, id="mobilenet_v3_small"),
     pytest.param("vgg11_bn", False, id="vgg11_bn", marks=pytest.mark.slow),
-    pytest.param("googlenet", False, id="googlenet", marks=pytest.mark.slow),
+    pytest.param("googlenet", False, id="googlenet"),
 ]
 
 
-@pytest.mark.parametrize(("name", "smooth"), TORCHVISION_CELLS)
-def test_torchvision_model(name, smooth, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "smooth"),
+    [*TORCHVISION_CELLS, pytest.param("gelu_layernorm_relu", True, id="gelu_layernorm_relu")],
+)
+def test_model(name, smooth, tmp_path):
     pl.seed_everything(0)
     model, dm = MatrixClassifier(name), SyntheticImages(num_train=32, num_val=16)
     callbacks = monitors()
@@ -227,7 +230,6 @@ def test_torchvision_model(name, smooth, tmp_path):
         assert not smooth_warnings, [str(w.message) for w in smooth_warnings]
 
 
-@pytest.mark.slow
 def test_efficientnet_b0_jacobian_and_gap(tmp_path):
     pl.seed_everything(0)
     model, dm = MatrixClassifier("efficientnet_b0"), SyntheticImages(num_train=32, num_val=16)
@@ -236,7 +238,6 @@ def test_efficientnet_b0_jacobian_and_gap(tmp_path):
     check_logged(trainer, capture, model, dm, callbacks)
 
 
-@pytest.mark.slow
 def test_efficientnet_b0_transition_monitor_refuses_before_training(tmp_path):
     """efficientnet_b0 has no piecewise-linear unit at all (SiLU and sigmoid only): no transitions to count, an
     error naming its non-linearities, before any optimizer step."""
@@ -247,6 +248,17 @@ def test_efficientnet_b0_transition_monitor_refuses_before_training(tmp_path):
     with pytest.raises(ValueError, match="(?i)silu"):
         trainer, _ = fit(model, dm, callbacks, tmp_path)
     assert trainer is None
+    assert model.trainer.global_step == 0
+
+
+def test_exact_count_refuses_a_model_with_smooth_units_before_training(tmp_path):
+    pl.seed_everything(0)
+    model, dm = MatrixClassifier("gelu_layernorm_relu", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(num_trajectories=1, num_points=NUM_POINTS, every_n_epochs=1, method="exact")
+    ]
+    with pytest.raises(ValueError, match="(?i)piecewise.linear|gelu|layer.?norm"):
+        fit(model, dm, callbacks, tmp_path)
     assert model.trainer.global_step == 0
 
 
