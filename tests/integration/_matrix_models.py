@@ -5,7 +5,7 @@ measurements a logged value must equal."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,9 +247,9 @@ def eager_copy(
     """A fresh, uncompiled network with ``weights`` (a compiled network's ``_orig_mod.`` names undone), in ``dtype``,
     in eval mode; it returns the logits whatever ``module.forward`` returns."""
     options = {**module.hparams, "compile_net": False, "dict_output": False}
-    fresh = MatrixClassifier(**options)
+    fresh = MatrixClassifier(**options).to(dtype)  # before loading: float64 weights stay float64
     fresh.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in weights.items()})
-    return fresh.net.to(dtype).eval()
+    return fresh.net.eval()
 
 
 def expected_jacobian(net: nn.Module, x: Tensor) -> float:
@@ -271,10 +271,11 @@ def expected_loss_accuracy(net: nn.Module, x: Tensor, y: Tensor, binary: bool = 
 
 
 def expected_densities(
-    net: Callable[[Tensor], Tensor], anchors: dict[str, Tensor], num_points: int, method: str = "sampled"
+    net: nn.Module, anchors: dict[str, Tensor], num_points: int, method: str = "sampled"
 ) -> dict[str, tuple[float, float]]:
-    """``{kind: (mean transition density, mean count)}`` recounted along the curves through ``anchors``."""
-    dtype = next(net.parameters()).dtype if isinstance(net, nn.Module) else torch.float32
+    """``{kind: (mean transition density, mean count)}`` recounted along the curves through ``anchors``, in the
+    dtype of ``net``."""
+    dtype = next(net.parameters()).dtype
     result = {}
     for kind, per_curve in anchors.items():
         curves = [trajectory_through(a.to(dtype), num_points) for a in per_curve]
