@@ -313,10 +313,10 @@ def test_max_time_measures_at_least_once(tmp_path):
     model, dm = MatrixClassifier("cnn", size=16), SyntheticImages(size=16)
     callbacks = monitors(every_n_epochs=None)
     trainer, capture = fit(model, dm, callbacks, tmp_path, max_time={"seconds": 3}, max_epochs=None)
+    passes = capture.steps("val_loss")
+    assert passes, "no validation pass ran in 3 s"
     for key in (*ALL_KEYS, "sensitivity/transition_density_on_manifold"):
-        assert capture.steps(key), (
-            f"{key} was never measured in {len(capture.steps('val_loss'))} validation passes"
-        )
+        assert capture.steps(key), f"{key} was never measured in {len(passes)} validation passes"
     check_logged(trainer, capture, model, dm, callbacks)
 
 
@@ -496,7 +496,9 @@ def test_iterable_datasets(tmp_path):
 # --- training is unchanged ------------------------------------------------------------------------------------
 
 
-def training_state(model_args: dict[str, Any], callbacks: list[pl.Callback], tmp_path: Any) -> dict[str, Any]:
+def training_state(
+    model_args: dict[str, Any], callbacks: list[pl.Callback], tmp_path: Any, deterministic: bool
+) -> dict[str, Any]:
     """Weights, buffers, optimizer state and the global random streams after two seeded epochs, and the keys
     logged."""
     pl.seed_everything(0)
@@ -507,7 +509,7 @@ def training_state(model_args: dict[str, Any], callbacks: list[pl.Callback], tmp
         callbacks,
         tmp_path,
         max_epochs=2,
-        deterministic=True,
+        deterministic=deterministic,
     )
     return {
         "logged": {key for record in capture.history for key in record.metrics},
@@ -521,15 +523,19 @@ def training_state(model_args: dict[str, Any], callbacks: list[pl.Callback], tmp
 
 
 UNCHANGED_CELLS = [
-    pytest.param({"net": "resnet18"}, id="resnet18"),
-    pytest.param({"net": "cnn", "size": 16, "compile_net": True}, id="compiled_cnn", marks=pytest.mark.slow),
+    pytest.param({"net": "resnet18"}, True, id="resnet18"),
+    # Not `deterministic=True`: that keeps the compiled backward from donating its buffers, which users' runs do.
+    # Two plain runs of this model on a CPU are bit-identical without it.
+    pytest.param(
+        {"net": "cnn", "size": 16, "compile_net": True}, False, id="compiled_cnn", marks=pytest.mark.slow
+    ),
 ]
 
 
-@pytest.mark.parametrize("model_args", UNCHANGED_CELLS)
-def test_monitors_leave_training_bit_identical(model_args, tmp_path):
-    plain = training_state(model_args, [], tmp_path / "plain")
-    monitored = training_state(model_args, monitors(), tmp_path / "monitored")
+@pytest.mark.parametrize(("model_args", "deterministic"), UNCHANGED_CELLS)
+def test_monitors_leave_training_bit_identical(model_args, deterministic, tmp_path):
+    plain = training_state(model_args, [], tmp_path / "plain", deterministic)
+    monitored = training_state(model_args, monitors(), tmp_path / "monitored", deterministic)
     measured = {*ALL_KEYS, "sensitivity/transition_density_on_manifold"}
     assert measured <= monitored["logged"], "the monitors measured nothing: nothing to compare"
     assert plain["model"].keys() == monitored["model"].keys()
