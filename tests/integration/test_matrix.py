@@ -32,6 +32,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
 from tests.integration._matrix_models import (
     CapturingLogger,
     MatrixClassifier,
@@ -283,6 +284,26 @@ def test_compiled_module_is_measured_as_its_eager_copy(form, tmp_path):
     dm, callbacks = SyntheticImages(size=16), monitors()
     trainer, capture = fit(model, dm, callbacks, tmp_path, fit_target=target, max_epochs=2)
     check_logged(trainer, capture, model, dm, callbacks, rel=REL_COMPILED)
+
+
+def _net_and_compiled() -> tuple[torch.nn.Module, torch.nn.Module, SyntheticImages]:
+    pl.seed_everything(0)
+    net = MatrixClassifier("cnn", size=16).net.eval()
+    return net, torch.compile(net), SyntheticImages(size=16)
+
+
+@pytest.mark.slow
+def test_functional_jacobian_norm_of_a_compiled_network_is_the_eager_one():
+    net, compiled_net, dm = _net_and_compiled()
+    x = dm.x_val[:MAX_POINTS]
+    assert torch.allclose(jacobian_norm(compiled_net, x), jacobian_norm(net, x), rtol=REL_COMPILED, atol=0)
+
+
+@pytest.mark.slow
+def test_functional_count_transitions_of_a_compiled_network_is_the_eager_one():
+    net, compiled_net, dm = _net_and_compiled()
+    curve = trajectory_through(dm.x_train[:3], 64)
+    assert int(count_transitions(compiled_net, curve)) == int(count_transitions(net, curve))
 
 
 # --- how a fit ends, how validation is scheduled ------------------------------------------------------------
