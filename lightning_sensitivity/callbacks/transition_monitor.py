@@ -200,9 +200,15 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         x = _batch_input(batch, self.input_key, self.get_input)
         _check_continuous_input(type(self).__name__, x)  # a curve through token ids means nothing
         # Fail at once for a model without piecewise-linear units (NaN outputs are the measurement's business:
-        # it logs NaN).
+        # it logs NaN), and for an exact count of a model that is not piecewise linear.
         with contextlib.suppress(NonFiniteOutputError):
-            activation_codes(self._measured_model(pl_module), x[:1].detach())
+            smooth = activation_codes(self._measured_model(pl_module), x[:1].detach()).smooth_operations
+            if smooth and self.method == "exact":
+                raise ValueError(
+                    f"TransitionMonitor(method='exact') needs a piecewise-linear model, but the model also applies "
+                    f"{', '.join(smooth)}: it has no linear regions to step through. Use `method='sampled'`, which "
+                    "counts the boundaries of its piecewise-linear units (not linear regions)."
+                )
 
     @override
     def _check_watcher_timing(self, trainer: pl.Trainer, callback: Any) -> None:
@@ -375,7 +381,16 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
     def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
             return count_transitions(forward, curves, method="exact")
-        results = count_transitions(forward, curves, chunk_size=self.chunk_size, return_segments=True)
+        results = count_transitions(
+            forward, curves, chunk_size=self.chunk_size, return_segments=True, warn_smooth=False
+        )
+        smooth = sorted({name for result in results for name in result.smooth_operations})
+        if smooth:
+            self._warn_once(
+                "smooth",
+                f"the model is not piecewise linear: it also applies {', '.join(smooth)}. The logged transitions "
+                "count the boundaries of its piecewise-linear units along the trajectories, not linear regions.",
+            )
         for result in results:
             if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
                 result.transitions, 1

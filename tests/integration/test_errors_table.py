@@ -216,6 +216,16 @@ def _not_affine() -> None:
     count_transitions(model, _curve(), method="exact")
 
 
+class _GeluThenRelu(MLPClassifier):
+    """A GELU layer before a ReLU layer: counted units beside a smooth one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10)
+        )
+
+
 class _Square(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * x
@@ -322,6 +332,13 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         [TransitionMonitor(num_trajectories=4, every_n_epochs=1, log_figure=False)],
         datamodule=DigitsDataModule(batch_size=4),
         limit_train_batches=1,
+    ),
+    "transition-monitor-exact-smooth": lambda: _fit(
+        [TransitionMonitor(num_trajectories=1, method="exact")], model=_GeluThenRelu()
+    ),
+    "transition-monitor-smooth": lambda: _fit(
+        [TransitionMonitor(num_trajectories=1, every_n_epochs=1, log_figure=False)],
+        model=_GeluThenRelu(),
     ),
     "transition-monitor-not-converged": lambda: _fit(
         [TransitionMonitor(num_trajectories=1, num_points=6, every_n_epochs=1, log_figure=False)]
