@@ -104,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"{int(table.num_val_points.iloc[0])} held-out points.",
         f"Sweep: {len(table)} fully-connected models ({grid_size} in the F1 grid, {len(sweep.variants)} F3 "
         f"variants); {int(table.reached_target.sum())} reached the fit criterion; training took "
-        f"{table.train_seconds.sum():.0f} s of model time in total.",
+        f"{table.train_seconds.sum():.0f} s of wall time summed over the models, training and measuring "
+        f"{table.cpu_seconds.sum():.0f} s of CPU time.",
         f"F2 model: `{reference.model_id}` ({manifold.epochs} epochs, training accuracy "
         f"{manifold.train_accuracy:.3f}), {num_ellipses} ellipses of each kind with {num_points} points.",
         f"This invocation: {elapsed:.0f} s wall time ({sweep_seconds:.0f} s for the sweep), {args.jobs} job(s)"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from examples.paper.statistics import bootstrap_kendall, granulated_kendall
+from examples.paper.rank_statistics import bootstrap_kendall, granulated_kendall
 from examples.paper.sweep import AXES, Sweep
 
 #: The columns that identify a model's configuration: two models with the same values are the same model.

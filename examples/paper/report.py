@@ -405,6 +405,9 @@ Over {len(f4_models)} fitted models on true labels: per-model statistics of the 
 max-softmax enters as 1 - max p); "partial_spearman": Jacobian norm and loss with the max-softmax held fixed;
 "auc_jacobian_within_confidence": the Jacobian norm's AUC within five quantile bins of the max-softmax.
 "above_null" is the share of models above 0 (correlations) or 0.5 (AUCs), with its two-sided sign test.
+Most held-out points sit at a max-softmax near 1, so the lowest quantile bin spans a wide range of confidence
+and holds most errors: within it the Jacobian norm still tracks the confidence, which inflates the within-bin
+AUC. The partial rank correlation has no such bins, and is the stricter of the two tests.
 
 {markdown_table(f4_rows)}
 

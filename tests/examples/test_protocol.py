@@ -29,7 +29,10 @@ def test_the_default_grid_varies_every_axis() -> None:
     sweep = sweep_grid()
     grid = _rows(list(sweep.grid))
     assert len(grid) == 144 == grid.model_id.nunique()
-    assert len({c.model_id for c in sweep.configs}) == len(sweep.configs) == 144 + 12 * len(VARIANTS)
+    # every factor on the 12 bases, random labels on the 6 Adam bases
+    assert len({c.model_id for c in sweep.configs}) == len(sweep.configs) == 144 + 12 * (len(VARIANTS) - 2) + 6 * 2
+    counts = pd.Series([factor for factor, _, _ in sweep.variants]).value_counts()
+    assert counts["random labels 100%"] == counts["random labels 25%"] == 6 and counts["full batch"] == 12
     for column in ("width", "depth", "optimizer", "lr", "batch_size", "seed"):
         assert grid[column].nunique() >= 2, column
     assert set(AXES) >= {"width", "depth", "optimizer", "batch_size", "seed"}

@@ -54,6 +54,7 @@ BOOKKEEPING = [
     "epochs_trained",
     "reached_target",
     "train_seconds",
+    "cpu_seconds",
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from examples.paper.statistics import (
+from examples.paper.rank_statistics import (
     binned_auc,
     bootstrap_kendall,
     granulated_kendall,
@@ -90,6 +90,7 @@ def test_partial_spearman_equals_the_correlation_of_rank_residuals() -> None:
     expected = stats.pearsonr(*residual).statistic
     assert partial_spearman(x, y, z) == pytest.approx(expected, abs=1e-10)
     assert partial_spearman(x, y, z) < stats.spearmanr(x, y).statistic  # z explains part of it
+    assert math.isnan(partial_spearman(x, y, np.ones_like(z)))
 
 
 def test_binned_auc_is_the_pair_weighted_mean_of_per_bin_aucs() -> None:

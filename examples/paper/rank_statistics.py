@@ -94,14 +94,19 @@ def granulated_kendall(table: pd.DataFrame, measure: str, gap: str, axes: Sequen
 
 def partial_spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
                      z: Sequence[float] | np.ndarray) -> float:
-    """Spearman's correlation of ``x`` and ``y`` with ``z`` held fixed (the partial correlation of the ranks).
+    """Spearman's correlation of ``x`` and ``y`` with ``z`` held fixed (the partial correlation of the ranks); NaN
+    if any of them is constant.
 
-    Example:
-        >>> z = np.arange(10.0)
-        >>> round(partial_spearman(z + [0, 1] * 5, z - [0, 1] * 5, z), 3)
-        -1.0
+    Example: two variables that share a trend ``z`` and differ by an alternating term ``a``; their ranks agree
+    through ``z``, and once ``z`` is held fixed, only the opposite signs of ``a`` are left.
+
+        >>> z, a = np.arange(10.0), np.array([0.0, 1.0] * 5)
+        >>> round(float(stats.spearmanr(z + a, z - a).statistic), 3), round(partial_spearman(z + a, z - a, z), 3)
+        (0.947, -0.947)
     """
     rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+    if min(np.ptp(rx), np.ptp(ry), np.ptp(rz)) == 0:
+        return math.nan  # a constant variable (all points at one max-softmax, say) has no rank correlation
     r_xy, r_xz, r_yz = (float(np.corrcoef(a, b)[0, 1]) for a, b in ((rx, ry), (rx, rz), (ry, rz)))
     denominator = math.sqrt(max((1 - r_xz**2) * (1 - r_yz**2), 0.0))
     return (r_xy - r_xz * r_yz) / denominator if denominator > 0 else math.nan
