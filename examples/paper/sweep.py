@@ -60,8 +60,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hardsigmoid": {"activation": "hardsigmoid"},
 }
 
-#: The standard deviation of the Gaussian noise added to every training input (pixels are in [0, 1]).
-NOISE_STD = 0.1
+#: The standard deviation of the Gaussian noise added to every training input (pixels are in [0, 1]). In trials
+#: on the F3 bases, 0.1 raised held-out accuracy in only 5 of 12 pairs, 0.2 in 7 of 9, 0.3 in 7 of 8 (one tie):
+#: the augmentation must help generalization here for its pairs to test the paper's claim.
+NOISE_STD = 0.3
 #: Full-batch training takes one step per epoch: its budget is this many times the mini-batch one.
 FULL_BATCH_EPOCH_FACTOR = 10
 #: Sharpness: the relative size of each weight perturbation, and the number of seeded perturbations.
@@ -174,9 +176,11 @@ def sweep_grid(quick: bool = False, seed: int = 0, max_epochs: int | None = None
     return Sweep(grid, tuple(variants), reference)
 
 
-def learning_rate_level(optimizer: str, lr: float) -> int:
-    """0 for the optimizer's low learning rate, 1 for its high one (the grid's ``lr_level`` axis)."""
-    return LEARNING_RATES[optimizer].index(lr)
+def learning_rate_level(optimizer: str, lr: float) -> int | None:
+    """0 for the optimizer's low learning rate, 1 for its high one (the grid's ``lr_level`` axis); ``None`` for
+    a rate that is not one of the grid's."""
+    rates = LEARNING_RATES.get(optimizer, ())
+    return rates.index(lr) if lr in rates else None
 
 
 def build_network(config: ModelConfig, in_features: int, num_classes: int) -> nn.Sequential:
