@@ -87,8 +87,10 @@ def is_grid(table: pd.DataFrame) -> pd.Series:
 
 
 def f1_population(table: pd.DataFrame) -> pd.DataFrame:
-    """F1's population: the grid's models that reached the fit criterion."""
-    return with_measures(table[is_grid(table) & table.reached_target.astype(bool)])
+    """F1's population: the grid's models that reached the fit criterion, sorted by model id (so that the bootstrap
+    draws the same resamples whatever the order of the table's rows)."""
+    population = table[is_grid(table) & table.reached_target.astype(bool)]
+    return with_measures(population.sort_values("model_id", ignore_index=True))
 
 
 def f1_statistics(population: pd.DataFrame, num_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:

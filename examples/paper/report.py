@@ -255,11 +255,14 @@ def write_report(out_dir: Path, run: Run) -> Path:
         f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found)} |"
     )
     findings.append(
-        f"| F4 (beyond confidence) | - | median partial Spearman given max-softmax "
+        f"| F4 (beyond confidence) | (not in the paper) | median partial Spearman given max-softmax "
         f"{num(f4.loc['f4_partial_spearman', 'median'])}, median AUC within confidence bins "
         f"{num(f4.loc['f4_auc_jacobian_within_confidence', 'median'])}; max-softmax alone AUC "
         f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(beyond)} |"
     )
+    findings.append("")
+    findings.append("F2's three verdicts per row: near < between (trained) / between < off manifold (trained) / "
+                    "near-to-between ratio lower trained than untrained.")
     findings_table = "\n".join(findings)
 
     f2_rows = f2.assign(
