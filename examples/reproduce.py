@@ -1,6 +1,6 @@
 """Reproduce the findings of Novak et al., "Sensitivity and Generalization in Neural Networks" (ICLR 2018).
 
-    python -m examples.reproduce                 # the default sweep on digits (216 models, two at a time)
+    python -m examples.reproduce                 # the default sweep on digits (204 models, two at a time)
     python -m examples.reproduce --quick         # 14 models, under 2 minutes (what CI runs)
     python -m examples.reproduce --jobs 1        # one model at a time
     python -m examples.reproduce --ray           # the same sweep as Ray Tune trials (pip install -e ".[ray]")
