@@ -1,18 +1,21 @@
 """The statistics of the report, computed from the sweep's table only (so a reader can recompute them).
 
-F1: correlations between the log Jacobian norm and the generalization gap over the models. F3: the paired
-effect of each factor, over pairs of models that differ in that factor only. F4: the per-model Spearman
-correlation between per-point Jacobian norm and loss, and the ROC AUC of the Jacobian norm for the
-misclassified held-out points, summarized over the sweep.
+F1: over the F1 grid's models that fit their training set, Kendall's tau (with its bootstrap interval) and the
+granulated Kendall coefficient of the Jacobian norm and of every baseline against each gap. F3: the paired
+effect of each factor over the pairs whose two models both fit. F4: per-model statistics of the held-out
+points, summarized over the fitted true-label models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+
+from examples.paper.rank_statistics import bootstrap_kendall, granulated_kendall
+from examples.paper.sweep import AXES, Sweep
 
 #: The columns that identify a model's configuration: two models with the same values are the same model.
 HPARAM_COLUMNS = [
@@ -30,114 +33,175 @@ HPARAM_COLUMNS = [
     "max_epochs",
 ]
 
+#: The generalization measures compared in F1: the table's column, and how the report names it. Every measure is
+#: oriented so that a larger value predicts a larger gap (the held-out confidence enters as ``1 - confidence``).
+MEASURES: dict[str, str] = {
+    "jacobian_norm": "Jacobian norm (held-out mean)",
+    "param_norm": "parameter norm",
+    "distance_from_init": "distance from initialization",
+    "log_spectral_product": "product of spectral norms",
+    "sharpness": "sharpness (random perturbations)",
+    "uncertainty": "1 - mean max-softmax (held-out)",
+}
+
+GAPS = {"gap_loss": "loss gap", "gap_accuracy": "accuracy gap"}
+
+#: F1's verdict: tau's two-sided p-value below this, and the bootstrap interval above zero.
+SIGNIFICANCE = 0.01
+#: F3's verdict needs at least this many pairs in which both models fit.
+MIN_CLEAN_PAIRS = 3
+
 
 @dataclass(frozen=True)
 class Factor:
-    """A factor of F3: the base setting, the variant setting, and the paper's claim about the variant.
+    """A factor of F3 and the paper's claim about it.
 
     Args:
-        name: as the report names it.
-        column: the hyper-parameter that changes.
-        base: its value in the base model.
-        variant: its value in the variant; ``None`` for any value other than ``base``.
+        name: the sweep's name of the factor (a key of ``examples.paper.sweep.VARIANTS``).
         paper_direction: +1 if the paper finds higher sensitivity and a larger gap for the variant, -1 if lower.
-        also_differs: other columns that change with it (the batch size with full-batch training).
     """
 
     name: str
-    column: str
-    base: Any
-    variant: Any
     paper_direction: int
-    also_differs: tuple[str, ...] = ()
 
 
 FACTORS = (
-    Factor("augmentation", "augment", False, True, -1),
-    Factor("random labels", "random_label_fraction", 0.0, None, +1),
-    Factor("full batch", "full_batch", False, True, +1, also_differs=("batch_size",)),
-    Factor("hardtanh instead of ReLU", "activation", "relu", "hardtanh", +1),
-    Factor("hardsigmoid instead of ReLU", "activation", "relu", "hardsigmoid", +1),
+    Factor("augmentation", -1),
+    Factor("random labels 25%", +1),
+    Factor("random labels 100%", +1),
+    Factor("full batch", +1),
+    Factor("hardtanh", +1),
+    Factor("hardsigmoid", +1),
 )
 
 
-def correlations(x: pd.Series, y: pd.Series) -> dict[str, float]:
-    """Pearson, Spearman and Kendall correlations of ``x`` and ``y`` (with Kendall's p-value), and ``n``."""
-    from scipy import stats
-
-    kendall = stats.kendalltau(x, y)
-    return {
-        "n": len(x),
-        "pearson": float(stats.pearsonr(x, y).statistic),
-        "spearman": float(stats.spearmanr(x, y).statistic),
-        "kendall": float(kendall.statistic),
-        "kendall_p": float(kendall.pvalue),
-    }
+def with_measures(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the derived columns of the analysis (``uncertainty = 1 - confidence``)."""
+    return table.assign(uncertainty=1 - table.confidence)
 
 
-def f1_correlations(table: pd.DataFrame) -> pd.DataFrame:
-    """F1: log10 of the mean held-out Jacobian norm against each gap, over all models and over the models
-    that fitted their training set; one row per (population, gap)."""
+def is_grid(table: pd.DataFrame) -> pd.Series:
+    """The F1 grid's models: ReLU, true labels, no augmentation, mini-batches (every F3 variant changes one)."""
+    return ((table.activation == "relu") & (table.augment == "none") & (table.random_label_fraction == 0)
+            & ~table.full_batch.astype(bool))
+
+
+def f1_population(table: pd.DataFrame) -> pd.DataFrame:
+    """F1's population: the grid's models that reached the fit criterion, sorted by model id (so that the bootstrap
+    draws the same resamples whatever the order of the table's rows)."""
+    population = table[is_grid(table) & table.reached_target.astype(bool)]
+    return with_measures(population.sort_values("model_id", ignore_index=True))
+
+
+def f1_statistics(population: pd.DataFrame, num_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per (measure, gap): ``n``, Kendall's ``tau`` and its ``p`` value (scipy), the bootstrap 95%
+    interval ``ci_low``/``ci_high``, the granulated coefficient ``granulated`` and its per-axis ``psi_<axis>``."""
     rows = []
-    for population, models in [("all models", table), ("models at 100% train accuracy", table[table.reached_target])]:
-        for gap in ("gap_loss", "gap_accuracy"):
-            if len(models) >= 3:
-                rows.append({"population": population, "gap": gap,
-                             **correlations(np.log10(models.jacobian_norm), models[gap])})
+    for measure, label in MEASURES.items():
+        for gap in GAPS:
+            x, y = population[measure].to_numpy(float), population[gap].to_numpy(float)
+            if len(x) < 3:
+                continue
+            tau = stats.kendalltau(x, y)
+            low, high = bootstrap_kendall(x, y, num_resamples, seed)
+            granulated = granulated_kendall(population, measure, gap, AXES)
+            rows.append({
+                "measure": label, "column": measure, "gap": gap, "n": len(x),
+                "tau": float(tau.statistic), "p": float(tau.pvalue), "ci_low": low, "ci_high": high,
+                "granulated": granulated["granulated"], **{f"psi_{axis}": granulated[axis] for axis in AXES},
+            })
     return pd.DataFrame(rows)
 
 
-def pairs(table: pd.DataFrame, factor: Factor) -> pd.DataFrame:
-    """The pairs of models that differ in ``factor`` and in nothing else: one row per pair, with the base
-    model's and the variant's measurements side by side (suffixes ``_base`` and ``_variant``)."""
-    keys = [c for c in HPARAM_COLUMNS if c not in (factor.column, *factor.also_differs)]
-    is_base = table[factor.column] == factor.base
-    is_variant = ~is_base if factor.variant is None else table[factor.column] == factor.variant
-    return table[is_base].merge(table[is_variant], on=keys, suffixes=("_base", "_variant"))
+def f1_found(row: pd.Series) -> bool:
+    """F1's rule, fixed in advance: tau > 0 with p < ``SIGNIFICANCE`` and a bootstrap interval above zero."""
+    return bool(row.tau > 0 and row.p < SIGNIFICANCE and row.ci_low > 0)
 
 
-def f3_paired_effects(table: pd.DataFrame) -> pd.DataFrame:
-    """F3: for each factor, over its pairs, how the Jacobian norm and the gap change from base to variant."""
+def pair_links(sweep: Sweep) -> pd.DataFrame:
+    """The pairs of F3 as model ids: ``factor``, ``model_id_base``, ``model_id_variant``."""
+    return pd.DataFrame(
+        [(factor, base.model_id, variant.model_id) for factor, base, variant in sweep.variants],
+        columns=["factor", "model_id_base", "model_id_variant"],
+    )
+
+
+def paired(table: pd.DataFrame, links: pd.DataFrame) -> pd.DataFrame:
+    """Each F3 pair with the base model's and the variant's columns side by side (suffixes ``_base`` and
+    ``_variant``), and ``both_fit``: whether both models reached the fit criterion."""
+    base = table.add_suffix("_base")
+    variant = table.add_suffix("_variant")
+    p = links.merge(base, on="model_id_base").merge(variant, on="model_id_variant")
+    return p.assign(both_fit=p.reached_target_base.astype(bool) & p.reached_target_variant.astype(bool))
+
+
+def f3_effects(pairs: pd.DataFrame) -> pd.DataFrame:
+    """One row per factor: its pairs, how many fit on both sides, and over those clean pairs how the Jacobian
+    norm, the transitions, the gaps and the held-out accuracy change from base to variant (share in the paper's
+    direction, with the two-sided sign-test p-value of the Jacobian's share)."""
     rows = []
     for factor in FACTORS:
-        p = pairs(table, factor)
+        p = pairs[pairs.factor == factor.name]
         if p.empty:
             continue
-        ratio = p.jacobian_norm_variant / p.jacobian_norm_base
-        d_loss = p.gap_loss_variant - p.gap_loss_base
-        d_acc = p.gap_accuracy_variant - p.gap_accuracy_base
-        expected = np.sign(factor.paper_direction)
-        rows.append(
-            {
-                "factor": factor.name,
-                "paper": "higher" if expected > 0 else "lower",
-                "pairs": len(p),
-                "jacobian_ratio_median": float(ratio.median()),
-                "jacobian_as_paper": float((np.sign(np.log(ratio)) == expected).mean()),
-                "gap_loss_change_median": float(d_loss.median()),
-                "gap_loss_as_paper": float((np.sign(d_loss) == expected).mean()),
-                "gap_accuracy_change_median": float(d_acc.median()),
-                "gap_accuracy_as_paper": float((np.sign(d_acc) == expected).mean()),
-                "base_fitted": float(p.reached_target_base.mean()),
-                "variant_fitted": float(p.reached_target_variant.mean()),
-            }
-        )
+        clean = p[p.both_fit]
+        expected = factor.paper_direction
+        ratio = clean.jacobian_norm_variant / clean.jacobian_norm_base
+        moves = int((np.sign(np.log(ratio)) == expected).sum())
+        transitions = clean.transitions_variant / clean.transitions_base
+        d_loss = clean.gap_loss_variant - clean.gap_loss_base
+        d_acc = clean.gap_accuracy_variant - clean.gap_accuracy_base
+        d_val = clean.val_accuracy_variant - clean.val_accuracy_base
+        n = len(clean)
+        rows.append({
+            "factor": factor.name,
+            "paper": "higher" if expected > 0 else "lower",
+            "pairs": len(p),
+            "both_fit": n,
+            "base_fit": int(p.reached_target_base.sum()),
+            "variant_fit": int(p.reached_target_variant.sum()),
+            "jacobian_ratio_median": float(ratio.median()) if n else np.nan,
+            "jacobian_as_paper": moves,
+            "sign_test_p": float(stats.binomtest(moves, n).pvalue) if n else np.nan,
+            "transitions_ratio_median": float(transitions.median()) if n else np.nan,
+            "transitions_as_paper": int((np.sign(np.log(transitions)) == expected).sum()),
+            "gap_loss_as_paper": int((np.sign(d_loss) == expected).sum()),
+            "gap_accuracy_as_paper": int((np.sign(d_acc) == expected).sum()),
+            "val_accuracy_up": int((d_val > 0).sum()),
+            "val_accuracy_change_median": float(d_val.median()) if n else np.nan,
+        })
     return pd.DataFrame(rows)
 
 
-def f4_summary(table: pd.DataFrame) -> dict[str, float]:
-    """F4 over the sweep: the distribution of the per-model Spearman correlations and ROC AUCs."""
-    spearman = table.f4_spearman.dropna()
-    auc = table.f4_auc_misclassified.dropna()
-    return {
-        "models": len(spearman),
-        "spearman_median": float(spearman.median()),
-        "spearman_q25": float(spearman.quantile(0.25)),
-        "spearman_q75": float(spearman.quantile(0.75)),
-        "spearman_positive": float((spearman > 0).mean()),
-        "auc_models": len(auc),
-        "auc_median": float(auc.median()),
-        "auc_q25": float(auc.quantile(0.25)),
-        "auc_q75": float(auc.quantile(0.75)),
-        "auc_above_half": float((auc > 0.5).mean()),
+def f3_verdict(row: pd.Series) -> str:
+    """F3's rule, fixed in advance: with at least ``MIN_CLEAN_PAIRS`` clean pairs, the Jacobian norm moves the
+    paper's way in more than half of them; with fewer, no verdict."""
+    if row.both_fit < MIN_CLEAN_PAIRS:
+        return "undecided"
+    return "yes" if row.jacobian_as_paper > row.both_fit / 2 else "no"
+
+
+def f4_population(table: pd.DataFrame) -> pd.DataFrame:
+    """F4's models: every fitted model trained on true labels (its held-out errors are the model's own)."""
+    return table[table.reached_target.astype(bool) & (table.random_label_fraction == 0)]
+
+
+def f4_summary(models: pd.DataFrame) -> pd.DataFrame:
+    """F4 over ``models``: for each per-model statistic, the number of models where it is defined, its median
+    and quartiles, and the share of models above its no-information value (0 for correlations, 0.5 for AUCs)."""
+    columns = {
+        "f4_spearman_jacobian": 0.0, "f4_spearman_max_softmax": 0.0, "f4_spearman_entropy": 0.0,
+        "f4_auc_jacobian": 0.5, "f4_auc_max_softmax": 0.5, "f4_auc_entropy": 0.5,
+        "f4_partial_spearman": 0.0, "f4_auc_jacobian_within_confidence": 0.5,
     }
+    rows = []
+    for column, null in columns.items():
+        values = models[column].dropna()
+        above = int((values > null).sum())
+        rows.append({
+            "statistic": column, "models": len(values), "median": float(values.median()),
+            "q25": float(values.quantile(0.25)), "q75": float(values.quantile(0.75)),
+            "above_null": above / len(values) if len(values) else np.nan,
+            "sign_test_p": float(stats.binomtest(above, len(values)).pvalue) if len(values) else np.nan,
+        })
+    return pd.DataFrame(rows)

@@ -1,12 +1,19 @@
-"""F2: sensitivity on the training points, between them on the data manifold, and off the manifold.
+"""F2: sensitivity along closed curves through training points, as the paper measures it.
 
-One model of the sweep's base configuration is trained (with the monitors, logged to TensorBoard) and
-compared with the same network at its initial weights. Both are measured along the same closed curves:
-ellipses through three training points (on the manifold) and ellipses through three off-manifold anchors
-(points drawn to match the training data's per-feature mean and standard deviation). Along each curve, the
-Jacobian norm at every point and the exact number of linear-region transitions (with the sampled count on the
-same points beside it, as a check); and the Jacobian norm at the
-anchors themselves, which for on-manifold curves are training points.
+One model of the sweep (three ReLU layers or more, true labels) is trained with Lightning and the package's
+monitors (logged to TensorBoard), and compared with the same network at its initial weights. Both are measured
+along the same ellipses, each through three anchors placed at ``t = 0, 2 pi / 3, 4 pi / 3``:
+
+- ``one class``: three training points of the same class (the class cycles over the ellipses);
+- ``any classes``: three training points drawn at random;
+- ``off manifold``: three points drawn to match the training data's per-feature mean and standard deviation.
+
+At every point of every ellipse the Jacobian norm, and on every segment (point ``i`` to ``i + 1``) the
+linear-region transitions crossed. Each point and segment is placed by its distance in ``t`` to the nearest
+anchor, as a share ``u`` of the largest possible distance (``pi / 3``): ``u = 0`` at an anchor, ``u = 1`` half way
+between two. The profile is averaged over the ellipses, per bin of ``u``, and summarized in three regions:
+near the anchors (``u < NEAR``), between them (``u >= BETWEEN``) on the on-manifold ellipses, and the whole of
+the off-manifold ellipses.
 """
 
 from __future__ import annotations
@@ -14,17 +21,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from typing_extensions import override
 
-from examples.digits import train
-from examples.paper.data import DataSpec
-from examples.paper.sweep import ModelConfig, StopAtTrainAccuracy, build, sensitivity_monitors
+from examples.digits import DigitsDataModule, MLPClassifier, train
+from examples.paper.data import DataSpec, load_tensors
+from examples.paper.sweep import ModelConfig, evaluate_logits
 from lightning_sensitivity.functional import (
     count_transitions,
     ellipse_through,
@@ -32,7 +40,12 @@ from lightning_sensitivity.functional import (
     jacobian_norm,
 )
 
-KINDS = ("on manifold", "off manifold")
+KINDS = ("one class", "any classes", "off manifold")
+ON_MANIFOLD = KINDS[:2]
+#: The regions of a profile, as shares of the largest distance in t to the nearest anchor.
+NEAR = 0.1
+BETWEEN = 0.5
+QUANTITIES = {"jacobian_norm": "Jacobian norm", "segment_transitions": "transitions per segment"}
 
 
 @dataclass
@@ -40,72 +53,194 @@ class ManifoldResult:
     """The F2 measurements.
 
     Args:
-        curves: one row per (model, kind, ellipse): transitions, density, arc length, mean Jacobian norm along
-            the ellipse and at its anchors.
-        profiles: for the first ellipse of each kind and each model, the Jacobian norm at every point of the
-            curve (``model``, ``kind``, ``t``, ``jacobian_norm``) and the transitions on each segment.
+        profiles: one row per (model, kind, ellipse, point): ``t``, ``u`` (distance to the nearest anchor, as a
+            share of ``pi / 3``), the Jacobian norm at the point and the transitions on the segment that starts
+            there (``u_segment`` is its midpoint's distance).
+        curves: one row per (model, kind, ellipse): the sampled transitions on all points and on every other
+            point (the convergence evidence), and the arc length.
         train_accuracy: the trained model's final accuracy on its training set.
+        epochs: the epochs it trained.
     """
 
-    curves: pd.DataFrame
     profiles: pd.DataFrame
+    curves: pd.DataFrame
     train_accuracy: float
+    epochs: int
+
+
+class StopAtTrainAccuracy(pl.Callback):
+    """Stops training once the model, in eval mode, reaches ``target`` accuracy on its whole training set (one
+    forward pass at the end of every training epoch).
+
+    Args:
+        x: the training inputs.
+        y: the training labels.
+        target: the accuracy that ends training.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, target: float = 1.0) -> None:
+        self.x, self.y, self.target = x, y, target
+        self.accuracy = float("nan")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.accuracy = (evaluate_logits(pl_module, self.x).argmax(1) == self.y).double().mean().item()
+        if self.accuracy >= self.target:
+            trainer.should_stop = True
+
+
+def distance_to_anchor(t: np.ndarray) -> np.ndarray:
+    """``u``: the distance in ``t`` to the nearest of the anchors ``0, 2 pi / 3, 4 pi / 3``, divided by ``pi / 3``.
+
+    Example:
+        >>> distance_to_anchor(np.array([0.0, np.pi / 3, 2 * np.pi / 3, 1.9 * np.pi])).round(3).tolist()
+        [0.0, 1.0, 0.0, 0.3]
+    """
+    third = 2 * math.pi / 3
+    offset = np.mod(t, third)
+    return np.minimum(offset, third - offset) / (math.pi / 3)
+
+
+def region_of(kind: pd.Series, u: pd.Series) -> np.ndarray:
+    """Per point: ``near``, ``between``, ``off`` or ``""`` (an on-manifold point in neither region).
+
+    Example:
+        >>> region_of(pd.Series(["one class"] * 3 + ["off manifold"]), pd.Series([0.05, 0.3, 0.7, 0.05])).tolist()
+        ['near', '', 'between', 'off']
+    """
+    on = np.where(u < NEAR, "near", np.where(u >= BETWEEN, "between", ""))
+    return np.where(kind.isin(ON_MANIFOLD), on, "off").astype(object)
+
+
+def region_means(profiles: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, kind, ellipse, region), the mean Jacobian norm over the region's points and the mean
+    transitions over its segments (a segment is placed by its midpoint)."""
+    points = profiles.assign(region=region_of(profiles.kind, profiles.u))
+    segments = profiles.assign(region=region_of(profiles.kind, profiles.u_segment))
+    keys = ["model", "kind", "ellipse", "region"]
+    jac = points[points.region != ""].groupby(keys, sort=False).jacobian_norm.mean()
+    seg = segments[segments.region != ""].groupby(keys, sort=False).segment_transitions.mean()
+    return pd.concat([jac, seg], axis=1).reset_index()
+
+
+def binned_profile(profiles: pd.DataFrame, num_bins: int = 10) -> pd.DataFrame:
+    """The mean profile: per (model, kind, bin of ``u``), the Jacobian norm and the transitions per segment, first
+    averaged within each ellipse, then over the ellipses."""
+    edges = np.linspace(0, 1, num_bins + 1)
+    p = profiles.assign(
+        bin=np.clip(np.digitize(profiles.u, edges) - 1, 0, num_bins - 1),
+        bin_segment=np.clip(np.digitize(profiles.u_segment, edges) - 1, 0, num_bins - 1),
+    )
+    keys = ["model", "kind", "ellipse"]
+    jac = p.groupby([*keys, "bin"]).jacobian_norm.mean().groupby(["model", "kind", "bin"]).mean()
+    seg = (p.groupby([*keys, "bin_segment"]).segment_transitions.mean()
+           .rename_axis([*keys, "bin"]).groupby(["model", "kind", "bin"]).mean())
+    out = pd.concat([jac, seg], axis=1).reset_index()
+    return out.assign(u_mid=(edges[out.bin] + edges[out.bin + 1]) / 2)
+
+
+def f2_comparisons(profiles: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons of F2, one row per (on-manifold kind, quantity, comparison), with the verdict by the rule
+    fixed in advance:
+
+    - ``near < between`` (trained): the mean over ellipses is lower near the anchors, and so it is on more than
+      half of the ellipses one by one;
+    - ``between < off`` (trained): the on-manifold mean between the anchors is below the off-manifold mean;
+    - ``training lowers near / between``: the trained model's ratio near / between is below the untrained one's.
+    """
+    regions = region_means(profiles)
+    rows = []
+    for kind in ON_MANIFOLD:
+        for quantity, label in QUANTITIES.items():
+            def values(model: str, kind: str, region: str, quantity: str = quantity) -> pd.Series:
+                r = regions[(regions.model == model) & (regions.kind == kind) & (regions.region == region)]
+                return r.set_index("ellipse")[quantity]
+
+            near, between = values("trained", kind, "near"), values("trained", kind, "between")
+            off = values("trained", "off manifold", "off")
+            u_near, u_between = values("untrained", kind, "near"), values("untrained", kind, "between")
+            per_ellipse = float((near < between.loc[near.index]).mean())
+            ratio = near.mean() / between.mean() if between.mean() > 0 else math.nan
+            u_ratio = u_near.mean() / u_between.mean() if u_between.mean() > 0 else math.nan
+            rows += [
+                {"kind": kind, "quantity": label, "comparison": "near < between (trained)",
+                 "left": near.mean(), "right": between.mean(), "ellipses_agreeing": per_ellipse,
+                 "holds": bool(near.mean() < between.mean() and per_ellipse > 0.5)},
+                {"kind": kind, "quantity": label, "comparison": "between < off manifold (trained)",
+                 "left": between.mean(), "right": off.mean(), "ellipses_agreeing": math.nan,
+                 "holds": bool(between.mean() < off.mean())},
+                {"kind": kind, "quantity": label, "comparison": "near / between: trained < untrained",
+                 "left": ratio, "right": u_ratio, "ellipses_agreeing": math.nan,
+                 "holds": bool(ratio < u_ratio)},
+            ]
+    return pd.DataFrame(rows)
+
+
+def manifold_anchors(x: Tensor, y: Tensor, num_ellipses: int, seed: int) -> dict[str, Tensor]:
+    """The anchors of every kind, ``[3 * num_ellipses, ...]``, from ``torch.Generator().manual_seed(seed)``."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    one_class = []
+    for index in range(num_ellipses):
+        members = torch.nonzero(y == classes[index % len(classes)]).flatten()
+        one_class.append(x[members[torch.randperm(len(members), generator=generator)[:3]]])
+    return {
+        "one class": torch.cat(one_class),
+        "any classes": x[torch.randperm(len(x), generator=generator)[: 3 * num_ellipses]],
+        "off manifold": gaussian_anchors(x.mean(0), x.std(0), 3 * num_ellipses, generator=generator),
+    }
 
 
 def manifold_experiment(config: ModelConfig, spec: DataSpec, runs_dir: str, num_ellipses: int,
                         num_points: int, seed: int) -> ManifoldResult:
-    """Train ``config``, then measure it and its untrained self along ``num_ellipses`` ellipses of each kind
-    with ``num_points`` points each (a multiple of 6: the anchors are points of the curve, and the sampled
-    count, kept as a check of the exact one, halves the points)."""
-    datamodule, model = build(config, spec)
+    """Train ``config`` with Lightning and the monitors, then measure it and its untrained self along
+    ``num_ellipses`` ellipses of each kind with ``num_points`` points each (a multiple of 6, so that the anchors
+    and the every-other-point count's anchors are points of the curve)."""
+    from lightning_sensitivity.callbacks import (
+        GeneralizationGapMonitor,
+        JacobianNormMonitor,
+        TransitionMonitor,
+    )
+
+    x_train, y_train, x_val, y_val = load_tensors(spec)
+    datamodule = DigitsDataModule(batch_size=config.batch_size, seed=config.seed,
+                                  data=(x_train, y_train, x_val, y_val))
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    model = MLPClassifier(in_features=x_train[0].numel(), num_classes=int(torch.cat([y_train, y_val]).max()) + 1,
+                          hidden_sizes=(config.width,) * config.depth, activation=config.activation,
+                          optimizer=config.optimizer, lr=config.lr)
     untrained = copy.deepcopy(model)
     logger = TensorBoardLogger(runs_dir, name=f"reproduce-{spec.name}", version=f"f2-{config.model_id}",
                                default_hp_metric=False)
-    stop = StopAtTrainAccuracy(datamodule.x_train, datamodule.y_train)
-    train([*sensitivity_monitors(datamodule, True, 5), stop], max_epochs=config.max_epochs, seed=config.seed, logger=logger,
-          datamodule=datamodule, model=model, num_sanity_val_steps=0, check_val_every_n_epoch=5)
+    stop = StopAtTrainAccuracy(x_train, y_train)
+    monitors = [JacobianNormMonitor(every_n_epochs=5, record_epochs=None),
+                GeneralizationGapMonitor(every_n_epochs=5, train_dataset=torch.utils.data.TensorDataset(x_train, y_train)),
+                TransitionMonitor(every_n_epochs=5)]
+    trainer, model = train([*monitors, stop], max_epochs=config.max_epochs, seed=config.seed, logger=logger,
+                           datamodule=datamodule, model=model, num_sanity_val_steps=0, check_val_every_n_epoch=5)
 
-    generator = torch.Generator().manual_seed(seed)
-    x = datamodule.x_train
-    on = x[torch.randperm(len(x), generator=generator)[: 3 * num_ellipses]]
-    off = gaussian_anchors(x.mean(0), x.std(0), 3 * num_ellipses, generator=generator)
-    curves, profiles = [], []
+    anchors = manifold_anchors(x_train, y_train, num_ellipses, seed)
+    profiles, curves = [], []
     for name, network in (("trained", model), ("untrained", untrained)):
-        for kind, anchors in zip(KINDS, (on, off), strict=True):
+        for kind in KINDS:
             for index in range(num_ellipses):
-                a, b, c = anchors[3 * index : 3 * index + 3]
-                row, profile = _measure_ellipse(network, a, b, c, num_points)
-                curves.append({"model": name, "kind": kind, "ellipse": index, **row})
-                if index == 0:
-                    profiles.append(profile.assign(model=name, kind=kind))
-    return ManifoldResult(pd.DataFrame(curves), pd.concat(profiles, ignore_index=True), stop.accuracy)
+                profile, curve = _measure_ellipse(network, anchors[kind][3 * index : 3 * index + 3], num_points)
+                profiles.append(profile.assign(model=name, kind=kind, ellipse=index))
+                curves.append({"model": name, "kind": kind, "ellipse": index, **curve})
+    return ManifoldResult(pd.concat(profiles, ignore_index=True), pd.DataFrame(curves), stop.accuracy,
+                          trainer.current_epoch)
 
 
-def _measure_ellipse(model: nn.Module, a: Tensor, b: Tensor, c: Tensor, num_points: int) -> tuple[dict[str, Any], pd.DataFrame]:
-    trajectory = ellipse_through(a, b, c, num_points)
-    points = trajectory.points
-    count = count_transitions(model, trajectory, method="exact")
-    sampled = count_transitions(model, trajectory, method="sampled", return_segments=True)
-    norms = jacobian_norm(model, points).double()
-    anchor_norms = jacobian_norm(model, torch.stack([a, b, c])).double()
-    row = {
-        "transitions": int(count),
-        "transitions_sampled": int(sampled),
-        "transition_density": count.density,
-        "jacobian_norm_along": norms.mean().item(),
-        "jacobian_norm_anchors": anchor_norms.mean().item(),
-    }
-    profile = pd.DataFrame(
-        {
-            "t": np.arange(len(points)) * 2 * math.pi / len(points),
-            "jacobian_norm": norms.numpy(),
-            "segment_transitions": sampled.segments.numpy(),
-        }
-    )
-    return row, profile
-
-
-def manifold_means(curves: pd.DataFrame) -> pd.DataFrame:
-    """The table of F2: means over the ellipses, one row per (model, kind)."""
-    columns = ["jacobian_norm_anchors", "jacobian_norm_along", "transitions", "transitions_sampled", "transition_density"]
-    return curves.groupby(["model", "kind"], sort=False)[columns].mean().reset_index()
+def _measure_ellipse(model: nn.Module, anchors: Tensor, num_points: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    trajectory = ellipse_through(*anchors, num_points)
+    count = count_transitions(model, trajectory, method="sampled", return_segments=True)
+    t = np.arange(num_points) * 2 * math.pi / num_points
+    profile = pd.DataFrame({
+        "t": t,
+        "u": distance_to_anchor(t),
+        "u_segment": distance_to_anchor(t + math.pi / num_points),
+        "jacobian_norm": jacobian_norm(model, trajectory.points).double().numpy(),
+        "segment_transitions": count.segments.numpy(),
+    })
+    return profile, {"transitions": int(count), "transitions_half": count.transitions_half,
+                     "arc_length": count.arc_length}

@@ -1,13 +1,14 @@
 """The report: PNG figures and a Markdown file that states, with the numbers, what reproduced and what did not.
 
-Every number in the report is computed from the files beside it (``results.csv``, ``manifold.csv``, the
-per-point records), by ``examples.paper.analysis``; the verdicts are fixed rules stated in the report,
-applied to those numbers, never tuned to the outcome.
+Every number in the report is computed from the files beside it (``results.csv``, ``manifold_profiles.csv``,
+the per-point records) by ``examples.paper.analysis`` and ``examples.paper.manifold``; the verdicts are rules
+stated in the report before the numbers and applied to them, never tuned to the outcome.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -17,18 +18,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from examples.paper.analysis import f1_correlations, f3_paired_effects, f4_summary  # noqa: E402
-from examples.paper.manifold import KINDS, manifold_means  # noqa: E402
+from examples.paper.analysis import (  # noqa: E402
+    GAPS,
+    MEASURES,
+    MIN_CLEAN_PAIRS,
+    SIGNIFICANCE,
+    f1_found,
+    f1_population,
+    f1_statistics,
+    f3_effects,
+    f3_verdict,
+    f4_population,
+    f4_summary,
+    is_grid,
+)
+from examples.paper.manifold import BETWEEN, KINDS, NEAR, binned_profile, f2_comparisons  # noqa: E402
+from examples.paper.sweep import AXES, FULL_BATCH_EPOCH_FACTOR, NOISE_STD, SHARPNESS_DRAWS, SHARPNESS_SCALE  # noqa: E402
 
 FIGURES = {
-    "f1": "f1_jacobian_vs_gap.png",
-    "f2": "f2_manifold.png",
+    "f1": "f1_measures.png",
+    "f2": "f2_profiles.png",
     "f3": "f3_pairs.png",
     "f4": "f4_points.png",
 }
 
-#: Kendall's p-value below which a correlation counts as found.
-SIGNIFICANCE = 0.01
+SECTIONS = ("Verdict rules", "Summary", "F1", "F2", "F3", "F4", "Models that did not fit", "Files", "Closing note")
 
 
 def num(value: float, digits: int = 3) -> str:
@@ -36,266 +50,397 @@ def num(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _group(table: pd.DataFrame) -> pd.Series:
-    """What sets a model apart from its base model, for the figures' colours."""
-    group = pd.Series("base (ReLU, batch 64)", index=table.index)
-    group[table.activation != "relu"] = table.activation[table.activation != "relu"]
-    group[table.full_batch] = "full batch"
-    group[table.augment] = "augmentation"
-    group[table.random_label_fraction > 0] = "random labels"
-    return group
+def _p(value: float) -> str:
+    return f"{value:.2g}"
 
 
-def figure_f1(table: pd.DataFrame, path: Path) -> None:
-    groups = _group(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, gap, label in zip(axes, ("gap_loss", "gap_accuracy"), ("loss gap (val - train)", "accuracy gap (train - val)"), strict=True):
-        for name in sorted(groups.unique()):
-            rows = table[groups == name]
-            ax.scatter(rows[gap], rows.jacobian_norm, label=name, s=22, alpha=0.8)
+def _yes(flag: bool | str) -> str:
+    if isinstance(flag, str):
+        return f"**{flag}**"
+    return "**yes**" if flag else "**no**"
+
+
+@dataclass
+class Run:
+    """What the report is written from: the sweep's table, the F3 pairs, the F2 profiles and curves, and where
+    and how the run was made."""
+
+    table: pd.DataFrame
+    pairs: pd.DataFrame
+    profiles: pd.DataFrame
+    curves: pd.DataFrame
+    command: str
+    seeds: str
+    setup: Sequence[str]
+    wall_time: str
+
+
+def figure_f1(population: pd.DataFrame, f1: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, gap in zip(axes[:2], GAPS, strict=True):
+        scatter = ax.scatter(population[gap], population.jacobian_norm, c=population.depth, s=16, cmap="viridis")
         ax.set_yscale("log")
-        ax.set_xlabel(f"generalization gap: {label}")
+        ax.set_xlabel(GAPS[gap])
         ax.set_ylabel("mean Jacobian norm on held-out points")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("F1: Jacobian norm against the generalization gap, one point per model")
+    fig.colorbar(scatter, ax=axes[1], label="depth")
+    rows = f1[f1.gap == "gap_loss"].reset_index(drop=True)
+    y = np.arange(len(rows))
+    axes[2].errorbar(rows.tau, y, xerr=[rows.tau - rows.ci_low, rows.ci_high - rows.tau], fmt="o", label="tau (95% CI)")
+    axes[2].scatter(rows.granulated, y, marker="x", color="tab:red", label="granulated")
+    axes[2].axvline(0, color="black", linewidth=0.6)
+    axes[2].set_yticks(y, rows.measure, fontsize=8)
+    axes[2].set_xlabel("Kendall with the loss gap")
+    axes[2].legend(fontsize=8)
+    fig.suptitle("F1: the Jacobian norm and the baselines over the models that fit their training set")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def figure_f3(table: pd.DataFrame, path: Path) -> None:
-    from examples.paper.analysis import FACTORS, pairs
+def figure_f2(profile: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    colours = dict(zip(KINDS, ("tab:blue", "tab:green", "tab:red"), strict=True))
+    for (model, kind), rows in profile.groupby(["model", "kind"], sort=False):
+        style = {"color": colours[kind], "linestyle": "-" if model == "trained" else ":", "marker": "o", "markersize": 3}
+        axes[0].plot(rows.u_mid, rows.jacobian_norm, label=f"{model}, {kind}", **style)
+        axes[1].plot(rows.u_mid, rows.segment_transitions, label=f"{model}, {kind}", **style)
+    for ax in axes:
+        ax.axvspan(0, NEAR, color="grey", alpha=0.15)
+        ax.axvspan(BETWEEN, 1, color="grey", alpha=0.07)
+        ax.set_xlabel("distance in t to the nearest anchor (0: at an anchor, 1: half way between two)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean Jacobian norm")
+    axes[1].set_ylabel("mean transitions per segment")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("F2: mean profiles along the ellipses (shaded: the 'near' and 'between' regions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    factors = [f for f in FACTORS if not pairs(table, f).empty]
-    fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.4), squeeze=False)
+
+def figure_f3(pairs: pd.DataFrame, path: Path) -> None:
+    factors = list(dict.fromkeys(pairs.factor))
+    fig, axes = plt.subplots(1, len(factors), figsize=(3.0 * len(factors), 3.4), squeeze=False)
     for ax, factor in zip(axes[0], factors, strict=True):
-        p = pairs(table, factor)
-        for _, pair in p.iterrows():
+        p = pairs[pairs.factor == factor]
+        for pair in p.itertuples():
             ax.annotate("", xy=(pair.gap_loss_variant, pair.jacobian_norm_variant),
                         xytext=(pair.gap_loss_base, pair.jacobian_norm_base),
-                        arrowprops={"arrowstyle": "->", "color": "tab:red", "alpha": 0.7})
-        ax.scatter(p.gap_loss_base, p.jacobian_norm_base, s=12, color="tab:blue", label="base")
-        ax.scatter(p.gap_loss_variant, p.jacobian_norm_variant, s=12, color="tab:red", label="variant")
+                        arrowprops={"arrowstyle": "->", "color": "tab:red" if pair.both_fit else "lightgrey"})
+        ax.scatter(p.gap_loss_base, p.jacobian_norm_base, s=10, color="tab:blue")
+        ax.scatter(p.gap_loss_variant, p.jacobian_norm_variant, s=10, color="tab:red")
         ax.set_yscale("log")
-        ax.set_title(factor.name, fontsize=9)
+        ax.set_title(factor, fontsize=9)
         ax.set_xlabel("loss gap")
     axes[0][0].set_ylabel("Jacobian norm")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("F3: each arrow goes from a base model to its variant (one factor changed)")
+    fig.suptitle("F3: base model -> variant (red: both fit; grey: at least one did not)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def figure_f2(profiles: pd.DataFrame, means: pd.DataFrame, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    styles = {"trained": "tab:red", "untrained": "tab:gray"}
-    for (model, kind), rows in profiles.groupby(["model", "kind"], sort=False):
-        axes[0].plot(rows.t, rows.jacobian_norm, color=styles[model], linestyle="-" if kind == KINDS[0] else ":",
-                     label=f"{model}, {kind}")
-        if kind == KINDS[0]:
-            axes[1].plot(rows.t, rows.segment_transitions, color=styles[model], label=model, linewidth=0.8)
-    for ax in axes[:2]:
-        for anchor in (0, 2 * np.pi / 3, 4 * np.pi / 3):
-            ax.axvline(anchor, color="black", linewidth=0.6)
-        ax.set_xlabel("t along the ellipse (vertical lines: the anchors)")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("Jacobian norm")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("Jacobian norm along one ellipse of each kind")
-    axes[1].set_ylabel("transitions per segment")
-    axes[1].set_title("transitions along the on-manifold ellipse")
-    axes[1].legend(fontsize=8)
-    labels = ["at training points", "on manifold", "off manifold"]
-    width = 0.38
-    for shift, model in ((-width / 2, "trained"), (width / 2, "untrained")):
-        rows = means[means.model == model].set_index("kind")
-        values = [rows.jacobian_norm_anchors[KINDS[0]], rows.jacobian_norm_along[KINDS[0]],
-                  rows.jacobian_norm_along[KINDS[1]]]
-        axes[2].bar(np.arange(3) + shift, values, width, color=styles[model], label=model)
-    axes[2].set_xticks(np.arange(3), labels)
-    axes[2].set_yscale("log")
-    axes[2].set_title("mean Jacobian norm over all ellipses")
-    axes[2].legend(fontsize=8)
-    fig.suptitle("F2: sensitivity at, between and away from the training points")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_f4(table: pd.DataFrame, example: pd.DataFrame, example_id: str, path: Path) -> None:
+def figure_f4(models: pd.DataFrame, example: pd.DataFrame, example_id: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     wrong = example.label != example.prediction
-    axes[0].scatter(example.jacobian_norm[~wrong], example.loss[~wrong], s=6, alpha=0.5, label="correct")
-    axes[0].scatter(example.jacobian_norm[wrong], example.loss[wrong], s=10, color="tab:red", label="misclassified")
-    axes[0].set_xscale("log")
+    axes[0].scatter(example.max_softmax[~wrong], example.jacobian_norm[~wrong], s=6, alpha=0.5, label="correct")
+    axes[0].scatter(example.max_softmax[wrong], example.jacobian_norm[wrong], s=10, color="tab:red", label="misclassified")
     axes[0].set_yscale("log")
-    axes[0].set_xlabel("Jacobian norm at the test point")
-    axes[0].set_ylabel("cross-entropy loss at the test point")
+    axes[0].set_xlabel("max-softmax probability at the test point")
+    axes[0].set_ylabel("Jacobian norm at the test point")
     axes[0].set_title(example_id, fontsize=8)
     axes[0].legend(fontsize=8)
-    axes[1].hist(table.f4_spearman.dropna(), bins=20, color="tab:blue")
-    axes[1].set_xlabel("Spearman(Jacobian norm, loss) over test points")
-    axes[1].set_ylabel("models")
-    axes[2].hist(table.f4_auc_misclassified.dropna(), bins=20, color="tab:green")
+    bins = np.linspace(0.3, 1, 29)
+    for column, label in (("f4_auc_jacobian", "Jacobian norm"), ("f4_auc_max_softmax", "1 - max-softmax"),
+                          ("f4_auc_entropy", "entropy")):
+        axes[1].hist(models[column].dropna(), bins=bins, alpha=0.5, label=label)
+    axes[1].set_xlabel("ROC AUC for the misclassified points")
+    axes[1].legend(fontsize=8)
+    axes[2].hist(models.f4_auc_jacobian_within_confidence.dropna(), bins=bins, color="tab:purple")
     axes[2].axvline(0.5, color="black", linewidth=0.6)
-    axes[2].set_xlabel("ROC AUC of the Jacobian norm for misclassified points")
-    fig.suptitle("F4: at individual test points, the Jacobian norm tracks the loss")
+    axes[2].set_xlabel("AUC of the Jacobian norm within max-softmax bins")
+    fig.suptitle("F4: the Jacobian norm at individual test points, beside the model's confidence")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    lines = [header, rule]
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """``frame`` as a Markdown table, floats with ``digits`` decimals."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
     for _, row in frame.iterrows():
         cells = [num(v, digits) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _yes(flag: bool) -> str:
-    return "**yes**" if flag else "**no**"
+def f1_table(f1: pd.DataFrame) -> pd.DataFrame:
+    """The F1 table of the report: one row per (measure, gap)."""
+    rows = []
+    for r in f1.itertuples():
+        rows.append({
+            "measure": r.measure, "gap": GAPS[r.gap], "n": r.n, "Kendall tau": num(r.tau),
+            "95% CI": f"[{num(r.ci_low)}, {num(r.ci_high)}]", "p": _p(r.p), "granulated": num(r.granulated),
+            **{f"psi {axis}": num(getattr(r, f"psi_{axis}")) for axis in AXES},
+        })
+    return pd.DataFrame(rows)
 
 
-def write_report(out_dir: Path, table: pd.DataFrame, curves: pd.DataFrame, profiles: pd.DataFrame,
-                 command: str, seeds: str, setup: Sequence[str]) -> Path:
+def jacobian_rank(f1: pd.DataFrame, gap: str, column: str) -> int:
+    """The Jacobian norm's rank (1 = best) among the measures, by ``column`` (``tau`` or ``granulated``)."""
+    rows = f1[f1.gap == gap].sort_values(column, ascending=False).reset_index(drop=True)
+    return int(rows.index[rows.column == "jacobian_norm"][0]) + 1
+
+
+def write_report(out_dir: Path, run: Run) -> Path:
     """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md``; return the report's path."""
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    f1 = f1_correlations(table)
-    f3 = f3_paired_effects(table)
-    f4 = f4_summary(table)
-    means = manifold_means(curves)
-    example_id = table.sort_values("val_accuracy").model_id.iloc[len(table) // 2]  # the median model
+    table = run.table
+    population = f1_population(table)
+    f1 = f1_statistics(population)
+    f3 = f3_effects(run.pairs)
+    f4_models = f4_population(table)
+    f4 = f4_summary(f4_models).set_index("statistic")
+    profile = binned_profile(run.profiles)
+    f2 = f2_comparisons(run.profiles)
+    example_id = f4_models.sort_values("val_accuracy").model_id.iloc[len(f4_models) // 2]
     example = pd.read_csv(out_dir / "points" / f"{example_id}.csv")
-    figure_f1(table, figures / FIGURES["f1"])
-    figure_f2(profiles, means, figures / FIGURES["f2"])
-    figure_f3(table, figures / FIGURES["f3"])
-    figure_f4(table, example, example_id, figures / FIGURES["f4"])
+    figure_f1(population, f1, figures / FIGURES["f1"])
+    figure_f2(profile, figures / FIGURES["f2"])
+    figure_f3(run.pairs, figures / FIGURES["f3"])
+    figure_f4(f4_models, example, example_id, figures / FIGURES["f4"])
 
-    headline = f1[(f1.population == "all models")].set_index("gap")
-    f1_found = {gap: bool(r.kendall > 0 and r.kendall_p < SIGNIFICANCE) for gap, r in headline.iterrows()}
-    trained = means[means.model == "trained"].set_index("kind")
-    at_points = trained.jacobian_norm_anchors[KINDS[0]]
-    between = trained.jacobian_norm_along[KINDS[0]]
-    off = trained.jacobian_norm_along[KINDS[1]]
-    density_on, density_off = trained.transition_density[KINDS[0]], trained.transition_density[KINDS[1]]
-    f2_jacobian = bool(at_points < between < off)
-    f2_transitions = bool(density_on < density_off)
-    f4_found = f4["spearman_median"] > 0 and f4["auc_median"] > 0.5
-    # A sampled count can only miss crossings, so it can never exceed a correct exact count.
-    over = curves[curves.transitions_sampled > curves.transitions]
-    check = (
-        f"On {len(over)} of {len(curves)} ellipses the sampled count exceeds the exact count (by "
-        f"{int((over.transitions_sampled - over.transitions).sum())} transitions in all), which a correct exact "
-        "count cannot allow: there the exact count misses crossings, and the densities above inherit the error."
-        if len(over)
-        else "On every ellipse the sampled count is at most the exact count, as it must be."
+    grid = table[is_grid(table)]
+    unfitted = table[~table.reached_target.astype(bool)]
+    jac = f1[f1.column == "jacobian_norm"].set_index("gap")
+    ranks = {gap: (jacobian_rank(f1, gap, "tau"), jacobian_rank(f1, gap, "granulated")) for gap in GAPS}
+    num_measures = len(MEASURES)
+    f2_by = {(r.kind, r.quantity, r.comparison): r for r in f2.itertuples()}
+    f4_found = bool(f4.loc["f4_spearman_jacobian", "median"] > 0 and f4.loc["f4_auc_jacobian", "median"] > 0.5)
+    beyond = bool(
+        f4.loc["f4_partial_spearman", "median"] > 0 and f4.loc["f4_partial_spearman", "sign_test_p"] < SIGNIFICANCE
+        and f4.loc["f4_auc_jacobian_within_confidence", "median"] > 0.5
+        and f4.loc["f4_auc_jacobian_within_confidence", "sign_test_p"] < SIGNIFICANCE
+    )
+    auc_difference = (f4_models.f4_auc_jacobian - f4_models.f4_auc_max_softmax).dropna()
+
+    findings = ["| Finding | Paper | Measured here | Reproduced |", "|---|---|---|---|"]
+    for gap, r in jac.iterrows():
+        findings.append(
+            f"| F1 ({GAPS[gap]}) | the Jacobian norm correlates with the gap | Kendall tau {num(r.tau)} "
+            f"[{num(r.ci_low)}, {num(r.ci_high)}] (p = {_p(r.p)}), granulated {num(r.granulated)}, {r.n} fitted "
+            f"models; rank {ranks[gap][0]} of {num_measures} by tau, {ranks[gap][1]} by granulated | "
+            f"{_yes(f1_found(r))} |"
+        )
+    for kind in KINDS[:2]:
+        for quantity in ("Jacobian norm", "transitions per segment"):
+            near = f2_by[(kind, quantity, "near < between (trained)")]
+            off = f2_by[(kind, quantity, "between < off manifold (trained)")]
+            trained = f2_by[(kind, quantity, "near / between: trained < untrained")]
+            findings.append(
+                f"| F2 ({quantity}, anchors {kind}) | lowest near training points, higher between, highest off "
+                f"the manifold | {num(near.left)} near, {num(near.right)} between, {num(off.right)} off; "
+                f"near / between {num(trained.left)} trained vs {num(trained.right)} untrained | "
+                f"{_yes(near.holds)} / {_yes(off.holds)} / {_yes(trained.holds)} |"
+            )
+    for r in f3.itertuples():
+        findings.append(
+            f"| F3 ({r.factor}) | {r.paper} sensitivity | Jacobian norm {r.paper} in {r.jacobian_as_paper} of "
+            f"{r.both_fit} pairs that both fit (median ratio {num(r.jacobian_ratio_median)}); {r.pairs - r.both_fit} "
+            f"pairs apart | {_yes(f3_verdict(pd.Series(r._asdict())))} |"
+        )
+    findings.append(
+        f"| F4 | the per-point Jacobian norm predicts the per-point loss | median Spearman "
+        f"{num(f4.loc['f4_spearman_jacobian', 'median'])}, median ROC AUC for errors "
+        f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found)} |"
+    )
+    findings.append(
+        f"| F4 (beyond confidence) | (not in the paper) | median partial Spearman given max-softmax "
+        f"{num(f4.loc['f4_partial_spearman', 'median'])}, median AUC within confidence bins "
+        f"{num(f4.loc['f4_auc_jacobian_within_confidence', 'median'])}; max-softmax alone AUC "
+        f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(beyond)} |"
+    )
+    findings.append("")
+    findings.append("F2's three verdicts per row: near < between (trained) / between < off manifold (trained) / "
+                    "near-to-between ratio lower trained than untrained.")
+    findings_table = "\n".join(findings)
+
+    f2_rows = f2.assign(
+        left=f2.left.map(num), right=f2.right.map(num),
+        ellipses_agreeing=f2.ellipses_agreeing.map(lambda v: "" if np.isnan(v) else num(v)),
+        holds=f2.holds.map(_yes),
+    )
+    levels = profile.pivot_table(index=["model", "kind"], columns="bin", values="jacobian_norm", sort=False)
+    levels.columns = [f"u {b / 10:.1f}-{(b + 1) / 10:.1f}" for b in levels.columns]
+    counts = run.curves
+    half_gap = float((counts.transitions - counts.transitions_half).sum() / max(counts.transitions.sum(), 1))
+
+    f3_rows = f3.assign(verdict=[_yes(f3_verdict(r)) for _, r in f3.iterrows()])
+    f3_rows = f3_rows[["factor", "paper", "pairs", "base_fit", "variant_fit", "both_fit", "jacobian_ratio_median",
+                       "jacobian_as_paper", "sign_test_p", "verdict", "transitions_ratio_median",
+                       "transitions_as_paper", "gap_loss_as_paper", "gap_accuracy_as_paper", "val_accuracy_up",
+                       "val_accuracy_change_median"]]
+    pair_list = run.pairs.assign(
+        jacobian_ratio=(run.pairs.jacobian_norm_variant / run.pairs.jacobian_norm_base),
+        transitions_ratio=(run.pairs.transitions_variant / run.pairs.transitions_base),
+        val_accuracy_change=run.pairs.val_accuracy_variant - run.pairs.val_accuracy_base,
+        epochs_trained_variant=run.pairs.epochs_trained_variant.astype(int),
+    )[["factor", "model_id_base", "both_fit", "epochs_trained_variant", "jacobian_ratio", "transitions_ratio",
+       "val_accuracy_change"]]
+    augmentation = f3[f3.factor == "augmentation"]
+    aug_text = (
+        f"The augmentation raised held-out accuracy in {int(augmentation.val_accuracy_up.iloc[0])} of "
+        f"{int(augmentation.both_fit.iloc[0])} clean pairs (median change "
+        f"{num(float(augmentation.val_accuracy_change_median.iloc[0]), 4)}): "
+        + ("on this data it does help generalization." if augmentation.val_accuracy_up.iloc[0] > augmentation.both_fit.iloc[0] / 2
+           else "on this data it does not clearly help generalization, so its pairs test the paper's premise only weakly.")
+        if len(augmentation) and augmentation.both_fit.iloc[0] else "No augmentation pair fitted on both sides."
     )
 
-    f3_rows = [
-        f"| {r.factor} | {r.paper} | {r.pairs} | {num(r.jacobian_ratio_median)} | {num(r.jacobian_as_paper)} | "
-        f"{_yes(r.jacobian_as_paper > 0.5)} | {num(r.gap_loss_as_paper)} | {num(r.gap_accuracy_as_paper)} | "
-        f"{num(r.base_fitted)} / {num(r.variant_fitted)} |"
-        for r in f3.itertuples()
-    ]
-    gaps = {"gap_loss": "loss gap", "gap_accuracy": "accuracy gap"}
-    summary = [
-        "| Finding | Paper | Measured here | Reproduced |",
-        "|---|---|---|---|",
-        *[
-            f"| F1 ({gaps[gap]}) | log Jacobian norm correlates with the gap | Kendall tau = {num(r.kendall)} "
-            f"(p = {r.kendall_p:.2g}), Spearman = {num(r.spearman)}, Pearson = {num(r.pearson)}, {r.n} models | "
-            f"{_yes(f1_found[gap])} |"
-            for gap, r in headline.iterrows()
-        ],
-        f"| F2 (Jacobian) | trained: lowest at training points, higher between them, highest off the manifold | "
-        f"{num(at_points)} at training points, {num(between)} on-manifold ellipses, {num(off)} off-manifold | "
-        f"{_yes(f2_jacobian)} |",
-        f"| F2 (transitions) | fewer transitions on than off the manifold | density {num(density_on)} on, "
-        f"{num(density_off)} off (per unit length) | {_yes(f2_transitions)} |",
-        *[
-            f"| F3 ({r.factor}) | {r.paper} sensitivity | Jacobian norm {r.paper} in "
-            f"{round(r.jacobian_as_paper * r.pairs)} of {r.pairs} pairs (median ratio "
-            f"{num(r.jacobian_ratio_median)}) | {_yes(r.jacobian_as_paper > 0.5)} |"
-            for r in f3.itertuples()
-        ],
-        f"| F4 | per-point Jacobian norm predicts the per-point loss | median Spearman {num(f4['spearman_median'])}, "
-        f"median ROC AUC for misclassified points {num(f4['auc_median'])} | {_yes(f4_found)} |",
-    ]
+    f4_rows = f4.reset_index()
+    unfitted_rows = unfitted[["model_id", "epochs_trained", "max_epochs", "train_accuracy", "val_accuracy"]].astype(
+        {"epochs_trained": int, "max_epochs": int})
+    by_part = (f"{int((~grid.reached_target.astype(bool)).sum())} of {len(grid)} grid models and "
+               f"{int((~table[~is_grid(table)].reached_target.astype(bool)).sum())} of {int((~is_grid(table)).sum())} "
+               "variants")
     text = f"""# Sensitivity and generalization: the reproduction, as measured
 
-Command: `{command}`
+This report reproduces the four findings of Novak et al., "Sensitivity and Generalization in Neural Networks:
+an Empirical Study" (ICLR 2018) on one data set, and judges the Jacobian norm as a generalization measure the
+way Jiang et al., "Fantastic Generalization Measures and Where to Find Them" (ICLR 2020), judge one: against
+simple baselines, with Kendall's tau, its bootstrap interval and the granulated Kendall coefficient.
 
-{seeds}
+Command: `{run.command}`
 
-{chr(10).join(f"- {line}" for line in setup)}
+{run.seeds}
 
-Verdict rules, fixed before looking at the numbers: F1 holds if Kendall's tau is positive with p < {SIGNIFICANCE}.
-F2 holds for the Jacobian if, for the trained model, the mean norm at the training points < along the
-on-manifold ellipses < along the off-manifold ellipses; for transitions if the mean density on the manifold is
-below the density off it. F3 holds for a factor if the Jacobian norm moves the paper's way in more than half of
-its pairs. F4 holds if the median per-model Spearman correlation is positive and the median ROC AUC is above 0.5.
+{chr(10).join(f"- {line}" for line in run.setup)}
+
+## Verdict rules
+
+Fixed before the numbers below were computed, and applied to them mechanically.
+
+- Fit criterion: a model fits when, in eval mode, it classifies every training point (with the labels it
+  learned) correctly. Training stops there, or at its budget: the stated `max_epochs` for mini-batches,
+  {FULL_BATCH_EPOCH_FACTOR} times as many epochs for full-batch training (one step per epoch). Models that do
+  not fit are listed apart, never silently dropped.
+- Gaps: loss gap = held-out minus training cross-entropy; accuracy gap = training minus held-out accuracy; both
+  sides in eval mode on the whole training and held-out sets.
+- **F1** is judged over the grid's models (ReLU, true labels, no augmentation, mini-batches) that fit. It
+  holds for a gap if Kendall's tau between the mean held-out Jacobian norm and the gap is positive with
+  p < {SIGNIFICANCE} and its bootstrap 95% interval (2,000 resamples of the models) lies above zero. The
+  granulated coefficient is the mean over the axes ({", ".join(AXES)}) of psi, the mean tau over the groups of
+  models that differ in that axis alone. Every baseline gets the same statistics; the Jacobian norm's rank among
+  them is reported, not judged. Each measure is oriented so that larger means "predicts a larger gap": parameter
+  norm; distance from initialization; log of the product of the weight matrices' spectral norms; sharpness
+  (mean training-loss increase over {SHARPNESS_DRAWS} seeded random perturbations of every parameter tensor,
+  each of norm {SHARPNESS_SCALE} times the tensor's); 1 - mean max-softmax probability on held-out points.
+- **F2** uses one trained model of three ReLU layers (and its initial weights as the untrained model), along
+  ellipses through three anchors: three training points of one class, three of any classes, or three
+  off-manifold points (matched to the training data's per-feature mean and standard deviation). The distance in
+  t to the nearest anchor, as a share u of its largest value: "near" is u < {NEAR}, "between" is u >= {BETWEEN},
+  "off" is the whole of an off-manifold ellipse. For the Jacobian norm and for the transitions per segment, for
+  each on-manifold anchor kind, three verdicts: near < between (trained; in the mean over ellipses and on more
+  than half of the ellipses one by one); between < off (trained, means); and the trained model's near / between
+  ratio below the untrained model's (training, not geometry, makes the dip at the anchors).
+- **F3** pairs a grid model with a variant that differs in one factor (same seed, initial weights, batch order).
+  A factor's verdict uses only the pairs where both models fit; with at least {MIN_CLEAN_PAIRS} such pairs it
+  holds if the Jacobian norm moves the paper's way in more than half of them, otherwise it is "undecided". The
+  augmentation is Gaussian input noise (standard deviation {NOISE_STD}, drawn anew each epoch); whether it
+  improves held-out accuracy here is checked, not assumed.
+- **F4** is judged over every fitted model trained on true labels. It holds if the median per-model Spearman
+  correlation between the per-point Jacobian norm and the per-point loss is positive and the median ROC AUC of
+  the Jacobian norm for the misclassified points is above 0.5. The Jacobian norm "adds information beyond
+  confidence" if both the median partial Spearman correlation (Jacobian norm and loss, max-softmax held fixed,
+  on ranks) is above 0 and the median AUC within five max-softmax quantile bins is above 0.5, each on a sign
+  test over the models with p < {SIGNIFICANCE}.
 
 ## Summary
 
-{chr(10).join(summary)}
+{findings_table}
 
-## F1: Jacobian norm and generalization gap over the sweep
+## F1: the Jacobian norm and the baselines over the fitted models
 
 ![F1](figures/{FIGURES["f1"]})
 
-Correlations of log10(mean Jacobian norm on the held-out points) with the generalization gap. Loss gap:
-held-out minus training cross-entropy; accuracy gap: training minus held-out accuracy (SPEC section 4: both
-sides in eval mode; the training side is the labels the model learned, random ones included).
+Population: {len(population)} of the {len(grid)} grid models fitted their training set (the others are listed
+under "Models that did not fit"). One row per measure and gap; "psi <axis>" is the mean tau over the groups of
+fitted models that differ in that axis alone.
 
-{_markdown_table(f1)}
+{markdown_table(f1_table(f1))}
 
-## F3: paired factors
+The Jacobian norm ranks {ranks["gap_loss"][0]} of {num_measures} by tau and {ranks["gap_loss"][1]} by the
+granulated coefficient for the loss gap; {ranks["gap_accuracy"][0]} and {ranks["gap_accuracy"][1]} for the
+accuracy gap.
 
-Each pair is two models that differ in this factor only (same width, depth, optimizer, learning rate, seed and
-so on). "as paper" is the share of pairs that move in the paper's direction (Jacobian ratio = variant / base).
-"fitted" is the share of base / variant models that reached 100% training accuracy: where a variant did not
-(full batch and random labels within the epoch cap, typically), its pairs compare a model that is still
-training with one that has fitted its data.
-
-| factor | paper: variant has | pairs | median Jacobian ratio | Jacobian as paper | reproduced | loss gap as paper | accuracy gap as paper | fitted (base / variant) |
-|---|---|---|---|---|---|---|---|---|
-{chr(10).join(f3_rows)}
-
-![F3](figures/{FIGURES["f3"]})
-
-## F2: on and off the data manifold
-
-{_markdown_table(means)}
-
-Means over the ellipses: `transitions` counted exactly along each closed ellipse, `transitions_sampled` counted
-on its sampled points (a check: a sampled count can only miss crossings); density = exact transitions per unit
-of Euclidean arc length. The untrained model is the trained one at its initial weights.
-{check}
+## F2: along ellipses through training points, between them and off the manifold
 
 ![F2](figures/{FIGURES["f2"]})
 
-## F4: individual test points
+{markdown_table(f2_rows)}
 
-Over {f4["models"]} models: Spearman correlation between the per-point Jacobian norm and the per-point
-cross-entropy, median {num(f4["spearman_median"])} (quartiles {num(f4["spearman_q25"])} to
-{num(f4["spearman_q75"])}), positive in {num(f4["spearman_positive"])} of the models. ROC AUC of the Jacobian
-norm alone (no labels) for telling misclassified test points from the rest, over {f4["auc_models"]} models
-with at least one misclassified point: median {num(f4["auc_median"])} (quartiles {num(f4["auc_q25"])} to
-{num(f4["auc_q75"])}), above 0.5 in {num(f4["auc_above_half"])} of them. The left panel shows the model with
-the median held-out accuracy, `{example_id}`.
+Mean Jacobian norm per bin of u (averaged within each ellipse, then over the ellipses):
+
+{markdown_table(levels.reset_index())}
+
+Transitions are counted on the sampled points of each ellipse; counted on every other point instead, the total
+is {num(100 * half_gap, 2)}% lower (the discretization's convergence evidence: the count on all points can only
+be closer to the exact one).
+
+## F3: paired factors, on pairs that both fit
+
+{markdown_table(f3_rows)}
+
+Counts ("as paper", "val_accuracy_up") are over the {'"both_fit"'} pairs; the sign test is two-sided. Ratios
+are variant / base; transitions are the mean over four fixed ellipses through training points (sampled count).
+{aug_text}
+
+![F3](figures/{FIGURES["f3"]})
+
+Every pair (the verdicts use the rows with both_fit True):
+
+{markdown_table(pair_list)}
+
+## F4: individual test points, beside the model's confidence
+
+Over {len(f4_models)} fitted models on true labels: per-model statistics of the held-out points, summarized.
+"spearman_*": Spearman correlation with the per-point loss; "auc_*": ROC AUC for the misclassified points (the
+max-softmax enters as 1 - max p); "partial_spearman": Jacobian norm and loss with the max-softmax held fixed;
+"auc_jacobian_within_confidence": the Jacobian norm's AUC within five quantile bins of the max-softmax.
+"above_null" is the share of models above 0 (correlations) or 0.5 (AUCs), with its two-sided sign test.
+Most held-out points sit at a max-softmax near 1, so the lowest quantile bin spans a wide range of confidence
+and holds most errors: within it the Jacobian norm still tracks the confidence, which inflates the within-bin
+AUC. The partial rank correlation has no such bins, and is the stricter of the two tests.
+
+{markdown_table(f4_rows)}
+
+Model by model, the Jacobian norm's AUC minus the max-softmax probability's: median
+{num(float(auc_difference.median()), 4)}, positive in {int((auc_difference > 0).sum())} of {len(auc_difference)}
+models. The left panel shows the model with the median held-out accuracy, `{example_id}`.
 
 ![F4](figures/{FIGURES["f4"]})
 
+## Models that did not fit
+
+{len(unfitted)} models did not reach the fit criterion within their budget ({by_part}); F1 and F3 leave them
+out, and they are listed here.
+
+{markdown_table(unfitted_rows) if len(unfitted) else "(none)"}
+
 ## Files
 
-- `results.csv`: one row per model, every hyper-parameter and measurement (the numbers above).
-- `manifold.csv`: one row per ellipse of F2; `points/<model_id>.csv`: per held-out point records.
+- `results.csv`: one row per model, every hyper-parameter and measurement (all numbers above).
+- `manifold_profiles.csv`: every point and segment of F2's ellipses; `manifold.csv`: one row per ellipse.
+- `points/<model_id>.csv`: per held-out point records of every model.
 - TensorBoard logs of every run: `tensorboard --logdir runs`.
+
+## Closing note
+
+{findings_table}
+
+The Jacobian norm's rank among the {num_measures} measures of F1: {ranks["gap_loss"][0]} by tau and
+{ranks["gap_loss"][1]} by the granulated coefficient (loss gap), {ranks["gap_accuracy"][0]} and
+{ranks["gap_accuracy"][1]} (accuracy gap). Wall time: {run.wall_time}.
 """
     path = out_dir / "report.md"
     path.write_text(text)

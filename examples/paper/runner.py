@@ -79,7 +79,11 @@ def run_sweep(
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
         _write_atomically(table, table_path)
     wanted = [c.model_id for c in configs]
-    return table.set_index("model_id").loc[wanted].reset_index()
+    ordered = table.set_index("model_id").loc[wanted].reset_index()
+    if todo:
+        # Rows arrive in the order the models finish: the file keeps the sweep's order (then any other models).
+        _write_atomically(pd.concat([ordered, table[~table.model_id.isin(wanted)]], ignore_index=True), table_path)
+    return ordered
 
 
 def _write_atomically(table: pd.DataFrame, path: Path) -> None:

@@ -140,7 +140,7 @@ def test_a_model_trains_on_mnist_files(tmp_path: Path) -> None:
     from examples.paper.sweep import ModelConfig, train_and_measure
 
     write_mnist(tmp_path / "data", "MNIST", np.random.default_rng(4))
-    config = ModelConfig(16, 1, "relu", "sgd", 0.05, None, True, 0.25, seed=0, max_epochs=2)
+    config = ModelConfig(16, 1, "relu", "sgd", 0.05, None, "noise", 0.25, seed=0, max_epochs=2)
     row = train_and_measure(
         config, DataSpec("mnist", str(tmp_path / "data")), str(tmp_path / "runs"), str(tmp_path / "points")
     )

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
-from examples.paper.analysis import FACTORS, HPARAM_COLUMNS, f3_paired_effects, pairs
+from examples.paper.analysis import GAPS, HPARAM_COLUMNS, MEASURES
 from examples.paper.data import DataSpec
-from examples.paper.report import FIGURES, num
+from examples.paper.report import FIGURES, SECTIONS, num
 from examples.paper.runner import run_sweep
-from examples.paper.sweep import VARIANTS, sweep_grid
+from examples.paper.sweep import sweep_grid
 from examples.reproduce import main, parse_args
 
 MEASUREMENTS = [
@@ -27,17 +28,33 @@ MEASUREMENTS = [
     "gap_accuracy",
     "jacobian_norm",
     "jacobian_norm_train",
-    "f4_spearman",
-    "f4_auc_misclassified",
+    "param_norm",
+    "distance_from_init",
+    "log_spectral_product",
+    "sharpness",
+    "confidence",
+    "f4_spearman_jacobian",
+    "f4_auc_jacobian",
+    "f4_spearman_max_softmax",
+    "f4_auc_max_softmax",
+    "f4_spearman_entropy",
+    "f4_auc_entropy",
+    "f4_partial_spearman",
+    "f4_auc_jacobian_within_confidence",
     "num_misclassified",
+    "transitions",
+    "transitions_half",
+    "transition_density",
 ]
 BOOKKEEPING = [
     "model_id",
+    "lr_level",
     "num_train_points",
     "num_val_points",
     "epochs_trained",
     "reached_target",
     "train_seconds",
+    "cpu_seconds",
 ]
 
 
@@ -50,28 +67,38 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _section(report: str, title: str) -> str:
-    return report.split(f"## {title}")[1].split("\n## ")[0]
+    return report.split(f"\n## {title}")[1].split("\n## ")[0]
+
+
+def _row(section: str, first_cells: str) -> list[str]:
+    line = next(line for line in section.splitlines() if line.startswith(f"| {first_cells} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
 
 
 @pytest.mark.slow
 def test_table_has_every_hyper_parameter_and_measurement(quick: Path) -> None:
     table = pd.read_csv(quick / "out" / "results.csv")
     assert set(HPARAM_COLUMNS + MEASUREMENTS + BOOKKEEPING) <= set(table.columns)
-    assert len(table) == len(sweep_grid(quick=True)) == table.model_id.nunique()
-    assert not table[["gap_loss", "gap_accuracy", "jacobian_norm", "f4_spearman"]].isna().any().any()
-    assert (table.jacobian_norm > 0).all()
-    # the gap is what SPEC section 4 defines, computed from the two sides in the table
+    assert len(table) == len(sweep_grid(quick=True).configs) == table.model_id.nunique()
+    assert not table[["gap_loss", "gap_accuracy", "jacobian_norm", "sharpness", "transitions"]].isna().any().any()
+    assert (table.jacobian_norm > 0).all() and (table.param_norm > table.distance_from_init * 0).all()
     np.testing.assert_allclose(table.gap_loss, table.val_loss - table.train_loss)
     np.testing.assert_allclose(table.gap_accuracy, table.train_accuracy - table.val_accuracy)
-    # the per-point records are the measurements' data
+    # the fit criterion is what the table says it is
+    assert (table.reached_target == (table.train_accuracy == 1.0)).all()
+    assert (table[~table.reached_target].epochs_trained == table[~table.reached_target].max_epochs).all()
     for row in table.itertuples():
         points = pd.read_csv(quick / "out" / "points" / f"{row.model_id}.csv")
         assert len(points) == row.num_val_points
         assert math.isclose(points.jacobian_norm.mean(), row.jacobian_norm, rel_tol=1e-9)
         assert math.isclose(points.loss.mean(), row.val_loss, rel_tol=1e-6)
-        assert math.isclose(
-            stats.spearmanr(points.jacobian_norm, points.loss).statistic, row.f4_spearman, rel_tol=1e-9
-        )
+        assert math.isclose(points.max_softmax.mean(), row.confidence, rel_tol=1e-9)
+        assert math.isclose(stats.spearmanr(points.jacobian_norm, points.loss).statistic, row.f4_spearman_jacobian,
+                            rel_tol=1e-9)
+        wrong = points.label != points.prediction
+        assert int(wrong.sum()) == row.num_misclassified
+        if 0 < wrong.sum() < len(wrong):
+            assert math.isclose(roc_auc_score(wrong, points.entropy), row.f4_auc_entropy, rel_tol=1e-9)
 
 
 @pytest.mark.slow
@@ -92,151 +119,91 @@ def test_every_run_is_logged_to_tensorboard(quick: Path) -> None:
 
     table = pd.read_csv(quick / "out" / "results.csv")
     for model_id in table.model_id:
-        folder = quick / "runs" / "reproduce-digits" / model_id
-        events = EventAccumulator(str(folder))
+        events = EventAccumulator(str(quick / "runs" / "reproduce-digits" / model_id))
         events.Reload()
-        assert "sensitivity/jacobian_norm" in events.Tags()["scalars"], model_id
-        assert "val_loss" in events.Tags()["scalars"], model_id
+        tags = events.Tags()["scalars"]
+        assert {"sensitivity/jacobian_norm", "generalization/gap_loss", "train_loss_epoch"} <= set(tags), model_id
+    # the F2 model trains with the package's monitors
+    f2 = next((quick / "runs" / "reproduce-digits").glob("f2-*"))
+    events = EventAccumulator(str(f2))
+    events.Reload()
+    assert {"sensitivity/jacobian_norm", "generalization/gap_loss"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow
-def test_report_numbers_equal_the_tables(quick: Path) -> None:
+def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) -> None:
     report = (quick / "out" / "report.md").read_text()
     table = pd.read_csv(quick / "out" / "results.csv")
+    for title in SECTIONS:
+        assert f"\n## {title}" in report, title
+    assert report.index("## Verdict rules") < report.index("## Summary") < report.index("## F1")
+    assert "SPEC" not in report
     for name in FIGURES.values():
         assert f"](figures/{name})" in report
-    assert "seed 0" in report
-    assert f"Sweep: {len(table)} fully-connected models; {int(table.reached_target.sum())} reached" in report
+    assert "Wall time: " in _section(report, "Closing note")
+    assert "| F1 (loss gap) |" in _section(report, "Closing note")
 
-    # F1, recomputed here from the table with scipy directly
+    # F1, recomputed here from the table with scipy directly, over the fitted grid models
+    grid = table[(table.activation == "relu") & (table.augment == "none") & (table.random_label_fraction == 0)
+                 & ~table.full_batch]
+    fitted = grid[grid.reached_target]
     f1 = _section(report, "F1")
-    for gap in ("gap_loss", "gap_accuracy"):
-        x, y = np.log10(table.jacobian_norm), table[gap]
-        line = next(line for line in f1.splitlines() if line.startswith(f"| all models | {gap} |"))
-        expected = [
-            len(table),
-            stats.pearsonr(x, y).statistic,
-            stats.spearmanr(x, y).statistic,
-            stats.kendalltau(x, y).statistic,
-        ]
-        assert line.split(" | ")[2:6] == [str(expected[0])] + [num(v) for v in expected[1:]]
+    assert f"Population: {len(fitted)} of the {len(grid)} grid models" in f1
+    for column, label in MEASURES.items():
+        values = fitted[column] if column != "uncertainty" else 1 - fitted.confidence
+        for gap, gap_label in GAPS.items():
+            tau = stats.kendalltau(values, fitted[gap])
+            cells = _row(f1, f"{label} | {gap_label}")
+            assert cells[2] == str(len(fitted)) and cells[3] == num(tau.statistic)
+            low, high = (float(v) for v in cells[4].strip("[]").split(","))
+            assert low <= tau.statistic <= high
 
-    # F3: each factor's pairs, found here by changing the factor in each base model's id
+    # F3: the clean pairs, found here from the model ids
     f3 = _section(report, "F3")
-    ids = set(table.model_id)
     by_id = table.set_index("model_id")
-    changed = {
-        "augmentation": ("aug0", "aug1"),
-        "random labels": ("rl0-", "rl0.25-"),
-        "full batch": ("b64", "bfull"),
-        "hardtanh instead of ReLU": ("relu", "hardtanh"),
-        "hardsigmoid instead of ReLU": ("relu", "hardsigmoid"),
-    }
+    base = next(i for i in table.model_id if i.startswith("w256-d1-relu-adam") and "augnone-rl0-" in i)
+    changed = {"augmentation": ("augnone", "augnoise"), "hardtanh": ("relu", "hardtanh"),
+               "random labels 100%": ("rl0-", "rl1-")}
     for factor, (old, new) in changed.items():
-        bases = [i for i in ids if "-relu-" in i and "-b64-" in i and "aug0" in i and "rl0-" in i]
-        ratios = [by_id.jacobian_norm[b.replace(old, new)] / by_id.jacobian_norm[b] for b in bases]
-        line = next(line for line in f3.splitlines() if line.startswith(f"| {factor} |"))
-        cells = line.split(" | ")
-        assert cells[2] == str(len(bases)) and cells[3] == num(float(np.median(ratios)))
+        variant = base.replace(old, new)
+        both = bool(by_id.reached_target[base] and by_id.reached_target[variant])
+        cells = _row(f3, factor)
+        assert cells[2] == "1" and cells[5] == str(int(both))
+        if both:
+            assert cells[6] == num(by_id.jacobian_norm[variant] / by_id.jacobian_norm[base])
+        else:
+            assert cells[9] == "**undecided**"
 
-    # F4 over the sweep
+    # F4 over the fitted true-label models
     f4 = _section(report, "F4")
-    assert f"median {num(table.f4_spearman.median())}" in f4
-    assert f"median {num(table.f4_auc_misclassified.dropna().median())}" in f4
+    models = table[table.reached_target & (table.random_label_fraction == 0)]
+    for column in ("f4_spearman_jacobian", "f4_auc_max_softmax", "f4_partial_spearman"):
+        assert _row(f4, column)[1:3] == [str(models[column].notna().sum()), num(models[column].median())]
 
-    # F2 from its own table
-    curves = pd.read_csv(quick / "out" / "manifold.csv")
-    trained_on = curves[(curves.model == "trained") & (curves.kind == "on manifold")]
+    # F2 from its own profiles
+    profiles = pd.read_csv(quick / "out" / "manifold_profiles.csv")
     f2 = _section(report, "F2")
-    assert num(trained_on.jacobian_norm_anchors.mean()) in f2
-    assert num(trained_on.transition_density.mean()) in f2
-    over = int((curves.transitions_sampled > curves.transitions).sum())
-    assert (f"On {over} of {len(curves)} ellipses" in f2) if over else ("at most the exact count" in f2)
-    summary = _section(report, "Summary")
-    assert f"{num(trained_on.jacobian_norm_anchors.mean())} at training points" in summary
+    on = profiles[(profiles.model == "trained") & (profiles.kind == "one class") & (profiles.u < 0.1)]
+    near = on.groupby("ellipse").jacobian_norm.mean().mean()
+    assert _row(f2, "one class | Jacobian norm | near < between (trained)")[3] == num(near)
+    unfitted = _section(report, "Models that did not fit")
+    for model_id in table[~table.reached_target].model_id:
+        assert f"| {model_id} |" in unfitted
 
 
 @pytest.mark.slow
 def test_rerun_trains_nothing_new(quick: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = pd.read_csv(quick / "out" / "results.csv")
-    run_sweep(
-        sweep_grid(quick=True),
-        DataSpec(),
-        quick / "out" / "results.csv",
-        quick / "runs",
-        quick / "out" / "points",
-    )
-    assert "12 already in" in capsys.readouterr().out
+    configs = sweep_grid(quick=True).configs
+    run_sweep(configs, DataSpec(), quick / "out" / "results.csv", quick / "runs", quick / "out" / "points")
+    assert f"{len(configs)} already in" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(quick / "out" / "results.csv"), before)
 
 
 def test_a_table_of_another_data_set_is_not_mixed_in(tmp_path: Path) -> None:
     pd.DataFrame({"model_id": ["m"], "dataset": ["mnist"]}).to_csv(tmp_path / "results.csv", index=False)
     with pytest.raises(ValueError, match=r"holds models trained on \['mnist'\], not on 'digits'"):
-        run_sweep(sweep_grid(quick=True), DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
-
-
-def test_pairs_differ_in_their_factor_only() -> None:
-    configs = sweep_grid(quick=False)
-    table = pd.DataFrame(
-        [
-            {
-                **c.__dict__,
-                "full_batch": c.batch_size is None,
-                "dataset": "digits",
-                "batch_size": c.batch_size or 1258,
-                "model_id": c.model_id,
-            }
-            for c in configs
-        ]
-    )
-    num_bases = 2 * 2 * 2  # widths x depths x optimizers
-    assert len(configs) == len(table.model_id.unique()) == num_bases * (1 + len(VARIANTS))
-    for factor in FACTORS:
-        p = pairs(table, factor)
-        assert len(p) == num_bases, factor.name
-        for pair in p.itertuples():
-            base, variant = (
-                table.set_index("model_id")
-                .loc[[pair.model_id_base, pair.model_id_variant]]
-                .to_dict("records")
-            )
-            differing = {k for k in HPARAM_COLUMNS if k != "dataset" and base[k] != variant[k]}
-            assert factor.column in differing and differing <= {factor.column, *factor.also_differs}
-
-
-def test_paired_effects_count_directions() -> None:
-    rows = []
-    for width, (j_base, j_aug) in zip((8, 16, 32), ((1.0, 0.5), (2.0, 1.0), (1.0, 3.0)), strict=True):
-        for augment, norm in ((False, j_base), (True, j_aug)):
-            rows.append(
-                {
-                    "dataset": "d",
-                    "seed": 0,
-                    "width": width,
-                    "depth": 1,
-                    "activation": "relu",
-                    "optimizer": "sgd",
-                    "lr": 0.1,
-                    "batch_size": 64,
-                    "full_batch": False,
-                    "augment": augment,
-                    "random_label_fraction": 0.0,
-                    "max_epochs": 1,
-                    "jacobian_norm": norm,
-                    "reached_target": augment,
-                    "gap_loss": norm,
-                    "gap_accuracy": -norm,
-                }
-            )
-    effects = f3_paired_effects(pd.DataFrame(rows)).set_index("factor")
-    assert list(effects.index) == ["augmentation"]
-    aug = effects.loc["augmentation"]
-    assert aug.pairs == 3 and aug.paper == "lower"
-    assert aug.jacobian_ratio_median == pytest.approx(0.5)
-    assert aug.jacobian_as_paper == pytest.approx(2 / 3)
-    assert aug.gap_loss_as_paper == pytest.approx(2 / 3) and aug.gap_accuracy_as_paper == pytest.approx(1 / 3)
-    assert aug.base_fitted == 0 and aug.variant_fitted == 1
+        run_sweep(sweep_grid(quick=True).configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
 
 
 def test_command_line_checks() -> None:
@@ -254,7 +221,7 @@ def test_command_line_checks() -> None:
 
 @pytest.mark.slow
 def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
-    configs = sweep_grid(quick=True, max_epochs=2)[:3]
+    configs = sweep_grid(quick=True, max_epochs=2).configs[:3]
     table = run_sweep(
         configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2
     )
@@ -263,14 +230,14 @@ def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
         configs[:1], DataSpec(), tmp_path / "serial.csv", tmp_path / "runs-serial", tmp_path / "points-serial"
     )
     # the same seed gives the same model, whichever process trains it
-    for column in ("jacobian_norm", "gap_loss", "val_accuracy"):
+    for column in ("jacobian_norm", "gap_loss", "val_accuracy", "sharpness", "transitions"):
         assert serial[column].iloc[0] == pytest.approx(table[column].iloc[0], rel=1e-6)
 
 
 @pytest.mark.slow
 def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray.tune")
-    configs = sweep_grid(quick=True)
+    configs = sweep_grid(quick=True).configs
     table = run_sweep(
         configs,
         DataSpec(),
@@ -283,7 +250,7 @@ def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> Non
     serial = pd.read_csv(quick / "out" / "results.csv")
     assert list(table.model_id) == list(serial.model_id)
     # Ray trials train the same models: the measurements equal those of the serial run
-    for column in ("jacobian_norm", "gap_loss", "gap_accuracy", "f4_spearman", "epochs_trained"):
+    for column in ("jacobian_norm", "gap_loss", "gap_accuracy", "f4_spearman_jacobian", "epochs_trained", "sharpness"):
         np.testing.assert_allclose(table[column].astype(float), serial[column].astype(float), rtol=1e-6)
     assert (tmp_path / "runs" / "reproduce-digits" / configs[0].model_id).is_dir()
     assert re.fullmatch(r"[\w.\-]+", configs[0].model_id)
