@@ -513,7 +513,17 @@ _NO_CUT = _ModelMemo()
 
 
 def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor) -> Tensor:
-    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass when possible."""
+    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass when possible.
+
+    ``torch.func.vmap`` over ``autograd.grad`` comes first: its batching rules fold the rows into the batch of
+    every backward operator (a convolution's backward included), where ``is_grads_batched`` falls back to one
+    operator call per row for convolutions and batch norms."""
+    try:
+        return torch.func.vmap(lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0])(
+            cotangents
+        )
+    except RuntimeError:
+        pass
     try:
         (rows,) = torch.autograd.grad(
             out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
