@@ -396,7 +396,7 @@ class _Plan:
                 if add_left_out:
                     top = scale.amax(dim=0)
                     weights = (scale / top).to(device=z.device, dtype=pulled.dtype)
-                    part = torch.einsum("kb,kb...->b...", weights, pulled)
+                    part = (weights.view(*weights.shape, *[1] * (pulled.ndim - 2)) * pulled).sum(dim=0)
                     left_out += part.to(work, torch.float64) * top.view(-1, *[1] * (left_out.ndim - 1))
             if add_left_out:
                 gram = None if fwd.gram is None else fwd.gram.to(work, torch.float64)
