@@ -326,7 +326,11 @@ def resnet_projection(model: nn.Module, x: Tensor, exact: Tensor, exact_seconds:
         for seed in range(seeds):
             start = time.perf_counter()
             estimate = jacobian_norm(
-                model, x, method="projection", num_projections=k, generator=torch.Generator().manual_seed(seed)
+                model,
+                x,
+                method="projection",
+                num_projections=k,
+                generator=torch.Generator().manual_seed(seed),
             )
             seconds.append(time.perf_counter() - start)
             errors.append((estimate.mean() / exact_mean - 1).item())

@@ -166,5 +166,8 @@ def test_many_classes_through_a_narrow_last_layer():
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=0)
     for chunk_size in (1, 7):
         torch.testing.assert_close(
-            jacobian_norm(model, x, chunk_size=chunk_size).double(), accurate_reference(model, x), rtol=1e-4, atol=0
+            jacobian_norm(model, x, chunk_size=chunk_size).double(),
+            accurate_reference(model, x),
+            rtol=1e-4,
+            atol=0,
         )
