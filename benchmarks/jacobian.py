@@ -256,13 +256,16 @@ def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
-def resnet_speed(quick: bool) -> tuple[nn.Module, Tensor, Tensor, float]:
+def resnet_speed(
+    quick: bool, classes: tuple[int, ...] | None = None, repeats: int | None = None
+) -> tuple[nn.Module, Tensor, Tensor, float]:
     """torchvision ``resnet18``: exact against ``vmap(jacrev)`` and the loop at C = 10, 100, 1000 (quick: 10, 50,
     200 at 3x16x16, batch 4), with peak memory and the compute floor. Returns the largest C's model, its points,
     exact norms and median seconds."""
     from torchvision.models import resnet18
 
-    size, batch, classes = (16, 4, (10, 50, 200)) if quick else (32, 32, (10, 100, 1000))
+    size, batch, default = (16, 4, (10, 50, 200)) if quick else (32, 32, (10, 100, 1000))
+    classes = classes or default
     entries = 3 * size * size
     # jacobian_norm pulls back at most 2**24 / (points x input entries) rows at once (its documented bound);
     # vmap(jacrev) gets the same number of rows of every point at once.
@@ -291,7 +294,7 @@ def resnet_speed(quick: bool) -> tuple[nn.Module, Tensor, Tensor, float]:
                 "loop": functools.partial(reference_loop, model, x),
                 "ours": functools.partial(jacobian_norm, model, x),
             },
-            repeats=3 if big else (2 if quick else 5),
+            repeats=repeats or (3 if big else (2 if quick else 5)),
             warmup=not big,  # a warm-up round of the largest C would cost as much as a repeat
         )
         assert torch.allclose(results["ours"], results["loop"], rtol=1e-3), "disagrees with the loop"
@@ -343,6 +346,13 @@ def resnet_projection(model: nn.Module, x: Tensor, exact: Tensor, exact_seconds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--classes", type=int, nargs="+", help="resnet18's numbers of classes (default 10 100 1000)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="resnet18 repeats per method (default 5, and 3 at the largest C)"
+    )
+    parser.add_argument("--resnet-only", action="store_true", help="only the resnet18 tables")
     args = parser.parse_args()
     import logging
     import warnings
@@ -351,10 +361,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     repeats = 3 if args.quick else 7
-    exact_speed(repeats=repeats, scale=0.25 if args.quick else 1.0)
-    model, x, exact, exact_seconds = resnet_speed(quick=args.quick)
+    if not args.resnet_only:
+        exact_speed(repeats=repeats, scale=0.25 if args.quick else 1.0)
+    classes = tuple(args.classes) if args.classes else None
+    model, x, exact, exact_seconds = resnet_speed(quick=args.quick, classes=classes, repeats=args.repeats)
     resnet_projection(model, x, exact, exact_seconds, quick=args.quick)
-    projection_accuracy(repeats=repeats, quick=args.quick)
+    if not args.resnet_only:
+        projection_accuracy(repeats=repeats, quick=args.quick)
 
 
 if __name__ == "__main__":
