@@ -23,6 +23,7 @@ def test_jacobian_benchmark_quick_mode_prints_its_tables():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for header in (
+        "== per-point accuracy at confident points",
         "== exact jacobian_norm against the references",
         "== resnet18 (torchvision) at 3x16x16, batch 4",
         "ours/faster ref",
