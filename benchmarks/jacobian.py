@@ -1,6 +1,6 @@
 """Speed and accuracy of ``jacobian_norm``, printed side by side with the references it must beat.
 
-    python -m benchmarks.jacobian            # full run (about 8 minutes on 2 CPU cores)
+    python -m benchmarks.jacobian            # full run (minutes: resnet18 at C = 1000 dominates)
     python -m benchmarks.jacobian --quick    # the same tables at small sizes (well under a minute)
 
 (The monitors' overhead on a training run is ``benchmarks/overhead.py``.)
