@@ -1,7 +1,7 @@
 """Speed and accuracy of ``jacobian_norm``, printed side by side with the references it must beat.
 
     python -m benchmarks.jacobian            # full run (minutes: resnet18 at C = 1000 dominates)
-    python -m benchmarks.jacobian --quick    # the same tables at small sizes (well under a minute)
+    python -m benchmarks.jacobian --quick    # the same tables at small sizes
 
 (The monitors' overhead on a training run is ``benchmarks/overhead.py``.)
 
