@@ -250,3 +250,35 @@ def test_return_logits_gives_the_measurement_forward_pass_output():
     norms, logits = jacobian_norm(model, x, return_logits=True)
     torch.testing.assert_close(norms, jacobian_norm(model, x))
     torch.testing.assert_close(logits, model(x).detach())
+
+
+class _Counting(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_one_forward_pass_per_chunk_and_no_probe(make):
+    model = _Counting(make())
+    x = torch.randn(6, 3, 4, 4)
+    jacobian_norm(model, x)
+    assert model.calls == 1
+    jacobian_norm(model, x, chunk_size=2)
+    assert model.calls == 1 + 3
+
+
+def test_a_failed_input_cut_is_not_tried_again_on_the_same_model():
+    model = _Counting(SkipNet())
+    x = torch.randn(5, 12)
+    first = jacobian_norm(model, x)
+    assert model.calls == 2  # cut at the first linear layer, then the skip connection: the whole graph again
+    second = jacobian_norm(model, x)
+    assert model.calls == 3
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(second.double(), reference(model, x), rtol=1e-5, atol=0)

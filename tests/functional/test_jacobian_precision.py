@@ -1,0 +1,173 @@
+"""``jacobian_norm`` at confident points, per point, against an accurate float64 reference.
+
+At a confident point ``p_c = 1 - eps`` the softmax Jacobian ``(diag(p) - p p^T) J_z`` is of the size of ``eps``;
+a backward pass through the softmax forms ``p_c (1 - p_c)`` and loses ``1 - p_c`` (in float32, and below about
+1e-13 in float64 too). The reference here is therefore not ``jacrev`` through the softmax: it is the float64
+Jacobian of the logits, times the softmax factor formed analytically with ``1 - p_c`` as the sum of the other
+probabilities.
+"""
+
+import copy
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from lightning_sensitivity.functional import jacobian_norm
+from lightning_sensitivity.functional.jacobian import _Plan
+
+
+def accurate_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-point ||(diag(p) - p p^T) J_z||_F in float64, with the factor's confident diagonal entry exact."""
+    model = copy.deepcopy(model).double().eval()
+    x = x.double()
+    jz = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)  # [B, C, D]
+    with torch.no_grad():
+        z = model(x)
+    if z.shape[1] == 1:  # binary: the softmax of (0, z)
+        z = torch.cat([torch.zeros_like(z), z], dim=1)
+        jz = torch.cat([torch.zeros_like(jz), jz], dim=1)
+    p = z.softmax(dim=1)
+    factor = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    top = p.argmax(dim=1)
+    others = p.scatter(1, top[:, None], 0.0).sum(dim=1)  # 1 - p_top, without the subtraction
+    rows = torch.arange(len(x))
+    factor[rows, top, top] = p[rows, top] * others
+    return (factor @ jz).flatten(1).norm(dim=1)
+
+
+def naive_float32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``vmap(jacrev)`` through the softmax in float32: what the accurate path must do better than."""
+    model = copy.deepcopy(model).eval()
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None]).softmax(-1)[0]))(x)
+    return jac.flatten(1).norm(dim=1)
+
+
+def margins(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        top2 = model.eval()(x).topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    return x, torch.tensor(data.target)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _with_median_margin(model: nn.Module, x: torch.Tensor, target: float) -> nn.Module:
+    """A copy of ``model`` whose last layer is scaled so that the median logit margin on ``x`` is ``target``."""
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        factor = target / margins(model, x).median()
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    return model
+
+
+def _relative_errors(model: nn.Module, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    ours = jacobian_norm(model, x, **kwargs).double()
+    ref = accurate_reference(model, x)
+    return (ours - ref).abs() / ref, ref
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_trained_model_every_point_within_1e_4(make, digits):
+    x, y = digits
+    model = _train(make(), x[:1200], y[:1200], steps=300)
+    points = x[1200:1500]
+    errors, ref = _relative_errors(model, points)
+    assert margins(model, points).median() > 8  # confident: most probabilities within 1e-3 of one
+    assert errors.max() < 1e-4, f"worst {errors.max():.2e} at a norm of {ref[errors.argmax()]:.2e}"
+    # The reference tells the difference: float32 arithmetic through the softmax is far off somewhere.
+    naive = (naive_float32(model, points).double() - ref).abs() / ref
+    assert naive.max() > 1e-2
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize(("margin", "tolerance"), [(10.0, 1e-4), (25.0, 1e-3)])
+def test_confident_model_every_point(make, margin, tolerance, digits):
+    x, y = digits
+    model = _train(make(), x[:1200], y[:1200], steps=100)
+    confident = _with_median_margin(model, x[:1200], margin)
+    points = x[1200:1400]
+    errors, ref = _relative_errors(confident, points)
+    if margin > 20:
+        assert ref.min() < 1e-10  # the regime of the paper's log-scaled plots
+    assert errors.max() < tolerance, f"worst {errors.max():.2e} at a norm of {ref[errors.argmax()]:.2e}"
+
+
+def test_projection_rows_are_formed_as_accurately(digits):
+    """With as many directions as classes the estimator is exact: it must then match per point too."""
+    x, y = digits
+    model = _train(mlp(), x[:1200], y[:1200], steps=100)
+    confident = _with_median_margin(model, x[:1200], 10.0)
+    errors, _ = _relative_errors(confident, x[1200:1400], method="projection", num_projections=10)
+    assert errors.max() < 1e-4
+
+
+def test_single_logit_confident_binary_classifier():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(64, 5)
+    with torch.no_grad():
+        scale = 12.0 / model(x).abs().median()  # the logits (0, z) have the margin |z|
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    errors, _ = _relative_errors(model, x)
+    assert errors.max() < 1e-4
+
+
+def test_many_classes_through_a_narrow_last_layer():
+    """More classes than features before the last layer: the rows stop at the features, still per point right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 60))
+    x = torch.randn(40, 12)
+    model = _with_median_margin(model, x, 10.0)
+    model64 = copy.deepcopy(model).double()
+    logits_jacobian = torch.func.vmap(torch.func.jacrev(lambda v: model64(v[None])[0]))(x.double())
+    for output in ("softmax", "logits"):
+        plan = _Plan(model, output, "exact", None, None, x)
+        ours = plan.chunk_norms(x)[0].double()
+        assert plan.through_last_layer
+        ref = accurate_reference(model, x) if output == "softmax" else logits_jacobian.flatten(1).norm(dim=1)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=0)
+    for chunk_size in (1, 7):
+        torch.testing.assert_close(
+            jacobian_norm(model, x, chunk_size=chunk_size).double(),
+            accurate_reference(model, x),
+            rtol=1e-4,
+            atol=0,
+        )

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and print their tables (their figures are read by people, not asserted)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_jacobian_benchmark_quick_mode_prints_its_tables():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.jacobian", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for header in (
+        "== per-point accuracy at confident points",
+        "== exact jacobian_norm against the references",
+        "== resnet18 (torchvision) at 3x16x16, batch 4",
+        "ours/faster ref",
+        "ours/floor",
+        "== projection estimator on resnet18, C = 200",
+        "== projection estimator: validation-set mean against exact",
+    ):
+        assert header in done.stdout, done.stdout[-3000:]
