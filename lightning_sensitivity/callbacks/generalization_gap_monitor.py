@@ -148,7 +148,9 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         _Key("train_accuracy"),
         _Key("val_accuracy"),
         _Key("gap_accuracy"),
+        _Key("generalization_gap_seconds", option="log_seconds"),
     )
+    SECONDS_KEY = "generalization_gap_seconds"
     MEASURES_OUTSIDE_FIT = False
 
     def __init__(
@@ -165,6 +167,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         get_input: GetInput | None = None,
         get_target: GetInput | None = None,
         forward_fn: ForwardFn | None = None,
+        log_seconds: bool = False,
     ) -> None:
         _check_positive("max_train_points", max_train_points, optional=True)
         _check_callable("loss_fn", loss_fn)
@@ -176,7 +179,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             _check_batch_key(name, key)
         for name, fn in (("get_input", get_input), ("get_target", get_target)):
             _check_callable(name, fn)
-        super().__init__(every_n_epochs, prefix, forward_fn, seed=seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, seed=seed)
         self.max_train_points = max_train_points
         self.loss_fn = loss_fn
         self.train_dataset = train_dataset

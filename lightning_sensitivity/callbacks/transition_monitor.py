@@ -134,7 +134,9 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         _Key("transitions_on_manifold"),
         _Key("transitions_off_manifold"),
         _Key("transitions_along_trajectory", kind="image"),
+        _Key("transitions_seconds", option="log_seconds"),
     )
+    SECONDS_KEY = "transitions_seconds"
 
     def __init__(
         self,
@@ -150,6 +152,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         prefix: str = "sensitivity",
         log_figure: bool | Literal["end"] = "end",
         convergence_tolerance: float = 0.1,
+        log_seconds: bool = False,
         seed: int = 0,
     ) -> None:
         _check_positive("num_trajectories", num_trajectories)
@@ -171,7 +174,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         ):
             raise ValueError(f"`convergence_tolerance` must be a number >= 0, got {convergence_tolerance!r}.")
         _check_seed(seed)
-        super().__init__(every_n_epochs, prefix, forward_fn, off_manifold=off_manifold, seed=seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, off_manifold=off_manifold, seed=seed)
         self.num_trajectories = num_trajectories
         self.num_points = num_points
         self.off_manifold = off_manifold
@@ -304,14 +307,19 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         if self._anchors is None and self._seen > 0:
             self._choose_anchors(trainer)
         if self._schedule.start(trainer, validation=False) and self._anchors is not None:
-            self._log(trainer, pl_module, self._measure(trainer, pl_module))
+            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._schedule.owes_last and self._anchors is not None:
             self._schedule.last_measured = True
             with self._measuring_after_training():
-                self._log(trainer, pl_module, self._measure(trainer, pl_module))
+                self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
+
+    def _timed_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        self._stopwatch.seconds = 0.0
+        with self._stopwatch.running(pl_module.device):
+            return self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Count this process's share of the trajectories of each kind; the metrics' sums combine the shares."""
