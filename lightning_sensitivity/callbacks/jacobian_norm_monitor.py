@@ -72,11 +72,21 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
     - ``{prefix}/jacobian_loss_spearman``: when the batches carry labels and records are kept (every measured
       epoch with ``record_epochs="last"`` or ``"all"``, the listed epochs otherwise), the Spearman correlation
       between the per-point Jacobian norm and the per-point cross-entropy loss (finding F4).
+    - ``{prefix}/jacobian_norm_seconds``: with ``log_seconds=True``, the wall time of the measurement (the sum over
+      its batches and its end; under DDP the slowest process's), in seconds.
     - With several validation dataloaders, each key gets Lightning's suffix ``/dataloader_idx_{i}``.
 
     On record epochs (``record_epochs``), a CSV file with one row per measured point (``index``: the point's
     position in the validation dataloader's order, ``label``, ``prediction``, ``loss``, ``jacobian_norm``) is
     written to ``{log_dir}/jacobian_norm_records/{stage}_epoch={epoch}[_dataloader_idx={i}].csv``.
+
+    **At prediction time** (``trainer.predict``, unless ``measure_predict=False``) every predicted point is measured
+    (``max_points`` limits the validation passes only) and written, one row per point, to
+    ``{log_dir}/jacobian_norm_records/predict[_dataloader_idx={i}].csv``: ``index`` (the position in the predict
+    dataloader's order), ``prediction`` and ``jacobian_norm``, and ``label`` and ``loss`` when the batches carry
+    labels (empty cells otherwise). No label is needed: a high norm flags a point the model is likely to get wrong
+    (finding F4). Predict runs under inference mode; the measurement leaves it for its own autograd, and the
+    predictions ``trainer.predict`` returns are untouched. Nothing is logged (Lightning takes no ``self.log`` there).
 
     **Cost.** Per measured point, one forward pass and :math:`C` vector-Jacobian products (``method="exact"``),
     or ``num_projections`` products (``method="projection"``), see
@@ -101,6 +111,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         record_epochs: when to write the per-point CSV and the Spearman correlation: ``"last"`` (the last
             measured epoch of ``fit``, and every ``validate``/``test`` run), a list of epoch indices (as
             ``trainer.current_epoch`` counts them, from 0), ``"all"``, or ``None`` for never.
+        measure_predict: measure ``trainer.predict`` batches and write their per-point records.
+        log_seconds: also log ``{prefix}/jacobian_norm_seconds``, the wall time of each measurement.
         seed: seeds the monitor's own generator (used by ``method="projection"``).
 
     Raises:
