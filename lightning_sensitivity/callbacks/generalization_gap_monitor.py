@@ -166,7 +166,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     def __init__(
         self,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         max_train_points: int | None = 10_000,
         loss_fn: LossFn | None = None,
         train_dataset: Dataset | None = None,

@@ -140,7 +140,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
     def __init__(
         self,
         max_points: int | None = 256,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         output: Literal["softmax", "logits"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,
