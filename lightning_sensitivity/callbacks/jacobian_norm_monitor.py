@@ -340,12 +340,11 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         positions, keep = _evaluation_points(loader, start, x.shape[0], x.device)
         if not keep.any():
             return
-        with self._stopwatch.running(pl_module.device):
-            norms, logits = self._norms_and_logits(pl_module, x[keep])
-            assert logits is not None
-            y = self._labels(batch, keep.shape, logits.shape[1])
-            records = self._predict_records.setdefault(dataloader_idx, PointRecords().to(pl_module.device))
-            records.update(positions[keep], norms, logits, None if y is None else y[keep])
+        norms, logits = self._norms_and_logits(pl_module, x[keep])
+        assert logits is not None
+        y = self._labels(batch, keep.shape, logits.shape[1])
+        records = self._predict_records.setdefault(dataloader_idx, PointRecords().to(pl_module.device))
+        records.update(positions[keep], norms, logits, None if y is None else y[keep])
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
