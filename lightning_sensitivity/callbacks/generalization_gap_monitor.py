@@ -120,7 +120,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             one loss per point; ``None`` means cross-entropy (binary cross-entropy for ``[B, 1]`` logits).
         train_dataset: the dataset the training subset is drawn from; default: the training dataloader's.
         batch_size: batch size for evaluating the training subset; default: four times the training dataloader's
-            (256 when it has none).
+            (256 when it has none; for an ``IterableDataset``, whose subset is whole batches, the loader's own).
         seed: seeds the choice of the subset and the global RNGs while its samples are read.
         prefix: the logged keys start with ``{prefix}/``.
         input_key: where the input is in a batch (a dict key or a tuple position); default ``"x"`` or ``0``.
@@ -379,7 +379,9 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             random.seed(self.seed)
             source = _detached_copy(dataset)
             if isinstance(dataset, IterableDataset):
-                batches = self._first_batches(source, size, batch_size, collate)
+                # Whole batches until `size` points: batches of the training loader's size overshoot it least.
+                stream_batch = self.batch_size or train_batch or 256
+                batches = self._first_batches(source, size, stream_batch, collate)
                 self._train_indices = torch.arange(sum(self._batch_len(b) for b in batches))
                 return batches[trainer.global_rank :: trainer.world_size]
             if self._train_indices is None:
