@@ -4,6 +4,7 @@
     python -m benchmarks.overhead --quick           # 3 repeats
     python -m benchmarks.overhead --only Transition --repeats 25   # configurations whose name contains a string
     python -m benchmarks.overhead --workload cnn    # a 10-epoch CNN on 8,000 28 x 28 inputs (a realistic run)
+    python -m benchmarks.overhead --workload cnn --per-measurement   # each measurement's time, in epochs
 
 The ``digits`` workload (the default) is ``examples.digits.train`` (the MLP 64-128-128-10 on scikit-learn's digits, 1,258 training and 539
 validation points, batch 64) with a ``TensorBoardLogger``, the setting of the README. It is a small run (about a
@@ -19,6 +20,11 @@ The ``cnn`` workload is closer to a real run: two convolutions (16 and 32 channe
 and 2 x 2 max-pooling) and a linear head, trained for 10 epochs with SGD at batch 64 on 8,000 inputs of 28 x 28
 (digits upscaled from 8 x 8, each drawn several times with a random shift of up to 2 pixels and a little noise, so
 nothing is downloaded), validated on 2,000 such inputs.
+
+``--per-measurement`` prints what one measurement of each monitor costs, in epoch-equivalents: a run without a
+monitor gives the time of an epoch (its wall time over its epochs), then a run with the three monitors at their
+defaults except ``every_n_epochs=1`` and ``log_seconds=True`` gives each measurement's own logged time. Multiply by
+the number of measurements a schedule makes (the defaults: every 10th pass and the last) to get a run's overhead.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ def main() -> None:
         "--repeats", type=int, default=None, help="interleaved repeats (default 15; 3 with --quick)"
     )
     parser.add_argument("--only", default="", help="run the configurations whose name contains this string")
+    parser.add_argument("--per-measurement", action="store_true", help="each measurement's time, in epochs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -114,6 +121,9 @@ def main() -> None:
     epochs = args.epochs or (30 if args.workload == "digits" else 10)
     fit = train_digits if args.workload == "digits" else _train_cnn
     root = tempfile.mkdtemp()
+    if args.per_measurement:
+        _per_measurement(fit, epochs, root)
+        return
     configurations = {name: make for name, make in CONFIGURATIONS.items() if args.only in name}
     cpu: dict[str, list[float]] = {name: [] for name in ["without", *configurations]}
 
@@ -151,6 +161,37 @@ def main() -> None:
             f"{label:40s} {statistics.median(samples[name]):6.2f} s {paired(samples, name):7.3f}x "
             f"{fastest(samples, name):7.3f}x {paired(cpu, name):7.3f}x {fastest(cpu, name):8.3f}x"
         )
+
+
+class _Seconds(Callback):
+    """Collects the monitors' ``*_seconds`` values at each epoch end."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.endswith("_seconds"):
+                self.values.setdefault(key, []).append(float(value))
+
+
+def _per_measurement(fit: Callable[..., None], epochs: int, root: str) -> None:
+    start = time.perf_counter()
+    fit([], max_epochs=epochs, logger=TensorBoardLogger(root))
+    epoch = (time.perf_counter() - start) / epochs
+    seconds = _Seconds()
+    monitors: list[Callback] = [
+        JacobianNormMonitor(every_n_epochs=1, log_seconds=True),
+        TransitionMonitor(every_n_epochs=1, log_seconds=True, log_figure=False),
+        GeneralizationGapMonitor(every_n_epochs=1, log_seconds=True),
+    ]
+    fit([*monitors, seconds], max_epochs=epochs, logger=TensorBoardLogger(root))
+    print(f"an epoch without a monitor: {epoch:.2f} s (the run's wall time over its {epochs} epochs)")
+    print(f"{'one measurement of':42s} {'median':>8s} {'epochs':>8s}   (over {epochs} measurements)")
+    for key, values in seconds.values.items():
+        # the gap's first measurement also reads the training subset: the median is the steady cost
+        median = statistics.median(values)
+        print(f"{key:42s} {median:6.3f} s {median / epoch:7.3f}")
 
 
 def train_digits(callbacks: list[Callback], max_epochs: int, logger: Any) -> None:

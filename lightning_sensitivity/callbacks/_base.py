@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._checks import _check_callable, _check_positive
+from lightning_sensitivity.callbacks._checks import _check_callable, _check_choice, _check_positive
 from lightning_sensitivity.callbacks._dashboard import _register_dashboard
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
@@ -34,12 +35,14 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class _Key:
-    """One thing a monitor logs: ``{prefix}/{name}``, a ``"scalar"``, ``"histogram"`` or ``"image"``, and the
-    title of the dashboard chart it is drawn in (scalars only)."""
+    """One thing a monitor logs: ``{prefix}/{name}``, a ``"scalar"``, ``"histogram"`` or ``"image"``, the title
+    of the dashboard chart it is drawn in (scalars only), and the monitor's boolean argument that switches it on
+    (``None``: always logged)."""
 
     name: str
     kind: str = "scalar"
     chart: str | None = None
+    option: str | None = None
 
 
 # --- the model as measured ---------------------------------------------------------------------------------------
@@ -112,6 +115,37 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+class _Stopwatch:
+    """The wall time of a monitor's measurement, summed over the pieces it is done in (the batches of a pass, then
+    its end), read with ``time.perf_counter``. On a CUDA module each piece starts and ends with a synchronization,
+    so the queued kernels are counted where they run; when the monitor logs no time, nothing is synchronized."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def running(self, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - start
+
+    def take(self, device: torch.device) -> Tensor:
+        """The time so far, as a tensor on ``device``, and a fresh start."""
+        seconds, self.seconds = self.seconds, 0.0
+        return torch.tensor(seconds, dtype=torch.float32, device=device)
+
+
 def _load_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -> Any:
     """A batch the monitor reads itself, brought to the module as Lightning's loops bring theirs: the precision
     plugin's input conversion, the module's batch-transfer hooks, the strategy's device."""
@@ -179,14 +213,26 @@ class _Monitor(Callback):
 
     #: Every key the monitor logs (without the prefix), in the order of its docs.
     KEYS: ClassVar[tuple[_Key, ...]]
+    #: The key of the wall time of one measurement (one of ``KEYS``, switched on by ``log_seconds``).
+    SECONDS_KEY: ClassVar[str]
 
-    def __init__(self, every_n_epochs: int, prefix: str, forward_fn: ForwardFn | None, **state_key: Any) -> None:
+    def __init__(
+        self,
+        every_n_epochs: int,
+        prefix: str,
+        forward_fn: ForwardFn | None,
+        log_seconds: bool = False,
+        **state_key: Any,
+    ) -> None:
         _check_positive("every_n_epochs", every_n_epochs)
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
         _check_callable("forward_fn", forward_fn)
+        _check_choice("log_seconds", log_seconds, (True, False))
         self.every_n_epochs = every_n_epochs
         self.prefix = prefix
+        self.log_seconds = log_seconds
+        self._stopwatch = _Stopwatch(log_seconds)
         self.forward_fn: ForwardFn = forward_fn or _default_forward
         self._schedule = _Schedule(every_n_epochs)
         self._checked = False
@@ -204,7 +250,11 @@ class _Monitor(Callback):
     def logged_keys(self, kind: str | None = None) -> list[str]:
         """The full names of the keys this monitor logs (of one ``kind``: ``"scalar"``, ``"histogram"`` or
         ``"image"``), under its prefix; with several dataloaders each gets Lightning's ``/dataloader_idx_{i}``."""
-        return [f"{self.prefix}/{key.name}" for key in self.KEYS if kind is None or key.kind == kind]
+        return [
+            f"{self.prefix}/{key.name}"
+            for key in self.KEYS
+            if (kind is None or key.kind == kind) and (key.option is None or getattr(self, key.option))
+        ]
 
     def _key(self, name: str) -> str:
         assert any(key.name == name for key in self.KEYS), name
@@ -230,6 +280,8 @@ class _Monitor(Callback):
     # --- logging ---------------------------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
+        if scalars and self.log_seconds:
+            scalars = {**scalars, self._key(self.SECONDS_KEY): self._stopwatch.take(pl_module.device)}
         if not self._after_training:
             _log_scalars(pl_module, scalars)
             return
@@ -297,8 +349,15 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     #: Whether ``trainer.validate`` and ``trainer.test`` runs are measured too.
     MEASURES_OUTSIDE_FIT: ClassVar[bool] = True
 
-    def __init__(self, every_n_epochs: int, prefix: str, forward_fn: ForwardFn | None, **state_key: Any) -> None:
-        super().__init__(every_n_epochs, prefix, forward_fn, **state_key)
+    def __init__(
+        self,
+        every_n_epochs: int,
+        prefix: str,
+        forward_fn: ForwardFn | None,
+        log_seconds: bool = False,
+        **state_key: Any,
+    ) -> None:
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, **state_key)
         self._measuring = False
 
     @abc.abstractmethod
@@ -321,17 +380,22 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         else:
             self._measuring = self._schedule.start(trainer, validation=True)
         if self._measuring:
-            self._begin(trainer, pl_module)
+            self._stopwatch.seconds = 0.0
+            with self._stopwatch.running(pl_module.device):
+                self._begin(trainer, pl_module)
 
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._first_batch(trainer, pl_module, batch)
         if self._measuring:
-            self._measure_batch(trainer, pl_module, batch, idx)
+            with self._stopwatch.running(pl_module.device):
+                self._measure_batch(trainer, pl_module, batch, idx)
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._measuring:
             self._measuring = False
-            self._log(trainer, pl_module, self._finish(trainer, pl_module, stage))
+            with self._stopwatch.running(pl_module.device):
+                scalars = self._finish(trainer, pl_module, stage)
+            self._log(trainer, pl_module, scalars)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -382,13 +446,16 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         with self._measuring_after_training():
-            self._begin(trainer, pl_module)
-            for idx, (loader, limit) in enumerate(zip(loaders, trainer.num_val_batches, strict=False)):
-                for i, batch in enumerate(loader):
-                    if i >= limit:
-                        break
-                    self._measure_batch(trainer, pl_module, _load_batch(trainer, batch, idx), idx)
-            self._log(trainer, pl_module, self._finish(trainer, pl_module, "fit"))
+            self._stopwatch.seconds = 0.0
+            with self._stopwatch.running(pl_module.device):
+                self._begin(trainer, pl_module)
+                for idx, (loader, limit) in enumerate(zip(loaders, trainer.num_val_batches, strict=False)):
+                    for i, batch in enumerate(loader):
+                        if i >= limit:
+                            break
+                        self._measure_batch(trainer, pl_module, _load_batch(trainer, batch, idx), idx)
+                scalars = self._finish(trainer, pl_module, "fit")
+            self._log(trainer, pl_module, scalars)
 
 
 def _has_tensorboard(trainer: pl.Trainer) -> bool:

@@ -71,8 +71,11 @@ def _batch_target(
 
 
 def _evaluation_dataloader(trainer: pl.Trainer, idx: int) -> Any:
-    """The evaluation dataloader of index ``idx`` that the current validation or test loop runs."""
-    loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    """The evaluation dataloader of index ``idx`` that the current validation, test or predict loop runs."""
+    if trainer.predicting:
+        loaders = trainer.predict_dataloaders
+    else:
+        loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
     if isinstance(loaders, (list, tuple)):
         return loaders[idx]
     if isinstance(loaders, dict):

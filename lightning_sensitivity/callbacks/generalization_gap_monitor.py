@@ -16,6 +16,7 @@ the whole epoch and runs in train mode (dropout, augmentation, batch statistics)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Callable
@@ -29,11 +30,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
+    _LOW_PRECISION,
     _evaluating,
     _EvaluationMonitor,
     _Key,
@@ -52,6 +54,7 @@ from lightning_sensitivity.callbacks._utils import (
     GetInput,
     _batch_input,
     _batch_target,
+    _default_forward,
     _evaluation_dataloader,
     _evaluation_points,
     _new_generator,
@@ -71,8 +74,11 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
     that pass was not measured, the final weights are measured at the end of training), the model is evaluated in
     eval mode, with the same code, on
 
-    - the validation batches of that validation epoch (the first validation dataloader), re-evaluated by the monitor
-      as they pass: the outputs of the module's ``validation_step`` are not used;
+    - the validation batches of that validation epoch (the first validation dataloader), as they pass. The outputs
+      of the module's ``validation_step`` are not used; but when it calls the module on the batch's input tensor
+      itself (``self(x)``), that call's logits are exactly what the monitor would compute (eval mode, no autocast,
+      full precision, the default ``forward_fn``, an uncompiled module), and the monitor takes them instead of a
+      second forward pass. Otherwise it evaluates the batch itself;
     - a fixed subset of the training set, drawn once with the monitor's own seeded generator. Its size is the number
       of validation points, capped by ``max_train_points`` and by the size of the training set.
 
@@ -100,6 +106,9 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         ``{prefix}/train_accuracy``, ``{prefix}/val_accuracy``: top-1 accuracy (for a one-logit binary classifier,
         ``[B, 1]`` logits trained with BCE: the sign of the logit, and the loss is the binary cross-entropy).
         ``{prefix}/gap_accuracy``: ``train_accuracy - val_accuracy``.
+        ``{prefix}/generalization_gap_seconds``: with ``log_seconds=True``, the wall time of the measurement (the
+        validation batches' re-evaluation, the training subset's evaluation, and its reading at the first
+        measurement; under DDP the slowest process's), in seconds.
 
     With a TensorBoard logger, the monitor also registers the package's custom-scalars dashboard and, when the
     module saved hyper-parameters, makes the final values the run's hparam metrics (the HPARAMS tab of a sweep).
@@ -110,7 +119,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         loss_fn: ``loss_fn(logits, target)``, returning the mean over the batch (as ``F.cross_entropy`` does) or
             one loss per point; ``None`` means cross-entropy (binary cross-entropy for ``[B, 1]`` logits).
         train_dataset: the dataset the training subset is drawn from; default: the training dataloader's.
-        batch_size: batch size for evaluating the training subset; default: the training dataloader's.
+        batch_size: batch size for evaluating the training subset; default: four times the training dataloader's
+            (256 when it has none; for an ``IterableDataset``, whose subset is whole batches, the loader's own).
         seed: seeds the choice of the subset and the global RNGs while its samples are read.
         prefix: the logged keys start with ``{prefix}/``.
         input_key: where the input is in a batch (a dict key or a tuple position); default ``"x"`` or ``0``.
@@ -118,6 +128,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         get_input: ``get_input(batch)`` returns the input; overrides ``input_key``.
         get_target: ``get_target(batch)`` returns the labels; overrides ``target_key``.
         forward_fn: ``forward_fn(pl_module, x)`` returns the logits; default ``pl_module(x)``.
+        log_seconds: also log ``{prefix}/generalization_gap_seconds``, the wall time of each measurement.
 
     Raises:
         ValueError:
@@ -148,12 +159,14 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         _Key("train_accuracy"),
         _Key("val_accuracy"),
         _Key("gap_accuracy"),
+        _Key("generalization_gap_seconds", option="log_seconds"),
     )
+    SECONDS_KEY = "generalization_gap_seconds"
     MEASURES_OUTSIDE_FIT = False
 
     def __init__(
         self,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         max_train_points: int | None = 10_000,
         loss_fn: LossFn | None = None,
         train_dataset: Dataset | None = None,
@@ -165,6 +178,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         get_input: GetInput | None = None,
         get_target: GetInput | None = None,
         forward_fn: ForwardFn | None = None,
+        log_seconds: bool = False,
     ) -> None:
         _check_positive("max_train_points", max_train_points, optional=True)
         _check_callable("loss_fn", loss_fn)
@@ -176,7 +190,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             _check_batch_key(name, key)
         for name, fn in (("get_input", get_input), ("get_target", get_target)):
             _check_callable(name, fn)
-        super().__init__(every_n_epochs, prefix, forward_fn, seed=seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, seed=seed)
         self.max_train_points = max_train_points
         self.loss_fn = loss_fn
         self.train_dataset = train_dataset
@@ -189,6 +203,11 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         self._train_indices: Tensor | None = None
         self._train_batches: list[Any] | None = None
         self._val_seen = 0
+        # The module's own forward call on a validation batch's input, (input, logits), when it can stand for the
+        # monitor's (see `_capture`); the hook that records it lives only during a measured validation pass.
+        self._captured: tuple[Tensor, Tensor] | None = None
+        self._hook: Any = None
+        self._expected: Tensor | None = None  # the input of the validation batch that is passing
 
     @property
     def train_indices(self) -> Tensor | None:
@@ -242,6 +261,39 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         for metric in (self._train_metric, self._val_metric):
             metric.reset()
             metric.to(pl_module.device)
+        self._release_hook()
+        low = any(t.dtype in _LOW_PRECISION for t in [*pl_module.parameters(), *pl_module.buffers()])
+        compiled = bool(getattr(pl_module, "_compiler_ctx", None))
+        if self.forward_fn is _default_forward and not low and not compiled and not self._after_training:
+            self._hook = pl_module.register_forward_hook(self._capture)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._captured = None
+        self._expected = None
+        if self._hook is not None and dataloader_idx == 0:
+            with contextlib.suppress(KeyError, TypeError, IndexError):  # the first batch's check says it clearly
+                self._expected = _batch_input(batch, self.input_key, self.get_input)
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Keep the module's call on the batch's input tensor itself, when its logits are the monitor's: the module
+        and every submodule in eval mode, autocast off, a full-precision input and output. Calls on other tensors
+        (another monitor's, a test-time augmentation) are not this batch's logits."""
+        x = args[0] if len(args) == 1 else None
+        if x is None or x is not self._expected or not isinstance(output, Tensor):
+            return
+        if x.dtype in _LOW_PRECISION or output.dtype in _LOW_PRECISION or torch.is_autocast_enabled(x.device.type):
+            return
+        if any(m.training for m in module.modules()):
+            return
+        self._captured = (x, output.detach())
+
+    def _release_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self._captured = self._expected = None
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -249,14 +301,17 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             return
         # Under DDP the validation sampler pads the last round with repeated points; those are skipped, so that
         # the sums over ranks are those of one process on the whole validation set.
-        size = len(_batch_input(batch, self.input_key, self.get_input))
-        _, keep = _evaluation_points(_evaluation_dataloader(trainer, 0), self._val_seen, size, pl_module.device)
-        self._val_seen += size
+        x = _batch_input(batch, self.input_key, self.get_input)
+        _, keep = _evaluation_points(_evaluation_dataloader(trainer, 0), self._val_seen, len(x), pl_module.device)
+        self._val_seen += len(x)
+        logits = self._captured[1] if self._captured is not None and self._captured[0] is x else None
+        self._captured = None
         if bool(keep.any()):
-            self._evaluate(pl_module, batch, self._val_metric, keep)
+            self._evaluate(pl_module, batch, self._val_metric, keep, logits)
 
     @override
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
+        self._release_hook()
         val = self._val_metric.compute()
         num_val = int(self._val_metric.count)
         if num_val == 0:
@@ -289,14 +344,20 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         self._train_batches = None
 
     def _evaluate(
-        self, pl_module: pl.LightningModule, batch: Any, metric: ClassificationLossAccuracy, keep: Tensor | None = None
+        self,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        metric: ClassificationLossAccuracy,
+        keep: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> None:
-        """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode."""
+        """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode (or its ``logits``
+        as the module's own call computed them)."""
         x = _batch_input(batch, self.input_key, self.get_input)
         target = _batch_target(batch, self.target_key, self.get_target)
         model = self._measured_model(pl_module)
         with _evaluating(model):
-            logits = model(x)
+            logits = model(x) if logits is None else logits
             target = target.to(logits.device)
             if keep is not None:
                 logits, target = logits[keep], target[keep]
@@ -307,7 +368,10 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         loader = trainer.train_dataloader if isinstance(trainer.train_dataloader, DataLoader) else None
         dataset = self.train_dataset if self.train_dataset is not None else loader.dataset
         collate = loader.collate_fn if loader is not None else default_collate
-        batch_size = self.batch_size or (loader.batch_size if loader is not None else None) or 256
+        # Without gradients a pass holds one layer's activations at a time, not every layer's and their gradients as
+        # a training step does: four training batches at once fit where one trains, and take fewer, fuller passes.
+        train_batch = loader.batch_size if loader is not None else None
+        batch_size = self.batch_size or (4 * train_batch if train_batch else 256)
         size = num_val if self.max_train_points is None else min(num_val, self.max_train_points)
         with isolate_rng():
             torch.manual_seed(self.seed)
@@ -315,7 +379,9 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             random.seed(self.seed)
             source = _detached_copy(dataset)
             if isinstance(dataset, IterableDataset):
-                batches = self._first_batches(source, size, batch_size, collate)
+                # Whole batches until `size` points: batches of the training loader's size overshoot it least.
+                stream_batch = self.batch_size or train_batch or 256
+                batches = self._first_batches(source, size, stream_batch, collate)
                 self._train_indices = torch.arange(sum(self._batch_len(b) for b in batches))
                 return batches[trainer.global_rank :: trainer.world_size]
             if self._train_indices is None:

@@ -72,11 +72,21 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
     - ``{prefix}/jacobian_loss_spearman``: when the batches carry labels and records are kept (every measured
       epoch with ``record_epochs="last"`` or ``"all"``, the listed epochs otherwise), the Spearman correlation
       between the per-point Jacobian norm and the per-point cross-entropy loss (finding F4).
+    - ``{prefix}/jacobian_norm_seconds``: with ``log_seconds=True``, the wall time of the measurement (the sum over
+      its batches and its end; under DDP the slowest process's), in seconds.
     - With several validation dataloaders, each key gets Lightning's suffix ``/dataloader_idx_{i}``.
 
     On record epochs (``record_epochs``), a CSV file with one row per measured point (``index``: the point's
     position in the validation dataloader's order, ``label``, ``prediction``, ``loss``, ``jacobian_norm``) is
     written to ``{log_dir}/jacobian_norm_records/{stage}_epoch={epoch}[_dataloader_idx={i}].csv``.
+
+    **At prediction time** (``trainer.predict``, unless ``measure_predict=False``) every predicted point is measured
+    (``max_points`` limits the validation passes only) and written, one row per point, to
+    ``{log_dir}/jacobian_norm_records/predict[_dataloader_idx={i}].csv``: ``index`` (the position in the predict
+    dataloader's order), ``prediction`` and ``jacobian_norm``, and ``label`` and ``loss`` when the batches carry
+    labels (empty cells otherwise). No label is needed: a high norm flags a point the model is likely to get wrong
+    (finding F4). Predict runs under inference mode; the measurement leaves it for its own autograd, and the
+    predictions ``trainer.predict`` returns are untouched. Nothing is logged (Lightning takes no ``self.log`` there).
 
     **Cost.** Per measured point, one forward pass and :math:`C` vector-Jacobian products (``method="exact"``),
     or ``num_projections`` products (``method="projection"``), see
@@ -101,6 +111,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         record_epochs: when to write the per-point CSV and the Spearman correlation: ``"last"`` (the last
             measured epoch of ``fit``, and every ``validate``/``test`` run), a list of epoch indices (as
             ``trainer.current_epoch`` counts them, from 0), ``"all"``, or ``None`` for never.
+        measure_predict: measure ``trainer.predict`` batches and write their per-point records.
+        log_seconds: also log ``{prefix}/jacobian_norm_seconds``, the wall time of each measurement.
         seed: seeds the monitor's own generator (used by ``method="projection"``).
 
     Raises:
@@ -121,12 +133,14 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         _Key("jacobian_norm", chart=JACOBIAN_BESIDE_GAP),
         _Key("jacobian_loss_spearman"),
         _Key("jacobian_norm_per_point", kind="histogram"),
+        _Key("jacobian_norm_seconds", option="log_seconds"),
     )
+    SECONDS_KEY = "jacobian_norm_seconds"
 
     def __init__(
         self,
         max_points: int | None = 256,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         output: Literal["softmax", "logits"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,
@@ -139,6 +153,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         prefix: str = "sensitivity",
         log_histogram: bool = True,
         record_epochs: Literal["last", "all"] | list[int] | None = "last",
+        measure_predict: bool = True,
+        log_seconds: bool = False,
         seed: int = 0,
     ) -> None:
         _check_positive("max_points", max_points, optional=True)
@@ -161,8 +177,10 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             raise ValueError(
                 f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {record_epochs!r}."
             )
+        _check_choice("measure_predict", measure_predict, (True, False))
         _check_seed(seed)
-        super().__init__(every_n_epochs, prefix, forward_fn, output=output, method=method)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, output=output, method=method)
+        self.measure_predict = measure_predict
         self.max_points = max_points
         self.output = output
         self.method = method
@@ -179,6 +197,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         self._seen: dict[int, int] = {}  # points of each dataloader seen in the current pass
         self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._measured_in_fit = False
+        self._predict_records: dict[int, PointRecords] = {}
+        self._predict_seen: dict[int, int] = {}
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
@@ -212,7 +232,21 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        x = _full_precision(x[keep])
+        if idx in self._records:
+            norms, logits = self._norms_and_logits(pl_module, x[keep])
+            self._add_records(batch, idx, keep, positions[keep], norms, logits)
+        else:
+            norms, _ = self._norms_and_logits(pl_module, x[keep], need_logits=False)
+        self._metrics[idx].update(norms)
+        if trainer.state.fn == "fit":
+            self._measured_in_fit = True
+
+    def _norms_and_logits(
+        self, pl_module: pl.LightningModule, x: Tensor, need_logits: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The Jacobian norms of the points ``x`` (NaN for a point with a non-finite entry) and, when asked, their
+        logits in float32."""
+        x = _full_precision(x)
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
         model = self._measured_model(pl_module)
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
@@ -231,14 +265,10 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             norms[finite] = values.to(norms.dtype)
             logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
             logits[finite] = finite_logits
-        if idx in self._records:
-            if logits is None:
-                with _evaluating(model):
-                    logits = model(x)
-            self._add_records(batch, idx, keep, positions[keep], norms, logits.float())
-        self._metrics[idx].update(norms)
-        if trainer.state.fn == "fit":
-            self._measured_in_fit = True
+        if need_logits and logits is None:
+            with _evaluating(model):
+                logits = model(x)
+        return norms, None if logits is None else logits.float()
 
     def _records_wanted(self, trainer: pl.Trainer) -> bool:
         if self.record_epochs is None:
@@ -247,9 +277,8 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             return True
         return trainer.current_epoch in self.record_epochs
 
-    def _add_records(
-        self, batch: Any, idx: int, keep: Tensor, positions: Tensor, norms: Tensor, logits: Tensor
-    ) -> None:
+    def _labels(self, batch: Any, shape: torch.Size, num_logits: int) -> Tensor | None:
+        """The class labels ``[B]`` of a batch of ``shape`` points, or ``None`` when it carries none."""
         if self.get_target is not None:
             y = self.get_target(batch)  # the user's function: its errors are the user's to see
         else:
@@ -259,9 +288,17 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
                 y = None
         if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]  # a one-logit classifier's labels, as BCE takes them
-        if isinstance(y, Tensor) and torch.is_floating_point(y) and logits.shape[1] == 1:
+        if isinstance(y, Tensor) and torch.is_floating_point(y) and num_logits == 1:
             y = y.round().long()
-        if not isinstance(y, Tensor) or y.shape != keep.shape or torch.is_floating_point(y):
+        if not isinstance(y, Tensor) or y.shape != shape or torch.is_floating_point(y):
+            return None
+        return y
+
+    def _add_records(
+        self, batch: Any, idx: int, keep: Tensor, positions: Tensor, norms: Tensor, logits: Tensor
+    ) -> None:
+        y = self._labels(batch, keep.shape, logits.shape[1])
+        if y is None:
             del self._records[idx]  # the batch format is the same on every process: all of them drop it
             self._warn_once(
                 "no-labels",
@@ -270,6 +307,52 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             )
             return
         self._records[idx].update(positions, norms, logits, y[keep])
+
+    # --- prediction: per-point records without labels ----------------------------------------------------------
+
+    @override
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._predict_seen = {}
+        # One set of rows per dataloader, made on every process before any batch: the end gathers them all.
+        self._predict_records = (
+            {idx: PointRecords().to(pl_module.device) for idx in range(len(trainer.num_predict_batches))}
+            if self.measure_predict
+            else {}
+        )
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self.measure_predict:
+            return
+        self._first_batch(trainer, pl_module, batch)
+        x = _batch_input(batch, self.input_key, self.get_input)
+        start = self._predict_seen.get(dataloader_idx, 0)
+        self._predict_seen[dataloader_idx] = start + x.shape[0]
+        loader = _evaluation_dataloader(trainer, dataloader_idx)
+        positions, keep = _evaluation_points(loader, start, x.shape[0], x.device)
+        if not keep.any():
+            return
+        norms, logits = self._norms_and_logits(pl_module, x[keep])
+        assert logits is not None
+        y = self._labels(batch, keep.shape, logits.shape[1])
+        records = self._predict_records.setdefault(dataloader_idx, PointRecords().to(pl_module.device))
+        records.update(positions[keep], norms, logits, None if y is None else y[keep])
+
+    @override
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        multiple = len(self._predict_records) > 1
+        for idx in sorted(self._predict_records):
+            records = {k: v.double().cpu() for k, v in self._predict_records[idx].compute().items()}
+            self._write_csv(trainer, "predict" + (f"_dataloader_idx={idx}" if multiple else ""), records)
+        self._predict_records = {}
 
     # --- the end of a pass: compute, log, record ---------------------------------------------------------------
 
@@ -313,19 +396,26 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         multiple: bool,
         records: dict[str, Tensor],
     ) -> None:
+        name = f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")
+        self._write_csv(trainer, name, records)
+
+    def _write_csv(self, trainer: pl.Trainer, name: str, records: dict[str, Tensor]) -> None:
+        """``{log_dir}/jacobian_norm_records/{name}.csv``, one row per point; a point without a label has empty
+        ``label`` and ``loss`` cells."""
         # `trainer.log_dir` is a broadcast under DDP: every rank takes part before the others return.
         root = trainer.log_dir or trainer.default_root_dir
         if trainer.global_rank != 0:
             return
         folder = os.path.join(root, "jacobian_norm_records")
         os.makedirs(folder, exist_ok=True)
-        name = f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")
-        path = os.path.join(folder, name + ".csv")
-        with open(path, "w", newline="") as handle:
+        with open(os.path.join(folder, name + ".csv"), "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["index", "label", "prediction", "loss", "jacobian_norm"])
             for i, label, pred, loss, norm in zip(*(records[k].tolist() for k in records), strict=True):
-                writer.writerow([int(i), int(label), int(pred), f"{loss:.6g}", f"{norm:.6g}"])
+                known = label >= 0
+                writer.writerow(
+                    [int(i), int(label) if known else "", int(pred), f"{loss:.6g}" if known else "", f"{norm:.6g}"]
+                )
 
     # --- Lightning hooks ---------------------------------------------------------------------------------
 

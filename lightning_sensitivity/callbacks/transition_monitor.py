@@ -88,6 +88,8 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
       compare epochs).
     - ``{prefix}/transitions_along_trajectory`` (TensorBoard image, only with a ``TensorBoardLogger``): along the
       first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors marked.
+    - ``{prefix}/transitions_seconds``: with ``log_seconds=True``, the wall time of the measurement (the counts on
+      and off the manifold, and the figure when it is drawn then; under DDP the slowest process's), in seconds.
 
     **Cost.** Per measurement, ``2 * num_trajectories * num_points`` points of forward passes (no gradient, the
     points of several curves in each pass, ``chunk_size`` points at most), and for the figure a Jacobian norm at
@@ -110,6 +112,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
             ``fit`` (with the final weights); ``True`` at every measurement; ``False`` never.
         convergence_tolerance: warn once when a sampled count on ``num_points`` differs from the count on half as
             many points by more than this fraction (raise ``num_points`` then).
+        log_seconds: also log ``{prefix}/transitions_seconds``, the wall time of each measurement.
         seed: seeds the monitor's own generator (anchors).
 
     Raises:
@@ -134,7 +137,9 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         _Key("transitions_on_manifold"),
         _Key("transitions_off_manifold"),
         _Key("transitions_along_trajectory", kind="image"),
+        _Key("transitions_seconds", option="log_seconds"),
     )
+    SECONDS_KEY = "transitions_seconds"
 
     def __init__(
         self,
@@ -150,6 +155,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         prefix: str = "sensitivity",
         log_figure: bool | Literal["end"] = "end",
         convergence_tolerance: float = 0.1,
+        log_seconds: bool = False,
         seed: int = 0,
     ) -> None:
         _check_positive("num_trajectories", num_trajectories)
@@ -171,7 +177,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         ):
             raise ValueError(f"`convergence_tolerance` must be a number >= 0, got {convergence_tolerance!r}.")
         _check_seed(seed)
-        super().__init__(every_n_epochs, prefix, forward_fn, off_manifold=off_manifold, seed=seed)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, off_manifold=off_manifold, seed=seed)
         self.num_trajectories = num_trajectories
         self.num_points = num_points
         self.off_manifold = off_manifold
@@ -189,6 +195,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         self._densities = {kind: TransitionDensity() for kind in _KINDS}
         # The curves through the anchors, built once for the module's device and dtype (the key).
         self._curves: tuple[tuple[torch.device, torch.dtype], dict[str, list[Trajectory]]] | None = None
+        self._first_count: TransitionCount | None = None  # on-manifold trajectory 0 at the latest measurement
 
     @property
     def anchors(self) -> dict[str, Tensor] | None:
@@ -304,14 +311,19 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         if self._anchors is None and self._seen > 0:
             self._choose_anchors(trainer)
         if self._schedule.start(trainer, validation=False) and self._anchors is not None:
-            self._log(trainer, pl_module, self._measure(trainer, pl_module))
+            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._schedule.owes_last and self._anchors is not None:
             self._schedule.last_measured = True
             with self._measuring_after_training():
-                self._log(trainer, pl_module, self._measure(trainer, pl_module))
+                self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
+
+    def _timed_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        self._stopwatch.seconds = 0.0
+        with self._stopwatch.running(pl_module.device):
+            return self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Count this process's share of the trajectories of each kind; the metrics' sums combine the shares."""
@@ -342,6 +354,9 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
                 density = mean_count = torch.tensor(float("nan"), device=pl_module.device)
             logged[self._key(f"transition_density_{kind}")] = density
             logged[self._key(f"transitions_{kind}")] = mean_count
+            if kind == "on_manifold":
+                # Process 0's first curve is on-manifold trajectory 0, the one the figure at the end of fit draws.
+                self._first_count = counts[0] if rank == 0 and counts and not failed else None
             if figure and kind == "on_manifold" and counts and not failed:
                 _log_image(
                     trainer,
@@ -356,11 +371,14 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
             return
         model = self._measured_model(pl_module)
         curve = self._curves_of(pl_module)["on_manifold"][0]
-        try:
-            (count,) = self._count(model, [curve])
-        except NonFiniteOutputError as error:
-            self._warn_once("non-finite", f"{error} Logging NaN.")
-            return
+        # The fit's last measurement was on the final weights: its count of this curve is the one to draw.
+        count = self._first_count if self._schedule.last_measured else None
+        if count is None:
+            try:
+                (count,) = self._count(model, [curve])
+            except NonFiniteOutputError as error:
+                self._warn_once("non-finite", f"{error} Logging NaN.")
+                return
         _log_image(trainer, self._key("transitions_along_trajectory"), self._figure(trainer, model, curve, count))
 
     def _curves_of(self, pl_module: pl.LightningModule) -> dict[str, list[Trajectory]]:

@@ -23,26 +23,32 @@ _COLUMNS = ("index", "label", "prediction", "loss", "jacobian_norm")
 
 
 def _point_records_update(
-    index: Tensor, norms: Tensor, logits: Tensor, target: Tensor
+    index: Tensor, norms: Tensor, logits: Tensor, target: Tensor | None
 ) -> dict[str, Tensor]:
     """The rows of a batch: the prediction and the cross-entropy loss come from the logits (one-logit classifiers
-    read as the logits ``(0, z)``)."""
+    read as the logits ``(0, z)``). Without labels, the label is -1 and the loss NaN."""
+    labels = target if target is not None else index
     if not (
-        index.ndim == norms.ndim == target.ndim == 1
+        index.ndim == norms.ndim == labels.ndim == 1
         and logits.ndim == 2
-        and len(index) == len(norms) == len(target) == len(logits)
+        and len(index) == len(norms) == len(labels) == len(logits)
     ):
         raise ValueError(
             "`PointRecords.update` expects positions, norms and labels of shape [B], and logits [B, C]; got "
-            f"{tuple(index.shape)}, {tuple(norms.shape)}, {tuple(target.shape)} and {tuple(logits.shape)}."
+            f"{tuple(index.shape)}, {tuple(norms.shape)}, {tuple(labels.shape)} and {tuple(logits.shape)}."
         )
     classes = _class_logits(logits).float()
-    target = target.to(classes.device).long()
+    if target is None:
+        label = torch.full((len(index),), -1, device=classes.device)
+        loss = torch.full((len(index),), float("nan"), device=classes.device)
+    else:
+        label = target.to(classes.device).long()
+        loss = F.cross_entropy(classes, label, reduction="none")
     rows = {
         "index": index,
-        "label": target,
+        "label": label,
         "prediction": classes.argmax(dim=1),
-        "loss": F.cross_entropy(classes, target, reduction="none"),
+        "loss": loss,
         "jacobian_norm": norms,
     }
     return {name: value.detach().float() for name, value in rows.items()}
@@ -59,7 +65,8 @@ class PointRecords(Metric):
     ``prediction``, ``loss`` (cross-entropy) and ``jacobian_norm``.
 
     ``update(index, norms, logits, target)`` takes the positions ``[B]``, the Jacobian norms ``[B]``, the logits
-    ``[B, C]`` (or ``[B, 1]``) and the labels ``[B]`` of a batch. ``compute()`` returns the columns as float
+    ``[B, C]`` (or ``[B, 1]``) and the labels ``[B]`` of a batch; ``target=None`` (points without labels, as at
+    prediction time) records the label as -1 and the loss as NaN. ``compute()`` returns the columns as float
     tensors, sorted by ``index`` and gathered from every process.
 
     Args:
@@ -88,7 +95,7 @@ class PointRecords(Metric):
         for name in _COLUMNS:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, index: Tensor, norms: Tensor, logits: Tensor, target: Tensor) -> None:
+    def update(self, index: Tensor, norms: Tensor, logits: Tensor, target: Tensor | None = None) -> None:
         """Add the rows of one batch."""
         for name, value in _point_records_update(index, norms, logits, target).items():
             getattr(self, name).append(value)

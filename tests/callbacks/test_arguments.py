@@ -16,6 +16,7 @@ BAD = [
     *[(m, "get_input", 0) for m in (J, G, T)],
     *[(m, "input_key", v) for m in (J, G, T) for v in (1.5, True, ("x",))],
     *[(m, "seed", v) for m in (J, G, T) for v in ("0", 1.0)],
+    *[(m, "log_seconds", v) for m in (J, G, T) for v in ("yes", 1, None)],
     # JacobianNormMonitor
     (J, "max_points", 0),
     (J, "max_points", "all"),
@@ -31,6 +32,8 @@ BAD = [
     (J, "record_epochs", 3),
     (J, "record_epochs", [1, -1]),
     (J, "record_epochs", [1.5]),
+    (J, "measure_predict", "yes"),
+    (J, "measure_predict", 0),
     # GeneralizationGapMonitor
     (G, "max_train_points", 0),
     (G, "loss_fn", "cross_entropy"),

@@ -219,3 +219,45 @@ def test_ddp_ranks_combine_into_the_one_process_result():
     )
     indices = torch.randperm(len(dm.x_train), generator=torch.Generator().manual_seed(5))[:101]
     assert _logged(trainer) == pytest.approx(_expected(model, dm, indices), abs=1e-5)
+
+
+class _CountingForward(MLPClassifier):
+    """Counts the points of every forward call outside the training step, and can validate on a copy of ``x``, or
+    in train mode with dropout (whose logits are not the eval-mode ones)."""
+
+    def __init__(self, validate_on: str = "x") -> None:
+        super().__init__()
+        self.validate_on = validate_on
+        self.points = 0
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            self.points += len(x)
+        return self.net(self.dropout(x))
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        if self.validate_on == "copy":
+            x = x.clone()
+        elif self.validate_on == "train mode":
+            self.train()
+        self.log("val_loss", F.cross_entropy(self(x), y))
+        self.eval()
+
+
+@pytest.mark.parametrize("validate_on", ["x", "copy", "train mode"])
+def test_the_validation_steps_own_logits_are_used_only_when_they_are_the_monitors(validate_on):
+    dm = DigitsDataModule()
+    model = _CountingForward(validate_on)
+    monitor = GeneralizationGapMonitor(every_n_epochs=1)
+    trainer, _ = train([monitor], datamodule=dm, model=model, limit_train_batches=3, max_epochs=1,
+                       num_sanity_val_steps=0)
+    num_val, num_train = len(dm.x_val), len(monitor.train_indices)
+    # validation_step's own calls (eval mode for "x" and "copy"), the first batch's check (two points), the subset,
+    # and the monitor's second pass over the validation batches unless it could take the module's logits
+    own = num_val if validate_on != "train mode" else 0
+    second = 0 if validate_on == "x" else num_val
+    assert model.points == own + 2 + num_train + second
+    torch.manual_seed(0)  # dropout is off in eval mode: the values are the eval-mode ones in every case
+    assert _logged(trainer) == pytest.approx(_expected(model, dm, monitor.train_indices), abs=1e-5)

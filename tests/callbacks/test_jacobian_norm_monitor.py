@@ -254,3 +254,79 @@ def test_state_dict_round_trip():
     restored.load_state_dict(monitor.state_dict())
     assert torch.equal(restored._generator.get_state(), monitor._generator.get_state())
     assert monitor.state_key != JacobianNormMonitor(output="logits").state_key
+
+
+class _Predicting(MLPClassifier):
+    """A classifier whose ``predict_step`` takes batches with or without labels."""
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x)
+
+
+def _read_predict_records(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_writes_per_point_records_equal_to_direct_values(tmp_path):
+    data = DigitsDataModule()
+    model = _Predicting()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        callbacks=[JacobianNormMonitor()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    x, y = data.x_val[:70], data.y_val[:70]
+    unlabelled = DataLoader(x[:45], batch_size=16)  # plain tensors: no labels
+    labelled = DataLoader(TensorDataset(x[45:], y[45:]), batch_size=8)
+    predictions = trainer.predict(model, dataloaders=[unlabelled, labelled])
+    assert len(predictions) == 2 and torch.cat(predictions[0]).shape == (45, 10)  # `return_predictions` kept
+
+    folder = os.path.join(trainer.log_dir, "jacobian_norm_records")
+    assert sorted(os.listdir(folder)) == ["predict_dataloader_idx=0.csv", "predict_dataloader_idx=1.csv"]
+    for idx, (points, labels) in enumerate([(x[:45], None), (x[45:], y[45:])]):
+        rows = _read_predict_records(os.path.join(folder, f"predict_dataloader_idx={idx}.csv"))
+        assert [int(r["index"]) for r in rows] == list(range(len(points)))
+        expected = jacobian_norm(model, points)
+        measured = torch.tensor([float(r["jacobian_norm"]) for r in rows])
+        torch.testing.assert_close(measured, expected, rtol=1e-5, atol=0)
+        assert expected.min() > 0  # predict runs under inference mode: a measurement there is not zero
+        with torch.no_grad():
+            logits = model(points)
+        assert [int(r["prediction"]) for r in rows] == logits.argmax(1).tolist()
+        if labels is None:
+            assert all(r["label"] == "" and r["loss"] == "" for r in rows)
+        else:
+            assert [int(r["label"]) for r in rows] == labels.tolist()
+            loss = F.cross_entropy(logits, labels, reduction="none")
+            torch.testing.assert_close(torch.tensor([float(r["loss"]) for r in rows]), loss, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_with_one_dataloader_and_opt_out(tmp_path):
+    data = DigitsDataModule()
+    model = _Predicting()
+    x = data.x_val[:20]
+
+    def predict(monitor, root):
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            default_root_dir=root,
+            logger=False,
+            callbacks=[monitor],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+        )
+        trainer.predict(model, dataloaders=DataLoader(x, batch_size=7, shuffle=False))
+        return os.path.join(root, "jacobian_norm_records")
+
+    folder = predict(JacobianNormMonitor(max_points=5), tmp_path / "on")
+    rows = _read_predict_records(os.path.join(folder, "predict.csv"))
+    # every predicted point is measured (`max_points` is the validation passes')
+    assert [int(r["index"]) for r in rows] == list(range(20))
+    torch.testing.assert_close(
+        torch.tensor([float(r["jacobian_norm"]) for r in rows]), jacobian_norm(model, x), rtol=1e-5, atol=0
+    )
+    assert not os.path.exists(predict(JacobianNormMonitor(measure_predict=False), tmp_path / "off"))

@@ -40,3 +40,31 @@ def test_a_run_logs_exactly_the_registered_keys_under_each_prefix(tmp_path):
     }
     for kind, found in logged.items():
         assert found == {key for m in monitors for key in m.logged_keys(kind)}, kind
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_log_seconds_logs_each_measurements_wall_time_and_only_then(tmp_path):
+    import time
+
+    logger = TensorBoardLogger(tmp_path)
+    monitors = [
+        JacobianNormMonitor(prefix="a", max_points=32, every_n_epochs=2, log_seconds=True),
+        GeneralizationGapMonitor(prefix="b", max_train_points=32, every_n_epochs=2, log_seconds=True),
+        TransitionMonitor(prefix="c", num_trajectories=1, num_points=16, every_n_epochs=2, log_seconds=True),
+    ]
+    seconds = ["a/jacobian_norm_seconds", "b/generalization_gap_seconds", "c/transitions_seconds"]
+    assert [key for m in monitors for key in m.logged_keys() if key.endswith("_seconds")] == seconds
+    start = time.perf_counter()
+    train(monitors, max_epochs=4, limit_train_batches=2, logger=logger)
+    elapsed = time.perf_counter() - start
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    total = 0.0
+    for key, measured in zip(seconds, ["a/jacobian_norm", "b/gap_loss", "c/transition_density_on_manifold"], strict=True):
+        points = events.Scalars(key)
+        # one time per measurement (epochs 1 and 3), at the measurement's step
+        assert [p.step for p in points] == [p.step for p in events.Scalars(measured)]
+        assert len(points) == 2 and all(p.value > 0 for p in points)
+        total += sum(p.value for p in points)
+    assert total < elapsed
+    assert not any(k.endswith("_seconds") for m in MONITORS for k in m().logged_keys())  # off by default

@@ -588,6 +588,8 @@ BAD_VALUES = {
         ("prefix", ""),
         ("record_epochs", "first"),
         ("record_epochs", [-1]),
+        ("measure_predict", "yes"),
+        ("log_seconds", "yes"),
     ],
     TransitionMonitor: [
         ("num_trajectories", 0),
@@ -600,12 +602,14 @@ BAD_VALUES = {
         ("prefix", ""),
         ("log_figure", "start"),
         ("convergence_tolerance", -0.1),
+        ("log_seconds", "yes"),
     ],
     GeneralizationGapMonitor: [
         ("every_n_epochs", 0),
         ("max_train_points", 0),
         ("batch_size", 0),
         ("prefix", ""),
+        ("log_seconds", "yes"),
     ],
 }
 
