@@ -45,7 +45,7 @@ _ROWS_PER_PASS = 64
 _METADATA_CALLS = frozenset(
     {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
 )
-_LOGITS_HINT = " Pass a model (in the monitors: a `forward_fn`) that returns the classifier's logits."
+_LOGITS_HINT = " Pass a model that returns the classifier's logits, or wrap it in one that picks them out."
 _REORDER_CALLS = frozenset(
     {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"}
 )
