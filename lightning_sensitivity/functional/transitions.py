@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, overload
 
-import torch
 from torch import Tensor
 
 from lightning_sensitivity.functional._utils import _measuring
@@ -284,23 +283,3 @@ def _warn_if_smooth(smooth_operations: tuple[str, ...]) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _transition_density_update(transitions: Tensor, arc_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-trajectory densities summed, transitions summed, and the number of trajectories."""
-    if transitions.shape != arc_lengths.shape or transitions.ndim != 1:
-        raise ValueError(
-            "Expected one transition count and one arc length per trajectory (two 1-D tensors of the same length), "
-            f"got shapes {tuple(transitions.shape)} and {tuple(arc_lengths.shape)}."
-        )
-    if bool((arc_lengths <= 0).any()):
-        raise ValueError("Every trajectory needs a positive arc length (its anchors must not all coincide).")
-    transitions = transitions.to(torch.float64)
-    density = transitions / arc_lengths.to(torch.float64)
-    count = torch.tensor(float(len(transitions)), dtype=torch.float64, device=transitions.device)
-    return density.sum(), transitions.sum(), count
-
-
-def _transition_density_compute(density_sum: Tensor, num_trajectories: Tensor) -> Tensor:
-    r"""The mean transition density over trajectories, :math:`\frac{1}{N}\sum_n T_n / L_n`."""
-    return density_sum / num_trajectories
