@@ -219,7 +219,7 @@ def test_errors():
     with pytest.raises(TypeError, match="continuous inputs.*embeddings"):
         jacobian_norm(nn.Embedding(10, 3), torch.tensor([[1, 2]]))
     with pytest.raises(
-        ValueError, match=r"logits of shape \[batch, num_classes\].*got \(\d+, 3, 1\).*forward_fn"
+        ValueError, match=r"logits of shape \[batch, num_classes\].*got \(\d+, 3, 1\).*picks them out"
     ):
         jacobian_norm(lambda v: model(v)[..., None], torch.randn(2, 4))
     with pytest.raises(ValueError, match="`output`"):
