@@ -265,7 +265,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         low = any(t.dtype in _LOW_PRECISION for t in [*pl_module.parameters(), *pl_module.buffers()])
         compiled = bool(getattr(pl_module, "_compiler_ctx", None))
         if self.forward_fn is _default_forward and not low and not compiled and not self._after_training:
-            self._hook = pl_module.register_forward_hook(self._capture)
+            self._hook = pl_module.register_forward_hook(self._capture, with_kwargs=True)
 
     @override
     def on_validation_batch_start(
@@ -277,11 +277,12 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             with contextlib.suppress(KeyError, TypeError, IndexError):  # the first batch's check says it clearly
                 self._expected = _batch_input(batch, self.input_key, self.get_input)
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """Keep the module's call on the batch's input tensor itself, when its logits are the monitor's: the module
         and every submodule in eval mode, autocast off, a full-precision input and output. Calls on other tensors
-        (another monitor's, a test-time augmentation) are not this batch's logits."""
-        x = args[0] if len(args) == 1 else None
+        (another monitor's, a test-time augmentation) or with other arguments (``self(x, features=True)``) are not
+        this batch's logits."""
+        x = args[0] if len(args) == 1 and not kwargs else None
         if x is None or x is not self._expected or not isinstance(output, Tensor):
             return
         if x.dtype in _LOW_PRECISION or output.dtype in _LOW_PRECISION or torch.is_autocast_enabled(x.device.type):

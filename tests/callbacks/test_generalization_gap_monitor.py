@@ -231,10 +231,10 @@ class _CountingForward(MLPClassifier):
         self.points = 0
         self.dropout = torch.nn.Dropout(0.5)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temperature: float = 1.0) -> Tensor:
         if not self.training:
             self.points += len(x)
-        return self.net(self.dropout(x))
+        return self.net(self.dropout(x)) / temperature
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -242,11 +242,15 @@ class _CountingForward(MLPClassifier):
             x = x.clone()
         elif self.validate_on == "train mode":
             self.train()
+        if self.validate_on == "other arguments":  # not the logits `self(x)` gives: not to be taken
+            self.log("val_loss", F.cross_entropy(self(x, temperature=3.0), y))
+            self.eval()
+            return
         self.log("val_loss", F.cross_entropy(self(x), y))
         self.eval()
 
 
-@pytest.mark.parametrize("validate_on", ["x", "copy", "train mode"])
+@pytest.mark.parametrize("validate_on", ["x", "copy", "train mode", "other arguments"])
 def test_the_validation_steps_own_logits_are_used_only_when_they_are_the_monitors(validate_on):
     dm = DigitsDataModule()
     model = _CountingForward(validate_on)
