@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,6 +33,23 @@ def all_monitors(**overrides: dict[str, Any]) -> list[Callback]:
             max_train_points=101, every_n_epochs=1, **overrides.get("GeneralizationGapMonitor", {})
         ),
     ]
+
+
+def assert_same_training_state(plain: dict[str, Any], monitored: dict[str, Any]) -> None:
+    """The states two training runs ended in are bit-identical: weights and buffers (``"model"``), optimizer state
+    (``"optimizer"``), and the torch, NumPy and Python random streams (``"torch"``, ``"numpy"``, ``"python"``)."""
+    assert plain["model"].keys() == monitored["model"].keys()
+    for name, tensor in plain["model"].items():
+        assert torch.equal(tensor, monitored["model"][name]), name
+    assert plain["optimizer"].keys() == monitored["optimizer"].keys()
+    for index, state in plain["optimizer"].items():
+        for name, value in state.items():
+            assert torch.equal(value, monitored["optimizer"][index][name]), (index, name)
+    assert torch.equal(plain["torch"], monitored["torch"])
+    numpy_plain, numpy_monitored = plain["numpy"], monitored["numpy"]
+    assert numpy_plain[0] == numpy_monitored[0] and np.array_equal(numpy_plain[1], numpy_monitored[1])
+    assert numpy_plain[2:] == numpy_monitored[2:]
+    assert plain["python"] == monitored["python"]
 
 
 def scalar_series(log_dir: str, prefixes: tuple[str, ...] = ("sensitivity/", "generalization/")) -> dict:

@@ -33,6 +33,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
+from tests.integration._helpers import assert_same_training_state
 from tests.integration._matrix_models import (
     CapturingLogger,
     MatrixClassifier,
@@ -558,18 +559,7 @@ def test_monitors_leave_training_bit_identical(model_args, deterministic, tmp_pa
     monitored = training_state(model_args, monitors(), tmp_path / "monitored", deterministic)
     measured = {*ALL_KEYS, "sensitivity/transition_density_on_manifold"}
     assert measured <= monitored["logged"], "the monitors measured nothing: nothing to compare"
-    assert plain["model"].keys() == monitored["model"].keys()
-    for name, tensor in plain["model"].items():
-        assert torch.equal(tensor, monitored["model"][name]), name
-    assert plain["optimizer"].keys() == monitored["optimizer"].keys()
-    for index, state in plain["optimizer"].items():
-        for name, value in state.items():
-            assert torch.equal(value, monitored["optimizer"][index][name]), (index, name)
-    assert torch.equal(plain["torch"], monitored["torch"])
-    numpy_plain, numpy_monitored = plain["numpy"], monitored["numpy"]
-    assert numpy_plain[0] == numpy_monitored[0] and np.array_equal(numpy_plain[1], numpy_monitored[1])
-    assert numpy_plain[2:] == numpy_monitored[2:]
-    assert plain["python"] == monitored["python"]
+    assert_same_training_state(plain, monitored)
     assert plain["training"] == monitored["training"]
 
 

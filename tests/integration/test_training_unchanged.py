@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from examples.digits import DigitsDataModule, train
 from lightning_sensitivity import JacobianNormMonitor
-from tests.integration._helpers import all_monitors
+from tests.integration._helpers import all_monitors, assert_same_training_state
 from tests.integration._models import DigitsCNN
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:lightning")]
@@ -40,17 +40,6 @@ def test_monitors_leave_training_bit_identical(tmp_path):
     extra = [JacobianNormMonitor(method="projection", num_projections=3, prefix="projected")]
     monitored = run(tmp_path / "monitored", [*all_monitors(TransitionMonitor={"log_figure": True}), *extra])
 
-    assert plain["model"].keys() == monitored["model"].keys()
-    for name, tensor in plain["model"].items():
-        assert torch.equal(tensor, monitored["model"][name]), name
-    assert plain["optimizer"].keys() == monitored["optimizer"].keys()
-    for index, state in plain["optimizer"].items():
-        for name, value in state.items():
-            assert torch.equal(value, monitored["optimizer"][index][name]), (index, name)
-    assert torch.equal(plain["torch"], monitored["torch"])
-    numpy_plain, numpy_monitored = plain["numpy"], monitored["numpy"]
-    assert numpy_plain[0] == numpy_monitored[0] and np.array_equal(numpy_plain[1], numpy_monitored[1])
-    assert numpy_plain[2:] == numpy_monitored[2:]
-    assert plain["python"] == monitored["python"]
+    assert_same_training_state(plain, monitored)
     assert torch.equal(plain["augmentation"], monitored["augmentation"])
     assert plain["training"] == monitored["training"]
