@@ -358,12 +358,17 @@ def resnet_projection(model: nn.Module, x: Tensor, exact: Tensor, exact_seconds:
 
 def accurate_reference(model: nn.Module, x: Tensor) -> Tensor:
     """Per-point softmax Jacobian norms in float64: the logits' Jacobian (``vmap(jacrev)``) times the softmax factor
-    formed analytically, its confident diagonal entry ``p_m (1 - p_m)`` with ``1 - p_m`` the sum of the others."""
+    ``diag(p) - p p^T`` formed analytically, its confident diagonal entry ``p_m (1 - p_m)`` with ``1 - p_m`` the sum
+    of the others (a one-logit model is the softmax of ``(0, z)``). The precision tests use it too."""
     model = copy.deepcopy(model).double().eval()
     x = x.double()
-    jz = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)
+    jz = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)  # [B, C, D]
     with torch.no_grad():
-        p = model(x).softmax(dim=1)
+        z = model(x)
+    if z.shape[1] == 1:
+        z = torch.cat([torch.zeros_like(z), z], dim=1)
+        jz = torch.cat([torch.zeros_like(jz), jz], dim=1)
+    p = z.softmax(dim=1)
     factor = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     top, rows = p.argmax(dim=1), torch.arange(len(x))
     factor[rows, top, top] = p[rows, top] * p.scatter(1, top[:, None], 0.0).sum(dim=1)
@@ -382,10 +387,10 @@ def precision() -> None:
     print(
         f"{'model (digits, 300 held-out points)':40s} {'median margin':>13s} {'min norm':>9s} {'ours':>9s} {'f32 vmap(jacrev)':>17s}"
     )
-    for name, make in [("MLP 64-64-64-10", _digits_mlp), ("CNN 2 conv + linear", _digits_cnn)]:
+    for name, make in [("MLP 64-64-64-10", digits_mlp), ("CNN 2 conv + linear", digits_cnn)]:
         for margin in (None, 10.0, 25.0):
             torch.manual_seed(0)
-            model = _fit_full_batch(make(), x[:1200], y[:1200], steps=300 if margin is None else 100)
+            model = fit_full_batch(make(), x[:1200], y[:1200], steps=300 if margin is None else 100)
             if margin is not None:  # scale the last layer to the wanted median logit margin
                 last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
                 with torch.no_grad():
@@ -407,11 +412,13 @@ def precision() -> None:
             )
 
 
-def _digits_mlp() -> nn.Module:
+def digits_mlp() -> nn.Module:
+    """The digits MLP 64-64-64-10 of the accuracy table (and of the precision tests)."""
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _digits_cnn() -> nn.Module:
+def digits_cnn() -> nn.Module:
+    """The digits CNN (two convolutions and a linear head) of the accuracy table (and of the precision tests)."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 8, 3, padding=1),
@@ -424,7 +431,8 @@ def _digits_cnn() -> nn.Module:
     )
 
 
-def _fit_full_batch(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> nn.Module:
+def fit_full_batch(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> nn.Module:
+    """``steps`` full-batch Adam steps on the cross-entropy; the model in eval mode."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         optimizer.zero_grad()

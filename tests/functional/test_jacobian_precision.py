@@ -14,27 +14,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from benchmarks.jacobian import accurate_reference, digits_cnn, digits_mlp, fit_full_batch
 from lightning_sensitivity.functional import jacobian_norm
 from lightning_sensitivity.functional.jacobian import _Plan
-
-
-def accurate_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-point ||(diag(p) - p p^T) J_z||_F in float64, with the factor's confident diagonal entry exact."""
-    model = copy.deepcopy(model).double().eval()
-    x = x.double()
-    jz = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)  # [B, C, D]
-    with torch.no_grad():
-        z = model(x)
-    if z.shape[1] == 1:  # binary: the softmax of (0, z)
-        z = torch.cat([torch.zeros_like(z), z], dim=1)
-        jz = torch.cat([torch.zeros_like(jz), jz], dim=1)
-    p = z.softmax(dim=1)
-    factor = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    top = p.argmax(dim=1)
-    others = p.scatter(1, top[:, None], 0.0).sum(dim=1)  # 1 - p_top, without the subtraction
-    rows = torch.arange(len(x))
-    factor[rows, top, top] = p[rows, top] * others
-    return (factor @ jz).flatten(1).norm(dim=1)
 
 
 def naive_float32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -59,12 +41,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
+    return fit_full_batch(model, x, y, steps)
 
 
 def _with_median_margin(model: nn.Module, x: torch.Tensor, target: float) -> nn.Module:
@@ -86,21 +63,12 @@ def _relative_errors(model: nn.Module, x: torch.Tensor, **kwargs) -> tuple[torch
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return digits_mlp()
 
 
 def cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
+    return digits_cnn()
 
 
 @pytest.mark.parametrize("make", [mlp, cnn])
