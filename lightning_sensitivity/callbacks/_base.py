@@ -100,21 +100,6 @@ def _eager_forward(pl_module: pl.LightningModule) -> Iterator[None]:
         pl_module.forward = compiled
 
 
-@contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    """How a monitor runs its own forward passes without a Jacobian: no autograd, eval mode (each submodule's mode
-    restored), and no autocast (``bf16-mixed`` would change the values)."""
-    modes = [(m, m.training) for m in module.modules()]
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    try:
-        module.eval()
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 class _Stopwatch:
     """The wall time of a monitor's measurement, summed over the pieces it is done in (the batches of a pass, then
     its end), read with ``time.perf_counter``. On a CUDA module each piece starts and ends with a synchronization,

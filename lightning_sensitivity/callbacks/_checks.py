@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sensitivity.functional import class_logits
+
 
 def _check_positive(name: str, value: Any, *, optional: bool = False) -> None:
     """``ValueError`` unless ``value`` is a positive integer (or ``None`` when ``optional``)."""
@@ -51,16 +53,10 @@ def _check_continuous_input(monitor: str, x: Tensor) -> None:
 
 def _check_classifier_output(monitor: str, out: Any, batch_size: int) -> None:
     """The first batch's output must be a classifier's logits ``[B, C]`` (``[B, 1]`` for a binary one)."""
-    hint = (
-        f" {monitor} measures `pl_module(x)`; if the module returns something else (a dict, a loss, several heads), "
-        "pass `forward_fn=lambda module, x: <logits [B, C]>`."
-    )
-    if not isinstance(out, Tensor):
+    try:
+        class_logits(out, batch_size)
+    except ValueError as error:
         raise ValueError(
-            f"Expected the model to return logits of shape [batch, num_classes], got a {type(out).__name__}.{hint}"
-        )
-    if out.ndim != 2 or out.shape[0] != batch_size:
-        raise ValueError(
-            "Expected the model to return logits of shape [batch, num_classes] = "
-            f"[{batch_size}, C], got {tuple(out.shape)}.{hint}"
-        )
+            f"{error} {monitor} measures `pl_module(x)`; if the module returns something else (a dict, a loss, "
+            "several heads), pass `forward_fn=lambda module, x: <logits [B, C]>`."
+        ) from None

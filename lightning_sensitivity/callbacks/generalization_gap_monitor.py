@@ -36,7 +36,6 @@ from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
     _LOW_PRECISION,
-    _evaluating,
     _EvaluationMonitor,
     _Key,
     _load_batch,
@@ -59,6 +58,7 @@ from lightning_sensitivity.callbacks._utils import (
     _evaluation_points,
     _new_generator,
 )
+from lightning_sensitivity.functional import measuring
 from lightning_sensitivity.metrics import ClassificationLossAccuracy
 
 __all__ = ["GeneralizationGapMonitor"]
@@ -250,7 +250,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             )
         if x.shape[0] > 0:
             model = self._measured_model(pl_module)
-            with _evaluating(model):
+            with measuring(model, pl_module.device):
                 logits = model(x[:2])
                 _check_classifier_output(type(self).__name__, logits, len(x[:2]))
                 ClassificationLossAccuracy(self.loss_fn).update(logits, target[:2].to(logits.device))
@@ -357,7 +357,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         x = _batch_input(batch, self.input_key, self.get_input)
         target = _batch_target(batch, self.target_key, self.get_target)
         model = self._measured_model(pl_module)
-        with _evaluating(model):
+        with measuring(model, pl_module.device):
             logits = model(x) if logits is None else logits
             target = target.to(logits.device)
             if keep is not None:

@@ -20,7 +20,6 @@ from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import (
-    _evaluating,
     _EvaluationMonitor,
     _full_precision,
     _Key,
@@ -46,7 +45,7 @@ from lightning_sensitivity.callbacks._utils import (
     _new_generator,
     _SpawnSafeGenerator,
 )
-from lightning_sensitivity.functional import jacobian_norm
+from lightning_sensitivity.functional import jacobian_norm, measuring
 from lightning_sensitivity.metrics import JacobianNorm, PointRecords
 
 
@@ -208,7 +207,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         _check_continuous_input(type(self).__name__, x)
         if x.shape[0] > 0:
             model = self._measured_model(pl_module)
-            with _evaluating(model):
+            with measuring(model, pl_module.device):
                 _check_classifier_output(type(self).__name__, model(x[:1]), 1)
 
     @override
@@ -266,7 +265,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
             logits[finite] = finite_logits
         if need_logits and logits is None:
-            with _evaluating(model):
+            with measuring(model, pl_module.device):
                 logits = model(x)
         return norms, None if logits is None else logits.float()
 

@@ -6,6 +6,7 @@ from lightning_sensitivity.functional.activations import (
     NonFiniteOutputError,
     activation_codes,
 )
+from lightning_sensitivity.functional.evaluation import class_logits, measuring
 from lightning_sensitivity.functional.jacobian import jacobian_norm
 from lightning_sensitivity.functional.trajectories import (
     Trajectory,
@@ -22,10 +23,12 @@ __all__ = [
     "Trajectory",
     "TransitionCount",
     "activation_codes",
+    "class_logits",
     "count_transitions",
     "ellipse_through",
     "gaussian_anchors",
     "jacobian_norm",
+    "measuring",
     "shuffled_anchors",
     "trajectory_through",
 ]

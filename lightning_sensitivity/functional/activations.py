@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_sensitivity.functional._utils import _measuring
+from lightning_sensitivity.functional.evaluation import measuring
 from lightning_sensitivity.functional.units import (
     _PIECEWISE_LINEAR,
     _RELU,
@@ -232,7 +232,7 @@ def activation_codes(model: Callable[[Tensor], Tensor], x: Tensor) -> Activation
         >>> codes[:1].distance(codes[1:]).tolist()
         [2]
     """
-    with _measuring(model, x.device) as model:
+    with measuring(model, x.device) as model:
         codes, output_sum = _codes_and_output_sum(model, x, follow_input=True)
     _check_finite(output_sum, "at some of the points")
     return codes

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sensitivity.functional._utils import _held_modules
 from lightning_sensitivity.functional.activations import (
     ActivationCodes,
     _check_finite,
     _CodeRecorder,
     _output_sum,
 )
+from lightning_sensitivity.functional.evaluation import _held_modules
 from lightning_sensitivity.functional.trajectories import Trajectory
 from lightning_sensitivity.functional.units import _Pool, _Unit
 
@@ -102,7 +102,7 @@ class _Holding(nn.Module):
 
 def _in_float64(model: Callable[[Tensor], Tensor]) -> tuple[Callable[[Tensor], Tensor], bool]:
     """The model evaluated in float64, without touching it, and whether anything was cast: the modules it computes
-    with (:func:`~lightning_sensitivity.functional._utils._held_modules`) get float64 copies of their tensors for
+    with (:func:`~lightning_sensitivity.functional.evaluation._held_modules`) get float64 copies of their tensors for
     the call; a callable that holds none is run as it is."""
     modules = _held_modules(model)
     if not modules:

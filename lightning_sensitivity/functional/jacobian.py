@@ -26,11 +26,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_sensitivity.functional._utils import (
+from lightning_sensitivity.functional.evaluation import (
     _check_continuous,
-    _check_logits,
     _fresh_input,
-    _measuring,
+    class_logits,
+    measuring,
 )
 
 __all__ = ["jacobian_norm"]
@@ -45,7 +45,6 @@ _ROWS_PER_PASS = 64
 _METADATA_CALLS = frozenset(
     {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
 )
-_LOGITS_HINT = " Pass a model that returns the classifier's logits, or wrap it in one that picks them out."
 _REORDER_CALLS = frozenset(
     {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"}
 )
@@ -186,7 +185,7 @@ def _norms_and_logits(
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=out_dtype, device=x.device), torch.zeros(0, 0, device=x.device)
 
-    with _measuring(model, x.device, grad=True) as model:
+    with measuring(model, x.device, grad=True) as model:
         plan = _Plan(model, output, method, num_projections, generator, x)
         num_points = x.shape[0]
         # The number of classes is not needed to size the chunks (the products are grouped by rows as well),
@@ -312,7 +311,7 @@ class _Plan:
         watcher = _Watcher(leaf, cut_first)
         with watcher:
             z = self.model(leaf)
-        _check_logits(z, x.shape[0], _LOGITS_HINT)
+        _check_output(z, x.shape[0])
         if cut_first:
             if watcher.cut is not None and watcher.valid:
                 self.use_shortcut = True
@@ -325,7 +324,7 @@ class _Plan:
                 watcher = _Watcher(leaf, cut_first=False)
                 with watcher:
                     z = self.model(leaf)
-                _check_logits(z, x.shape[0], _LOGITS_HINT)
+                _check_output(z, x.shape[0])
         return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional)
 
     def _projections(self, z: Tensor) -> Tensor:
@@ -364,7 +363,7 @@ class _Plan:
         batch = z.shape[0]
         single = self.softmax and z.shape[1] == 1
         if single:  # a single logit z is the binary softmax of (0, z)
-            z = torch.cat([torch.zeros_like(z), z], dim=1)
+            z = class_logits(z)
         c = z.shape[1]
 
         def on_logits(v: Tensor) -> Tensor:
@@ -433,6 +432,15 @@ class _Plan:
                 squared += _squared_norms(unit_sum, fwd.gram).to(work, torch.float64) * size[:, 0].square()
             norms = squared.clamp_min(0).sqrt()
             return norms.to(z.device, torch.promote_types(x.dtype, torch.float32)), z.detach()
+
+
+def _check_output(z: object, batch_size: int) -> None:
+    try:
+        class_logits(z, batch_size)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} Pass a model that returns the classifier's logits, or wrap it in one that picks them out."
+        ) from None
 
 
 def _softmax_factor(z: Tensor, v: Tensor) -> Tensor:

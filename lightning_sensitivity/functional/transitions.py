@@ -31,7 +31,7 @@ from typing import Literal, overload
 
 from torch import Tensor
 
-from lightning_sensitivity.functional._utils import _measuring
+from lightning_sensitivity.functional.evaluation import measuring
 from lightning_sensitivity.functional.exact_transitions import _count_exact
 from lightning_sensitivity.functional.sampled_transitions import (
     _count_sampled,
@@ -206,7 +206,7 @@ def count_transitions(
         k = curves[0].num_points if curves else 0
         if method == "sampled" and num_points is None and 6 <= k <= chunk_size and k % 2 == 0:
             if all(curve.num_points == k for curve in curves):
-                with _measuring(model, curves[0].constant.device) as eager:
+                with measuring(model, curves[0].constant.device) as eager:
                     counts = _count_sampled_together(eager, curves, chunk_size)
                 results = [
                     _sampled_result(count, curve.arc_length(k), k, return_segments)
@@ -242,7 +242,7 @@ def count_transitions(
             )
         if return_segments:
             raise ValueError("`return_segments` is available for the sampled count only.")
-        with _measuring(model, device) as eager:
+        with measuring(model, device) as eager:
             transitions, regions = _count_exact(eager, trajectory, max_regions)
         return TransitionCount(transitions, trajectory.arc_length(k), method, k, transitions, regions)
     if k < 6 or k % 2:
@@ -256,7 +256,7 @@ def count_transitions(
         points = lambda start, stop: trajectory.at(times[start:stop])  # noqa: E731
     else:
         points = lambda start, stop: trajectory[start:stop]  # noqa: E731
-    with _measuring(model, device) as eager:
+    with measuring(model, device) as eager:
         count = _count_sampled(eager, points, k, chunk_size, return_segments)
         if isinstance(trajectory, Trajectory):
             arc_length = trajectory.arc_length(k)

@@ -26,21 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_sensitivity.functional import class_logits
+
 __all__ = ["ClassificationLossAccuracy"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _class_logits(logits: Tensor) -> Tensor:
-    """The logits ``[B, C]`` of the classes: ``(0, z)`` for a one-logit binary classifier."""
-    if logits.ndim == 2 and logits.shape[1] == 1:
-        return torch.cat([torch.zeros_like(logits), logits], dim=1)
-    return logits
-
-
 def _class_targets(target: Tensor, logits: Tensor) -> Tensor:
-    """Labels ``[B]`` or class probabilities ``[B, C]`` for :func:`_class_logits`; a one-logit classifier's float
-    targets ``[B]`` or ``[B, 1]`` (BCE's) become the probabilities ``(1 - t, t)``."""
+    """Labels ``[B]`` or class probabilities ``[B, C]`` for the classes of
+    :func:`~lightning_sensitivity.functional.class_logits`; a one-logit classifier's float targets ``[B]`` or ``[B, 1]`` (BCE's) become the probabilities ``(1 - t, t)``."""
     if logits.ndim == 2 and logits.shape[1] == 1 and torch.is_floating_point(target):
         t = target.reshape(-1).to(logits.dtype)
         return torch.stack([1 - t, t], dim=1)
@@ -55,7 +50,7 @@ def _loss_accuracy_update(
     """The summed loss, the number of correct predictions (NaN when a logit is not finite: the argmax of a broken
     model is no score) and the number of points of one batch."""
     count = logits.shape[0]
-    classes = _class_logits(logits)
+    classes = class_logits(logits)
     targets = _class_targets(target, logits)
     if loss_fn is None:
         loss_sum = F.cross_entropy(classes.float(), targets, reduction="sum")

@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_sensitivity.metrics.classification import _class_logits
+from lightning_sensitivity.functional import class_logits
 
 __all__ = ["PointRecords"]
 
@@ -37,7 +37,7 @@ def _point_records_update(
             "`PointRecords.update` expects positions, norms and labels of shape [B], and logits [B, C]; got "
             f"{tuple(index.shape)}, {tuple(norms.shape)}, {tuple(labels.shape)} and {tuple(logits.shape)}."
         )
-    classes = _class_logits(logits).float()
+    classes = class_logits(logits).float()
     if target is None:
         label = torch.full((len(index),), -1, device=classes.device)
         loss = torch.full((len(index),), float("nan"), device=classes.device)

@@ -31,6 +31,7 @@ from lightning_sensitivity.callbacks._utils import _batch_input, _batch_target
 from lightning_sensitivity.functional import (
     NonFiniteOutputError,
     activation_codes,
+    class_logits,
     count_transitions,
     ellipse_through,
     jacobian_norm,
@@ -347,10 +348,14 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         [TransitionMonitor(num_points=64, every_n_epochs=1, forward_fn=lambda m, x: m(x)[:, :, None])],
         logger=TensorBoardLogger("logs"),
     ),
-    # functional/_utils.py
+    # functional/evaluation.py
     "input-not-continuous": lambda: jacobian_norm(MLPClassifier(), torch.zeros(2, 1, 8, 8, dtype=torch.long)),
-    "output-not-tensor": lambda: jacobian_norm(lambda x: {"logits": x.flatten(1)}, torch.zeros(2, 4)),
-    "output-shape": lambda: jacobian_norm(lambda x: x[:, :, None], torch.zeros(2, 4)),
+    "output-not-tensor": lambda: class_logits({"logits": torch.zeros(2, 4)}),
+    "output-shape": lambda: class_logits(torch.zeros(2, 4, 1)),
+    "output-not-logits": lambda: jacobian_norm(lambda x: x[:, :, None], torch.zeros(2, 4)),
+    "monitor-output-not-logits": lambda: _fit(
+        [JacobianNormMonitor(every_n_epochs=1, forward_fn=lambda m, x: {"logits": m(x)})]
+    ),
     # functional/activations.py
     "no-piecewise-linear-unit": lambda: activation_codes(
         MLPClassifier(activation="tanh"), torch.zeros(2, 1, 8, 8)

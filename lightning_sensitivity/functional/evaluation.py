@@ -1,5 +1,10 @@
-"""Private helpers shared by the functional measurements: how a model is run for a measurement (its eager form,
-eval mode, autograd, no autocast) and input checks."""
+r"""How every measurement of this package runs a model and reads its output.
+
+:func:`measuring` is the context the measurements run the model in (its eager form, eval mode, autograd on or off,
+no autocast), and :func:`class_logits` is how they read its output (a classifier's logits ``[B, C]``, a one-logit
+binary classifier as the two classes :math:`(0, z)`). Both are public so that code computing something beside a
+measurement (a loss, a prediction, a check of the output) sees the model exactly as the measurement does.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
+
+__all__ = ["class_logits", "measuring"]
 
 Model = TypeVar("Model", bound=Callable[..., Any])
 
@@ -78,7 +85,9 @@ def _eager(model: Model) -> Iterator[Model]:
         model = _eager_original(model)
     elif isinstance(model, functools.partial):
         args = [_eager_original(a) if isinstance(a, nn.Module) else a for a in model.args]
-        keywords = {k: _eager_original(v) if isinstance(v, nn.Module) else v for k, v in model.keywords.items()}
+        keywords = {
+            k: _eager_original(v) if isinstance(v, nn.Module) else v for k, v in model.keywords.items()
+        }
         model = functools.partial(model.func, *args, **keywords)
     undo: list[Callable[[], None]] = []
     try:
@@ -107,19 +116,75 @@ def _eager(model: Model) -> Iterator[Model]:
 
 
 @contextlib.contextmanager
-def _measuring(model: Model, device: torch.device, *, grad: bool = False) -> Iterator[Model]:
-    """How every measurement runs the model; yields the callable to measure.
+def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -> Iterator[Model]:
+    """Run ``model`` as every measurement of this package runs it; yields the callable to call.
 
-    Its eager form (:func:`_eager`: compiled modules are run through their originals); its modules
-    (:func:`_held_modules`) in eval mode, each submodule's mode restored afterwards; ``autocast`` off on
-    ``device`` (half precision would change Jacobians and activation codes); and autograd on (``grad=True``, for a
-    Jacobian, even under ``no_grad`` or ``inference_mode``) or off."""
+    Inside the block:
+
+    - the model is in its eager form: ``torch.compile`` wrappers are undone (``torch.compile(module)``, a
+      submodule replaced by a compiled one, ``module.compile()``), with the same parameters;
+    - every module it computes with (the model itself, or the modules a ``functools.partial``, a bound method or a
+      closure holds) is in eval mode, and each submodule's previous mode is restored afterwards, so a part frozen
+      in eval mode on purpose stays so;
+    - ``autocast`` is off on ``device`` (half precision would change Jacobians and activation codes);
+    - autograd is on with ``grad=True`` (for a Jacobian, even under ``torch.no_grad()`` or
+      ``torch.inference_mode()``), and off otherwise.
+
+    Args:
+        model: an ``nn.Module`` or a callable over modules.
+        device: the device the model runs on (the one whose ``autocast`` is turned off).
+        grad: whether autograd is on inside the block.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_sensitivity.functional import measuring
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).train()
+        >>> with measuring(model, "cpu") as net:
+        ...     logits = net(torch.ones(2, 4))
+        >>> logits.requires_grad, model.training
+        (False, True)
+    """
+    device = torch.device(device)
     autograd = _grad_enabled() if grad else torch.no_grad()
     with _eager(model) as eager, contextlib.ExitStack() as modes:
         for module in _held_modules(eager):
             modes.enter_context(_eval_mode(module))
         with autograd, torch.autocast(device.type, enabled=False):
             yield eager
+
+
+def class_logits(output: object, batch_size: int | None = None) -> Tensor:
+    r"""A classifier's output read as the logits of its classes, ``[B, C]``.
+
+    The output must be a tensor ``[B, C]`` (with ``B = batch_size`` when given). A single column ``[B, 1]`` is a
+    binary classifier's logit :math:`z`, read as the two classes' logits :math:`(0, z)`: their softmax is
+    :math:`(1 - \sigma(z), \sigma(z))`, their argmax the sign of :math:`z`, and their cross-entropy the binary
+    cross-entropy. Every measurement reads a model's output this way.
+
+    Raises:
+        ValueError: if ``output`` is not a tensor ``[B, C]``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sensitivity.functional import class_logits
+        >>> class_logits(torch.tensor([[2.0], [-1.0]]))
+        tensor([[ 0.,  2.],
+                [ 0., -1.]])
+    """
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"Expected the model to return logits of shape [batch, num_classes], got a {type(output).__name__}."
+        )
+    if output.ndim != 2 or (batch_size is not None and output.shape[0] != batch_size):
+        rows = "B" if batch_size is None else batch_size
+        raise ValueError(
+            f"Expected the model to return logits of shape [batch, num_classes] = [{rows}, C], got "
+            f"{tuple(output.shape)}."
+        )
+    if output.shape[1] == 1:
+        return torch.cat([torch.zeros_like(output), output], dim=1)
+    return output
 
 
 def _fresh_input(x: Tensor) -> Tensor:
@@ -133,16 +198,4 @@ def _check_continuous(x: Tensor, name: str = "x") -> None:
             f"The Jacobian needs continuous inputs, but `{name}` has dtype {x.dtype}. For integer inputs such as "
             "token ids, measure at the embeddings: pass the embedded inputs, and a model that maps them to the "
             "logits (the network after its embedding layer)."
-        )
-
-
-def _check_logits(z: object, batch_size: int, hint: str = "") -> None:
-    if not isinstance(z, Tensor):
-        raise ValueError(
-            f"Expected the model to return logits of shape [batch, num_classes], got a {type(z).__name__}.{hint}"
-        )
-    if z.ndim != 2 or z.shape[0] != batch_size:
-        raise ValueError(
-            f"Expected the model to return logits of shape [batch, num_classes] = [{batch_size}, C], got "
-            f"{tuple(z.shape)}.{hint}"
         )

@@ -1,0 +1,79 @@
+"""The public context of every measurement (``measuring``) and its reading of a model's output (``class_logits``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sensitivity.functional import class_logits, measuring
+
+
+def test_class_logits_passes_multiclass_logits_through():
+    z = torch.randn(5, 3)
+    assert class_logits(z, 5) is z
+
+
+def test_a_single_logit_is_read_as_two_classes_whose_softmax_is_the_sigmoid():
+    z = torch.randn(6, 1, dtype=torch.float64)
+    classes = class_logits(z)
+    assert classes.shape == (6, 2)
+    torch.testing.assert_close(classes.softmax(dim=1)[:, 1], torch.sigmoid(z[:, 0]))
+    torch.testing.assert_close(classes.argmax(dim=1), (z[:, 0] > 0).long())
+    t = torch.rand(6, dtype=torch.float64)
+    torch.testing.assert_close(
+        F.cross_entropy(classes, torch.stack([1 - t, t], dim=1)),
+        F.binary_cross_entropy_with_logits(z[:, 0], t),
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "batch_size", "piece"),
+    [
+        ({"logits": torch.zeros(2, 3)}, None, "got a dict"),
+        (torch.zeros(2, 3, 4), None, "= [B, C], got (2, 3, 4)"),
+        (torch.zeros(3, 4), 2, "= [2, C], got (3, 4)"),
+        (torch.zeros(2), 2, "got (2,)"),
+    ],
+)
+def test_class_logits_rejects_what_is_not_logits(output, batch_size, piece):
+    with pytest.raises(ValueError, match=piece.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        class_logits(output, batch_size)
+
+
+class _Inspect(nn.Module):
+    """Records, when called, whether it was in training mode, whether autograd and autocast were on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen: dict[str, bool] = {}
+
+    def forward(self, x):
+        self.seen = {
+            "training": self.training,
+            "grad": torch.is_grad_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"),
+        }
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_measuring_runs_in_eval_mode_without_autocast_and_restores_each_mode(grad):
+    model = _Inspect().train()
+    model.linear.eval()  # a part frozen in eval mode on purpose stays so
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), measuring(model, "cpu", grad=grad) as net:
+        out = net(torch.ones(3, 4))
+    assert model.seen == {"training": False, "grad": grad, "autocast": False}
+    assert out.dtype == torch.float32 and out.requires_grad == grad
+    assert model.training and not model.linear.training
+
+
+def test_measuring_runs_a_compiled_module_through_its_eager_original():
+    model = _Inspect()
+    compiled = torch.compile(model)
+    with measuring(compiled, torch.device("cpu")) as net:
+        assert net is model
+        out = net(torch.ones(2, 4))
+    torch.testing.assert_close(out, model.linear(torch.ones(2, 4)).detach())
