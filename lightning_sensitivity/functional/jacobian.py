@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from lightning_sensitivity.functional._batch_norm import _eval_batch_norm
 from lightning_sensitivity.functional.evaluation import (
     _check_continuous,
     _fresh_input,
@@ -103,8 +104,11 @@ def jacobian_norm(
     :math:`A = \partial p / \partial h`. When the logits come out of a last linear layer :math:`z = V u + b` with
     fewer features :math:`H` than rows (``resnet18`` at :math:`C = 1000`: :math:`H = 512`), :math:`H` rows
     :math:`L^\top` with :math:`L L^\top = V^\top A^\top A V` (float64) are pulled back from :math:`u` instead.
-    Any other model takes the general path; all are exact. No probe pass runs: the number of classes comes from
-    the first chunk's forward pass. Measured in ``benchmarks/jacobian.py`` (2 CPU threads): torchvision
+    A batch norm in eval mode (running statistics) is the per-channel affine map :math:`s \odot h + t`, and its
+    rows are pulled back as :math:`s \odot v` (autograd's general batch-norm backward, with the copies ``vmap``
+    makes of its inputs, was about 40% of a batched backward pass through ``resnet18``); its forward pass is the
+    model's own. Any other model takes the general path; all are exact. No probe pass runs: the number of classes
+    comes from the first chunk's forward pass. Measured in ``benchmarks/jacobian.py`` (2 CPU threads): torchvision
     ``resnet18`` at 3x32x32, batch 32, against ``vmap(jacrev)`` and the per-class loop, in ``docs/benchmarks.md``.
 
     ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019),
@@ -246,7 +250,9 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        result = func(*args, **kwargs)
+        result = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
+        if result is None:
+            result = func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         if func in _FOLDED_BY_FUNC_VMAP:
             self.convolutional = True
