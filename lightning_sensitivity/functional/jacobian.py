@@ -128,7 +128,7 @@ def jacobian_norm(
         output: ``"softmax"`` (the paper's measure) or ``"logits"``.
         method: ``"exact"`` or ``"projection"``.
         num_projections: vector-Jacobian products per point for ``method="projection"``; default
-            ``max(4, ceil(C / 8))``, at most :math:`C`.
+            ``max(4, ceil(sqrt(C)))`` (32 at :math:`C = 1000`), at most :math:`C`.
         chunk_size: points measured together (one forward pass). The vector-Jacobian products of a chunk are
             taken in groups of rows, so that never more than ``max(2**24, chunk_size * D)`` Jacobian entries
             (points x rows x input entries, and at most ``chunk_size * C * D``) are alive at once. Default: as many
@@ -337,7 +337,7 @@ class _Plan:
         """The rows of the projection estimator, ``[K, B, C]`` in float64, on the classes' probabilities (softmax)
         or on the logits."""
         batch, c = z.shape
-        k = min(self.num_projections or max(4, math.ceil(c / 8)), c)
+        k = min(self.num_projections or max(4, math.isqrt(c - 1) + 1), c)  # ceil(sqrt(C))
         # Softmax rows p_c (e_c - p)^T J_z are small for improbable classes: the rows of the most probable
         # classes are taken exactly and only the others are projected, which keeps the estimate unbiased and
         # cuts its variance where a confident classifier puts it. Logits have no such ordering.
