@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sensitivity.functional import jacobian_norm
-from tests.functional._backward import rows_pulled_back_to_the_input
+from tests.functional._operators import rows_pulled_back_to_the_input
 
 
 def reference(model: nn.Module, x: torch.Tensor, output: str = "softmax") -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from benchmarks.jacobian import accurate_reference, digits_cnn, digits_mlp, fit_full_batch
 from lightning_sensitivity.functional import jacobian_norm
-from tests.functional._backward import rows_pulled_back_to_the_input
+from tests.functional._operators import rows_pulled_back_to_the_input
 
 
 def naive_float32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

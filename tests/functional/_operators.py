@@ -1,5 +1,5 @@
-"""What the Jacobian tests observe of the work ``jacobian_norm`` does: the rows its backward passes pull back to
-the input, read from the shapes of the operators it runs."""
+"""What the Jacobian tests observe of the work ``jacobian_norm`` does: the ATen operators it runs, and from their
+output shapes the rows its backward passes pull back to the input."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ from torch.utils._pytree import tree_flatten
 from lightning_sensitivity.functional import jacobian_norm
 
 
-class _OutputShapes(TorchDispatchMode):
-    """Records the shape of every tensor each ATen operator returns."""
+class OperatorRecorder(TorchDispatchMode):
+    """Records every ATen operator run inside it: its name (``names``) and the shapes of the tensors it returns
+    (``shapes``, one list per operator)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
+        self.names: list[str] = []
+        self.shapes: list[list[tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         result = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        self.names.append(func.__name__)
+        self.shapes.append([tuple(t.shape) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)])
         return result
 
 
@@ -36,14 +39,14 @@ def rows_pulled_back_to_the_input(model: Callable[..., Any], x: torch.Tensor, **
     A gradient at the input is a tensor that ends in the input's point shape and holds more than one batch of
     points (``[rows, B, *point]``, or the same with rows and points folded together); the forward pass's own
     tensors at the input hold one batch."""
-    recorder = _OutputShapes()
-    with recorder:
+    with OperatorRecorder() as recorder:
         jacobian_norm(model, x, **kwargs)
     point = tuple(x.shape[1:])
     return max(
         (
             math.prod(shape) // x.numel()
-            for shape in recorder.shapes
+            for shapes in recorder.shapes
+            for shape in shapes
             if len(shape) > len(point) and shape[len(shape) - len(point) :] == point and math.prod(shape) > x.numel()
         ),
         default=0,
