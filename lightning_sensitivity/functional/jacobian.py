@@ -10,29 +10,23 @@ the (flattened) input:
 
 This module is the one place where that quantity is computed. Everything else in the package (the
 ``JacobianNorm`` metric, the ``JacobianNormMonitor`` callback, the examples) calls :func:`jacobian_norm`.
+It holds the measurement's math: the rows pulled back (the softmax factor's, the projection estimator's, a square
+root of their Gram matrix at a last linear layer), their squared norms and their sum over a chunk of points. How
+the forward pass is watched and the products are taken is in :mod:`~lightning_sensitivity.functional._pullback`.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
-from lightning_sensitivity.functional._batch_norm import _eval_batch_norm
-from lightning_sensitivity.functional.evaluation import (
-    _check_continuous,
-    _fresh_input,
-    class_logits,
-    measuring,
-)
+from lightning_sensitivity.functional._pullback import _Forwards, _pullback
+from lightning_sensitivity.functional.evaluation import _check_continuous, class_logits, measuring
 
 __all__ = ["jacobian_norm"]
 
@@ -41,19 +35,6 @@ _DEFAULT_MAX_ENTRIES = 2**24
 #: Rows a default chunk of points leaves room for in one backward pass.
 _ROWS_PER_PASS = 64
 
-# Calls that only read a tensor's metadata, and calls that only reorder or reshape its entries: neither
-# changes the Frobenius norm of a Jacobian taken with respect to that tensor.
-_METADATA_CALLS = frozenset(
-    {"__get__", "size", "dim", "numel", "__len__", "is_floating_point", "is_contiguous", "stride"}
-)
-_REORDER_CALLS = frozenset(
-    {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"}
-)
-# Operators whose backward ``is_grads_batched`` runs once per row, where ``torch.func.vmap`` folds the rows into
-# the batch (resnet18 on one thread: 2.2 times faster at 4 points per chunk, about even at 32).
-_FOLDED_BY_FUNC_VMAP = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.batch_norm}
-)
 
 
 def jacobian_norm(
@@ -200,95 +181,9 @@ def _norms_and_logits(
     return norms.to(out_dtype), torch.cat([logits for _, logits in chunks])
 
 
-@dataclass
-class _LastLinear:
-    """The model's last operation when it is ``F.linear``: logits ``z = h W^T + b``."""
-
-    input: Tensor
-    weight: Tensor
-
-
-@dataclass
-class _Forward:
-    """One forward pass ready for vector-Jacobian products."""
-
-    logits: Tensor
-    wrt: Tensor  # the tensor to differentiate at: the input, or the output of its first linear layer
-    gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
-    last: _LastLinear | None
-    convolutional: bool
-
-
-class _Watcher(TorchFunctionMode):
-    """Watches a forward pass for the input's first use, and cuts the graph there if it is ``F.linear``; also
-    remembers the last ``F.linear`` call, so that logits computed by a final linear layer can be recognized.
-
-    The input may be reshaped or reordered first (``flatten``, ``view``, ...). Any other use of the input,
-    before or after the linear layer (a skip connection, a slice, an elementwise op), disables the cut.
-    """
-
-    def __init__(self, x: Tensor, cut_first: bool) -> None:
-        super().__init__()
-        self._tracked: list[Tensor] = [x]
-        self._cut_first = cut_first
-        self.valid = True
-        self.weight: Tensor | None = None
-        self.cut: Tensor | None = None
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None
-        self.convolutional = False  # a convolution or batch norm ran (see ``_pullback``)
-
-    def _is_tracked(self, value: Any) -> bool:
-        return isinstance(value, Tensor) and any(value is t for t in self._tracked)
-
-    def last_linear(self, z: Tensor) -> _LastLinear | None:
-        if self._last is None or self._last[2] is not z:
-            return None
-        h, weight, _ = self._last
-        if h.ndim != 2 or h.shape[0] != z.shape[0] or weight.shape != (z.shape[1], h.shape[1]):
-            return None
-        return _LastLinear(h, weight) if h.requires_grad else None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        result = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
-        if result is None:
-            result = func(*args, **kwargs)
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        if func in _FOLDED_BY_FUNC_VMAP:
-            self.convolutional = True
-        if func is F.linear and isinstance(weight, Tensor) and isinstance(args[0], Tensor):
-            self._last = (args[0], weight, result)
-        if not self._cut_first:
-            return result
-        flat, _ = tree_flatten((args, kwargs))
-        if not any(self._is_tracked(a) for a in flat):
-            return result
-        name = getattr(func, "__name__", "")
-        if name in _METADATA_CALLS:
-            return result
-        if name in _REORDER_CALLS and self._is_tracked(args[0]) and self.cut is None:
-            self._tracked.append(result)
-            return result
-        if (
-            func is F.linear
-            and self.cut is None
-            and self._is_tracked(args[0])
-            and isinstance(weight, Tensor)
-            and not self._is_tracked(weight)
-            and weight.shape[0] < weight.shape[1]
-            and result.shape[:-1] == args[0].shape[:-1]
-            and args[0].ndim == 2
-        ):
-            self.weight = weight
-            self.cut = result.detach().requires_grad_(True)
-            self._last = None  # the first layer is never the last one we stop at: its input is the input
-            return self.cut
-        self.valid = False
-        return result
-
-
 class _Plan:
-    """What one call measures: the output, the method, and which shortcuts apply (decided on the first chunk)."""
+    """What one call measures: the output, the method, and the rows pulled back from each chunk's forward pass
+    (whose shortcuts the first chunk decides)."""
 
     def __init__(
         self,
@@ -299,39 +194,11 @@ class _Plan:
         generator: torch.Generator | None,
         x: Tensor,
     ) -> None:
-        self.model = model
         self.softmax = output == "softmax"
         self.projection = method == "projection"
         self.num_projections = num_projections
         self.generator = generator
-        self._key = _model_key(model, x)
-        # None: not known yet (decided on the first chunk). A model seen before whose input cut failed is not
-        # cut again: a failed cut costs a second forward pass.
-        self.use_shortcut: bool | None = False if _NO_CUT.known(self._key) else None
-        self.gram: Tensor | None = None
-        self.through_last_layer = False
-
-    def _forward(self, x: Tensor) -> _Forward:
-        leaf = _fresh_input(x).requires_grad_(True)
-        cut_first = self.use_shortcut is not False
-        watcher = _Watcher(leaf, cut_first)
-        with watcher:
-            z = self.model(leaf)
-        _check_output(z, x.shape[0])
-        if cut_first:
-            if watcher.cut is not None and watcher.valid:
-                self.use_shortcut = True
-                if self.gram is None:
-                    self.gram = _gram(watcher.weight)
-                return _Forward(z, watcher.cut, self.gram, watcher.last_linear(z), watcher.convolutional)
-            self.use_shortcut = False
-            if watcher.cut is not None:  # cut, but the input has other uses too: run the whole graph again
-                _NO_CUT.add(self._key, self.model)
-                watcher = _Watcher(leaf, cut_first=False)
-                with watcher:
-                    z = self.model(leaf)
-                _check_output(z, x.shape[0])
-        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional)
+        self._forwards = _Forwards(model, x)
 
     def _projections(self, z: Tensor) -> Tensor:
         """The rows of the projection estimator, ``[K, B, C]`` in float64, on the classes' probabilities (softmax)
@@ -396,7 +263,7 @@ class _Plan:
 
     def chunk_norms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The norms of a chunk of points, and their logits."""
-        fwd = self._forward(x)
+        fwd = self._forwards(x)
         z = fwd.logits
         batch = z.shape[0]
         work = torch.device("cpu") if z.device.type == "mps" else z.device  # MPS has no float64
@@ -412,7 +279,6 @@ class _Plan:
                     last.weight.to(work), num_rows, rows, add_left_out, per_pass
                 )
                 target, add_left_out = last.input, False
-                self.through_last_layer = True
             squared = torch.zeros(batch, dtype=torch.float64, device=work)
             left_out = torch.zeros(batch, *fwd.wrt.shape[1:], dtype=torch.float64, device=work)
             for j0 in range(0, num_rows, per_pass):
@@ -438,15 +304,6 @@ class _Plan:
                 squared += _squared_norms(unit_sum, fwd.gram).to(work, torch.float64) * size[:, 0].square()
             norms = squared.clamp_min(0).sqrt()
             return norms.to(z.device, torch.promote_types(x.dtype, torch.float32)), z.detach()
-
-
-def _check_output(z: object, batch_size: int) -> None:
-    try:
-        class_logits(z, batch_size)
-    except ValueError as error:
-        raise ValueError(
-            f"{error} Pass a model that returns the classifier's logits, or wrap it in one that picks them out."
-        ) from None
 
 
 def _softmax_factor(z: Tensor, v: Tensor) -> Tensor:
@@ -501,81 +358,3 @@ def _squared_norms(rows: Tensor, gram: Tensor | None) -> Tensor:
     if gram is None:
         return rows.pow(2).sum(dim=-1)
     return ((rows @ gram) * rows).sum(dim=-1)
-
-
-# G = W W^T of recently measured first layers, reused while the weight is unchanged: training updates weights
-# in place, which bumps the tensor's version counter. Keyed by ``id`` (tensors compare elementwise), with a
-# weak reference that tells a live weight from a new tensor that reuses a freed one's id.
-_GRAM_CACHE: dict[int, tuple[weakref.ref[Tensor], tuple[int, int], Tensor]] = {}
-_GRAM_CACHE_SIZE = 8
-
-
-def _gram(weight: Tensor) -> Tensor:
-    cached = _GRAM_CACHE.get(id(weight))
-    version = (weight._version, weight.data_ptr())
-    if cached is not None and cached[0]() is weight and cached[1] == version:
-        return cached[2]
-    with torch.no_grad():
-        gram = weight.detach() @ weight.detach().T
-    if len(_GRAM_CACHE) >= _GRAM_CACHE_SIZE:
-        _GRAM_CACHE.pop(next(iter(_GRAM_CACHE)))
-    _GRAM_CACHE[id(weight)] = (weakref.ref(weight), version, gram)
-    return gram
-
-
-_ModelKey = tuple[int, tuple[int, ...], torch.dtype, torch.device]
-
-
-def _model_key(model: object, x: Tensor) -> _ModelKey:
-    return id(model), tuple(x.shape[1:]), x.dtype, x.device
-
-
-class _ModelMemo:
-    """Models (with an input shape, dtype and device) seen recently, held by weak reference, so that a freed
-    model's id reused by a new one is not mistaken for it."""
-
-    def __init__(self, size: int = 8) -> None:
-        self._size = size
-        self._seen: dict[_ModelKey, weakref.ref[Any]] = {}
-
-    def known(self, key: _ModelKey) -> bool:
-        ref = self._seen.get(key)
-        return ref is not None and ref() is not None
-
-    def add(self, key: _ModelKey, model: object) -> None:
-        try:
-            ref = weakref.ref(model)
-        except TypeError:
-            return
-        if len(self._seen) >= self._size:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[key] = ref
-
-
-#: Models whose input reaches its first linear layer and something else too: the cut is not tried again.
-_NO_CUT = _ModelMemo()
-
-
-def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, convolutional: bool = False) -> Tensor:
-    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass when possible.
-
-    ``is_grads_batched`` runs the backward of a convolution or a batch norm once per row; ``torch.func.vmap`` over
-    ``autograd.grad`` folds the rows into their batch instead, and is taken for models that have them (for
-    matrix products ``is_grads_batched`` is a little faster)."""
-    if convolutional:
-        try:
-            return torch.func.vmap(
-                lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
-            )(cotangents)
-        except RuntimeError:
-            pass
-    try:
-        (rows,) = torch.autograd.grad(
-            out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-        )
-    except RuntimeError:
-        # Some operators have no batching rule for their backward; fall back to one pass per row.
-        rows = torch.stack(
-            [torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
-        )
-    return rows

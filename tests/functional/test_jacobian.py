@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sensitivity.functional import jacobian_norm
-from lightning_sensitivity.functional.jacobian import _Plan
+from tests.functional._operators import rows_pulled_back_to_the_input
 
 
 def reference(model: nn.Module, x: torch.Tensor, output: str = "softmax") -> torch.Tensor:
@@ -70,10 +70,10 @@ def _trained_batchnorm(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 @pytest.mark.parametrize(
-    ("make", "shape", "shortcut"),
-    [(mlp, (9, 3, 4, 4), True), (cnn, (9, 3, 4, 4), False), (SkipNet, (9, 12), False)],
+    ("make", "shape", "num_classes", "shortcut"),
+    [(mlp, (9, 3, 4, 4), 7, True), (cnn, (9, 3, 4, 4), 5, False), (SkipNet, (9, 12), 3, False)],
 )
-def test_exact_matches_vmap_jacrev(make, shape, shortcut, output):
+def test_exact_matches_vmap_jacrev(make, shape, num_classes, shortcut, output):
     model = make()
     if make is cnn:
         model = _trained_batchnorm(model)
@@ -82,9 +82,10 @@ def test_exact_matches_vmap_jacrev(make, shape, shortcut, output):
     ours = jacobian_norm(model, x, output=output)
     ref = reference(model, x, output)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
-    plan = _Plan(model, output, "exact", None, None, x)
-    plan.chunk_norms(x)
-    assert plan.use_shortcut is shortcut
+    # The first-linear-layer shortcut stops the products before the input; otherwise one backward pass pulls
+    # back C - 1 rows (softmax) or C (logits) to it.
+    rows = rows_pulled_back_to_the_input(model, x, output=output)
+    assert rows == (0 if shortcut else num_classes - (output == "softmax"))
     assert model.training  # mode restored
 
 
@@ -95,9 +96,9 @@ def test_shortcut_and_general_path_agree():
     def general(v):  # the same function, but the input is also read by an elementwise op: no shortcut
         return model(v) + 0.0 * v.flatten(1)[:, :1]
 
-    plan = _Plan(general, "softmax", "exact", None, None, x)
-    torch.testing.assert_close(plan.chunk_norms(x)[0], jacobian_norm(model, x), rtol=1e-5, atol=1e-7)
-    assert plan.use_shortcut is False
+    torch.testing.assert_close(jacobian_norm(general, x), jacobian_norm(model, x), rtol=1e-5, atol=1e-7)
+    assert rows_pulled_back_to_the_input(general, x) == 7 - 1  # the general path: every row reaches the input
+    assert rows_pulled_back_to_the_input(model, x) == 0  # the shortcut: none does
 
 
 def test_shortcut_sees_weight_updates():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sensitivity.functional import jacobian_norm
+from tests.functional._operators import OperatorRecorder
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,25 +90,15 @@ def test_batch_statistics_are_not_replaced():
     torch.testing.assert_close(with_batch_norm, written_out, rtol=1e-5, atol=1e-7)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_batch_norm_backward_runs_in_eval_mode():
     # The point of the per-channel scale: autograd's batch-norm backward (and, under vmap, its copies of the inputs
     # once per row) never runs; the reference ``vmap(jacrev)`` does run it.
     torch.manual_seed(0)
     model = _with_statistics(_conv(affine=True))
     x = torch.randn(3, 2, 8, 8)
-    with _Ops() as ours:
+    with OperatorRecorder() as ours:
         jacobian_norm(model, x)
-    with _Ops() as reference:
+    with OperatorRecorder() as reference:
         torch.autograd.grad(model(x.requires_grad_(True)).sum(), x)
     assert any("batch_norm_backward" in name for name in reference.names)
     assert not any("batch_norm_backward" in name for name in ours.names)

@@ -4,14 +4,15 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_sensitivity.functional import (
+    count_transitions,
     ellipse_through,
     gaussian_anchors,
     shuffled_anchors,
     trajectory_through,
 )
-from lightning_sensitivity.functional.trajectories import _points_along
 
 
 def test_ellipse_passes_through_its_anchors_and_is_closed():
@@ -83,9 +84,37 @@ def test_shuffled_anchors_permute_each_point_independently():
     assert not torch.equal(shuffled, x)
 
 
-def test_points_of_several_curves_at_once_equal_each_curves_points():
-    curves = [trajectory_through(torch.randn(5, 2, 3), num_points=40) for _ in range(3)]
+def test_points_at_any_times_are_the_trigonometric_sum_of_the_coefficients():
+    curve = trajectory_through(torch.randn(5, 2, 3), num_points=40)
     t = torch.rand(17, dtype=torch.float64) * 6.0
-    together = _points_along(curves, t)
-    assert together.shape == (3 * 17, 2, 3) and together.dtype == torch.float32
-    assert torch.allclose(together, torch.cat([curve.at(t) for curve in curves]), rtol=0, atol=1e-6)
+    points = curve.at(t)
+    assert points.shape == (17, 2, 3) and points.dtype == torch.float32
+    j = torch.arange(1, curve.order + 1, dtype=torch.float64)
+    cos, sin = (t[:, None] * j).cos(), (t[:, None] * j).sin()
+    expected = curve.constant + torch.einsum("tm,m...->t...", cos, curve.cosines)
+    expected = expected + torch.einsum("tm,m...->t...", sin, curve.sines)
+    assert torch.allclose(points, expected.float(), rtol=0, atol=1e-6)
+    assert curve.at(t, dtype=torch.float64).dtype == torch.float64
+
+
+class _Recording(nn.Module):
+    """A small ReLU network that keeps every batch it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+def test_points_of_several_curves_at_once_equal_each_curves_points():
+    # Counting several curves of one length evaluates their points together, in one batch, curve after curve.
+    curves = [trajectory_through(torch.randn(5, 2, 3), num_points=40) for _ in range(3)]
+    model = _Recording()
+    count_transitions(model, curves)
+    (together,) = model.inputs
+    assert together.shape == (3 * 40, 2, 3) and together.dtype == torch.float32
+    assert torch.allclose(together, torch.cat([curve.points for curve in curves]), rtol=0, atol=1e-6)
