@@ -57,10 +57,9 @@ class _Monitor(Callback):
     registry of logged keys (its dashboard charts and hparam metrics come from it), the check of callbacks that
     monitor those keys, and logging at an epoch end or, after training, straight to the loggers."""
 
-    #: Every key the monitor logs (without the prefix), in the order of its docs.
+    #: Every key the monitor logs (without the prefix), in the order of its docs; the one switched on by
+    #: ``log_seconds`` is the wall time of one measurement.
     KEYS: ClassVar[tuple[_Key, ...]]
-    #: The key of the wall time of one measurement (one of ``KEYS``, switched on by ``log_seconds``).
-    SECONDS_KEY: ClassVar[str]
 
     def __init__(
         self,
@@ -140,13 +139,18 @@ class _Monitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._batch_end(trainer, pl_module, batch, dataloader_idx)
+
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """An evaluation batch of dataloader ``idx`` has passed."""
         self._first_batch(trainer, pl_module, batch)
 
     # --- logging ---------------------------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
         if scalars and self.log_seconds:
-            scalars = {**scalars, self._key(self.SECONDS_KEY): self._stopwatch.take(pl_module.device)}
+            (seconds,) = [key.name for key in self.KEYS if key.option == "log_seconds"]
+            scalars = {**scalars, self._key(seconds): self._stopwatch.take(pl_module.device)}
         if not self._after_training:
             _log_scalars(pl_module, scalars)
             return
@@ -208,8 +212,10 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
 
     A subclass defines ``_begin`` (a measured pass starts), ``_measure_batch`` and ``_finish`` (returns the
     scalars to log); :attr:`_points` counts the points of each dataloader that the pass has seen, for their
-    positions in the evaluation order. It also reads the labels of a batch (``target_key``, ``get_target``). When the fit's last validation pass was not measured (the fit ended in a way not known in
-    advance), the monitor reads the validation data itself at the end of training and measures the final weights.
+    positions in the evaluation order. It also reads the labels of a batch (``target_key``, ``get_target``).
+
+    When the fit's last validation pass was not measured (the fit ended in a way not known in advance), the monitor
+    reads the validation data itself at the end of training and measures the final weights.
     """
 
     #: Whether ``trainer.validate`` and ``trainer.test`` runs are measured too.
@@ -264,6 +270,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         with self._stopwatch.running(pl_module.device):
             self._begin(trainer, pl_module)
 
+    @override
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._first_batch(trainer, pl_module, batch)
         if self._measuring:
@@ -283,19 +290,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
 
     on_test_epoch_start = on_validation_epoch_start
 
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(trainer, pl_module, batch, dataloader_idx)
-
-    on_test_batch_end = on_validation_batch_end
+    on_test_batch_end = _Monitor.on_validation_batch_end
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -144,7 +144,6 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         _Key("gap_accuracy"),
         _Key("generalization_gap_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "generalization_gap_seconds"
     MEASURES_OUTSIDE_FIT = False
 
     def __init__(

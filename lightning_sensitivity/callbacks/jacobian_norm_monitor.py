@@ -126,7 +126,6 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         _Key("jacobian_norm_per_point", kind="histogram"),
         _Key("jacobian_norm_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "jacobian_norm_seconds"
 
     def __init__(
         self,

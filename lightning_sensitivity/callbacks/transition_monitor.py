@@ -131,7 +131,6 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         _Key("transitions_along_trajectory", kind="image"),
         _Key("transitions_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "transitions_seconds"
 
     def __init__(
         self,
