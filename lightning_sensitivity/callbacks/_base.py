@@ -31,7 +31,6 @@ from lightning_sensitivity.callbacks._utils import (
     _log_scalars,
     _PointCounter,
     _step,
-    _tensorboard_writers,
     _warn_once,
 )
 
@@ -318,7 +317,3 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
                         self._measure_batch(trainer, pl_module, _load_batch(trainer, batch, idx), idx)
                 scalars = self._finish(trainer, pl_module, "fit")
             self._log(trainer, pl_module, scalars)
-
-
-def _has_tensorboard(trainer: pl.Trainer) -> bool:
-    return bool(_tensorboard_writers(trainer))

@@ -158,6 +158,11 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def _has_tensorboard(trainer: pl.Trainer) -> bool:
+    """Whether this process writes to a TensorBoard logger (histograms and images go there only)."""
+    return bool(_tensorboard_writers(trainer))
+
+
 def _log_scalars(pl_module: pl.LightningModule, metrics: dict[str, Tensor | float]) -> None:
     """Log computed (already synchronized) values through ``pl_module.log``, from an epoch-end hook.
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._anchors import _Curves, _Reservoir
-from lightning_sensitivity.callbacks._base import _has_tensorboard, _Key, _Monitor
+from lightning_sensitivity.callbacks._base import _Key, _Monitor
 from lightning_sensitivity.callbacks._chart import _trajectory_figure
 from lightning_sensitivity.callbacks._checks import (
     _check_batch_reading,
@@ -35,6 +35,7 @@ from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
+    _has_tensorboard,
     _log_image,
     _new_generator,
     _OwnGenerator,
