@@ -1,36 +1,38 @@
-"""The core every monitor builds on: when it measures, the model it measures, the checks it makes on the first
-batch, the keys it logs, and how it logs them. Each monitor's own file holds only its measurement."""
+"""The core every monitor builds on: the keys it logs and how it logs them, its schedule and the model it measures
+(``_schedule``, ``_measured``), where it finds its input and labels in a batch, the check it makes on the first
+batch, the callbacks that watch its keys, and, for the monitors that measure evaluation batches, the pass through
+those batches. Each monitor's own file holds only its measurement."""
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._checks import _check_callable, _check_choice, _check_positive
 from lightning_sensitivity.callbacks._dashboard import _register_dashboard
+from lightning_sensitivity.callbacks._measured import _load_batch, _MeasuredModel, _Stopwatch
+from lightning_sensitivity.callbacks._schedule import _Schedule
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
+    GetInput,
+    _batch_input,
+    _batch_target,
     _default_forward,
     _log_scalars,
+    _PointCounter,
     _step,
-    _tensorboard_writers,
     _warn_once,
 )
-
-#: Floating dtypes a measurement never runs in: their rounding would be the measurement's noise.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -45,168 +47,27 @@ class _Key:
     option: str | None = None
 
 
-# --- the model as measured ---------------------------------------------------------------------------------------
-
-
-class _MeasuredModel(nn.Module):
-    """``forward_fn(pl_module, x)`` as an ``nn.Module``, the one model every measurement of a monitor runs.
-
-    Being a module, it gets the functional layer's guarantees (eval mode with every submodule's mode restored, the
-    float64 copy of the exact count). Two things are added here, both without touching the module:
-
-    - a module compiled with ``trainer.fit(torch.compile(module))`` has its ``forward`` replaced by Lightning with
-      a compiled one; the measurement runs the eager original, with the same parameters (a compiled graph does not
-      take the repeated and batched backward passes of a Jacobian);
-    - half-precision parameters, buffers and inputs (``precision="bf16-true"`` or ``"16-true"``) are read as
-      float32 copies, so the measurement is that of the same weights in float32.
-    """
-
-    def __init__(self, pl_module: pl.LightningModule, forward_fn: ForwardFn) -> None:
-        super().__init__()
-        self.module = pl_module
-        self.forward_fn = forward_fn
-
-    def forward(self, x: Tensor, upcast: bool = True) -> Any:
-        if upcast:
-            x = _full_precision(x)
-            low = {
-                name: t.detach().float()
-                for name, t in [*self.named_parameters(), *self.named_buffers()]
-                if t.dtype in _LOW_PRECISION
-            }
-            if low:
-                return torch.func.functional_call(self, low, (x,), {"upcast": False})
-        with _eager_forward(self.module):
-            return self.forward_fn(self.module, x)
-
-
-def _full_precision(x: Tensor) -> Tensor:
-    """A half-precision input as float32: a Jacobian is taken with respect to the input in its own dtype."""
-    return x.float() if x.dtype in _LOW_PRECISION else x
-
-
-@contextlib.contextmanager
-def _eager_forward(pl_module: pl.LightningModule) -> Iterator[None]:
-    """The module's own ``forward`` in place of the compiled one Lightning puts there for a compiled module."""
-    ctx = getattr(pl_module, "_compiler_ctx", None)
-    compiled = pl_module.__dict__.get("forward")
-    if not ctx or compiled is None or "original_forward" not in ctx:
-        yield
-        return
-    pl_module.forward = ctx["original_forward"]
-    try:
-        yield
-    finally:
-        pl_module.forward = compiled
-
-
-class _Stopwatch:
-    """The wall time of a monitor's measurement, summed over the pieces it is done in (the batches of a pass, then
-    its end), read with ``time.perf_counter``. On a CUDA module each piece starts and ends with a synchronization,
-    so the queued kernels are counted where they run; when the monitor logs no time, nothing is synchronized."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def running(self, device: torch.device) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if cuda:
-                torch.cuda.synchronize(device)
-            self.seconds += time.perf_counter() - start
-
-    def take(self, device: torch.device) -> Tensor:
-        """The time so far, as a tensor on ``device``, and a fresh start."""
-        seconds, self.seconds = self.seconds, 0.0
-        return torch.tensor(seconds, dtype=torch.float32, device=device)
-
-
-def _load_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -> Any:
-    """A batch the monitor reads itself, brought to the module as Lightning's loops bring theirs: the precision
-    plugin's input conversion, the module's batch-transfer hooks, the strategy's device."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
-
-
-# --- when to measure ---------------------------------------------------------------------------------------------
-
-
-class _Schedule:
-    """Measure on every ``every_n``-th pass that runs (validation passes, or training epochs for a monitor that
-    measures on training data), and on the last one of the fit.
-
-    The last pass is known in advance when a limit says so (``max_epochs``, ``max_steps``, the next validation
-    epoch past ``max_epochs``) or ``trainer.should_stop`` is already set. When the fit ends otherwise (early
-    stopping decided after the pass, ``max_time``), :attr:`owes_last` tells the monitor to measure again at the end
-    of training, on the final weights.
-    """
-
-    def __init__(self, every_n: int) -> None:
-        self.every_n = every_n
-        self.passes = 0
-        self.ran = False
-        self.last_measured = False
-
-    def start(self, trainer: pl.Trainer, *, validation: bool) -> bool:
-        self.passes += 1
-        self.ran = True
-        self.last_measured = self.passes % self.every_n == 0 or _fit_ends_here(trainer, validation)
-        return self.last_measured
-
-    @property
-    def owes_last(self) -> bool:
-        return self.ran and not self.last_measured
-
-    def reset_fit(self) -> None:
-        self.ran = self.last_measured = False
-
-
-def _fit_ends_here(trainer: pl.Trainer, validation: bool) -> bool:
-    """True when no pass of the same kind will follow this one in the current fit."""
-    if trainer.should_stop:
-        return True
-    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-        return True
-    max_epochs = trainer.max_epochs
-    if max_epochs is None or max_epochs < 0:
-        return False
-    if not validation:
-        return trainer.current_epoch + 1 >= max_epochs
-    if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-        return False  # a validation inside the epoch: more batches, and maybe more validations, follow
-    return trainer.current_epoch + (trainer.check_val_every_n_epoch or 1) >= max_epochs
-
-
 # --- the monitor -------------------------------------------------------------------------------------------------
 
 
 class _Monitor(Callback):
-    """What every monitor shares: its schedule, its model wrapper, its first-batch check, its registry of logged
-    keys (its dashboard charts and hparam metrics come from it), the check of callbacks that monitor those keys,
-    and logging at an epoch end or, after training, straight to the loggers."""
+    """What every monitor shares: its schedule, its model wrapper, where it finds the input in a batch, its
+    first-batch check (on the first batch it sees, a validation batch of the sanity check when there is one), its
+    registry of logged keys (its dashboard charts and hparam metrics come from it), the check of callbacks that
+    monitor those keys, and logging at an epoch end or, after training, straight to the loggers."""
 
-    #: Every key the monitor logs (without the prefix), in the order of its docs.
+    #: Every key the monitor logs (without the prefix), in the order of its docs; the one switched on by
+    #: ``log_seconds`` is the wall time of one measurement.
     KEYS: ClassVar[tuple[_Key, ...]]
-    #: The key of the wall time of one measurement (one of ``KEYS``, switched on by ``log_seconds``).
-    SECONDS_KEY: ClassVar[str]
 
     def __init__(
         self,
         every_n_epochs: int,
         prefix: str,
         forward_fn: ForwardFn | None,
-        log_seconds: bool = False,
+        log_seconds: bool,
+        input_key: str | int | None,
+        get_input: GetInput | None,
         **state_key: Any,
     ) -> None:
         _check_positive("every_n_epochs", every_n_epochs)
@@ -219,6 +80,7 @@ class _Monitor(Callback):
         self.log_seconds = log_seconds
         self._stopwatch = _Stopwatch(log_seconds)
         self.forward_fn: ForwardFn = forward_fn or _default_forward
+        self.input_key, self.get_input = input_key, get_input
         self._schedule = _Schedule(every_n_epochs)
         self._checked = False
         self._after_training = False
@@ -245,6 +107,10 @@ class _Monitor(Callback):
         assert any(key.name == name for key in self.KEYS), name
         return f"{self.prefix}/{name}"
 
+    def _input(self, batch: Any) -> Tensor:
+        """The model input a batch holds, where the monitor's ``input_key`` or ``get_input`` says."""
+        return _batch_input(batch, self.input_key, self.get_input)
+
     def _measured_model(self, pl_module: pl.LightningModule) -> _MeasuredModel:
         if self._model is None or self._model.module is not pl_module:
             self._model = _MeasuredModel(pl_module, self.forward_fn)
@@ -262,11 +128,28 @@ class _Monitor(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         _warn_once(self._warned, key, f"{type(self).__name__}: {message}")
 
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(trainer, pl_module, batch, dataloader_idx)
+
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """An evaluation batch of dataloader ``idx`` has passed."""
+        self._first_batch(trainer, pl_module, batch)
+
     # --- logging ---------------------------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
         if scalars and self.log_seconds:
-            scalars = {**scalars, self._key(self.SECONDS_KEY): self._stopwatch.take(pl_module.device)}
+            (seconds,) = [key.name for key in self.KEYS if key.option == "log_seconds"]
+            scalars = {**scalars, self._key(seconds): self._stopwatch.take(pl_module.device)}
         if not self._after_training:
             _log_scalars(pl_module, scalars)
             return
@@ -327,8 +210,11 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     """A monitor that measures on validation (and test) batches as they pass, and logs at the epoch end.
 
     A subclass defines ``_begin`` (a measured pass starts), ``_measure_batch`` and ``_finish`` (returns the
-    scalars to log). When the fit's last validation pass was not measured (the fit ended in a way not known in
-    advance), the monitor reads the validation data itself at the end of training and measures the final weights.
+    scalars to log); :attr:`_points` counts the points of each dataloader that the pass has seen, for their
+    positions in the evaluation order. It also reads the labels of a batch (``target_key``, ``get_target``).
+
+    When the fit's last validation pass was not measured (the fit ended in a way not known in advance), the monitor
+    reads the validation data itself at the end of training and measures the final weights.
     """
 
     #: Whether ``trainer.validate`` and ``trainer.test`` runs are measured too.
@@ -339,11 +225,21 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         every_n_epochs: int,
         prefix: str,
         forward_fn: ForwardFn | None,
-        log_seconds: bool = False,
+        log_seconds: bool,
+        input_key: str | int | None,
+        get_input: GetInput | None,
+        target_key: str | int | None,
+        get_target: GetInput | None,
         **state_key: Any,
     ) -> None:
-        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, **state_key)
+        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, **state_key)
+        self.target_key, self.get_target = target_key, get_target
         self._measuring = False
+        self._points = _PointCounter()
+
+    def _target(self, batch: Any) -> Tensor:
+        """The labels a batch holds, where the monitor's ``target_key`` or ``get_target`` says."""
+        return _batch_target(batch, self.target_key, self.get_target)
 
     @abc.abstractmethod
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -365,10 +261,15 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         else:
             self._measuring = self._schedule.start(trainer, validation=True)
         if self._measuring:
-            self._stopwatch.seconds = 0.0
-            with self._stopwatch.running(pl_module.device):
-                self._begin(trainer, pl_module)
+            self._start_pass(trainer, pl_module)
 
+    def _start_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stopwatch.seconds = 0.0
+        self._points.reset()
+        with self._stopwatch.running(pl_module.device):
+            self._begin(trainer, pl_module)
+
+    @override
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._first_batch(trainer, pl_module, batch)
         if self._measuring:
@@ -386,33 +287,9 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start(trainer, pl_module)
 
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start(trainer, pl_module)
+    on_test_epoch_start = on_validation_epoch_start
 
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(trainer, pl_module, batch, dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(trainer, pl_module, batch, dataloader_idx)
+    on_test_batch_end = _Monitor.on_validation_batch_end
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -431,9 +308,8 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         with self._measuring_after_training():
-            self._stopwatch.seconds = 0.0
+            self._start_pass(trainer, pl_module)
             with self._stopwatch.running(pl_module.device):
-                self._begin(trainer, pl_module)
                 for idx, (loader, limit) in enumerate(zip(loaders, trainer.num_val_batches, strict=False)):
                     for i, batch in enumerate(loader):
                         if i >= limit:
@@ -441,7 +317,3 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
                         self._measure_batch(trainer, pl_module, _load_batch(trainer, batch, idx), idx)
                 scalars = self._finish(trainer, pl_module, "fit")
             self._log(trainer, pl_module, scalars)
-
-
-def _has_tensorboard(trainer: pl.Trainer) -> bool:
-    return bool(_tensorboard_writers(trainer))

@@ -1,4 +1,5 @@
-"""Private helpers shared by the monitors: reading inputs out of batches, choosing epochs, and logging."""
+"""Private helpers shared by the monitors: reading inputs and labels out of batches, the positions of evaluation
+points, logging histograms and images, warning once, and the monitors' own generator."""
 
 from __future__ import annotations
 
@@ -108,6 +109,25 @@ def _evaluation_points(
     return positions, keep
 
 
+class _PointCounter:
+    """The points of each evaluation dataloader that this rank has seen in the current pass, and from that count
+    the positions of a batch's points in the unsharded evaluation order (:func:`_evaluation_points`)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self._seen.clear()
+
+    def next_batch(
+        self, trainer: pl.Trainer, idx: int, batch_size: int, device: torch.device, max_points: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The positions of the next ``batch_size`` points of dataloader ``idx``, and which of them to measure."""
+        start = self._seen.get(idx, 0)
+        self._seen[idx] = start + batch_size
+        return _evaluation_points(_evaluation_dataloader(trainer, idx), start, batch_size, device, max_points)
+
+
 def _dataset_length(dataloader: Any, sampler: DistributedSampler | None) -> int | None:
     """Points in the (unsharded) evaluation set, or ``None`` when it has no length."""
     dataset = getattr(sampler, "dataset", None) if sampler is not None else None
@@ -136,6 +156,11 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     if trainer.global_rank != 0:
         return []
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def _has_tensorboard(trainer: pl.Trainer) -> bool:
+    """Whether this process writes to a TensorBoard logger (histograms and images go there only)."""
+    return bool(_tensorboard_writers(trainer))
 
 
 def _log_scalars(pl_module: pl.LightningModule, metrics: dict[str, Tensor | float]) -> None:
@@ -171,9 +196,10 @@ def _log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
         writer.add_image(key, image, global_step=_step(trainer), dataformats="HWC")
 
 
-class _SpawnSafeGenerator:
-    """Mixin for a callback whose ``_generator`` attribute is a ``torch.Generator``: makes it picklable for
-    ``ddp_spawn``.
+class _OwnGenerator:
+    """Mixin for a monitor that draws with its own ``torch.Generator`` (its ``_generator`` attribute): the
+    generator's state goes into the callback's ``state_dict`` (a resumed run continues its stream), and the
+    monitor pickles for ``ddp_spawn``.
 
     ``ddp_spawn`` pickles the callbacks for its processes. A ``torch.Generator`` pickles its state as a temporary
     tensor that ``torch.multiprocessing`` shares through a file descriptor, closed before the process starts
@@ -181,6 +207,13 @@ class _SpawnSafeGenerator:
     """
 
     _generator: torch.Generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator_state": self._generator.get_state()}  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._generator.set_state(state_dict["generator_state"])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

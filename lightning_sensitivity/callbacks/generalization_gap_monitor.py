@@ -17,47 +17,30 @@ the whole epoch and runs in train mode (dropout, augmentation, batch statistics)
 from __future__ import annotations
 
 import contextlib
-import copy
-import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._base import (
-    _LOW_PRECISION,
-    _EvaluationMonitor,
-    _Key,
-    _load_batch,
-)
+from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _Key
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_key,
+    _check_batch_reading,
     _check_callable,
     _check_classifier_output,
     _check_positive,
     _check_seed,
 )
 from lightning_sensitivity.callbacks._dashboard import EVAL_LOSSES, JACOBIAN_BESIDE_GAP
-from lightning_sensitivity.callbacks._utils import (
-    ForwardFn,
-    GetInput,
-    _batch_input,
-    _batch_target,
-    _default_forward,
-    _evaluation_dataloader,
-    _evaluation_points,
-    _new_generator,
-)
+from lightning_sensitivity.callbacks._measured import _LOW_PRECISION, _load_batch
+from lightning_sensitivity.callbacks._train_subset import _read_train_subset
+from lightning_sensitivity.callbacks._utils import ForwardFn, GetInput, _default_forward
 from lightning_sensitivity.functional import measuring
 from lightning_sensitivity.metrics import ClassificationLossAccuracy
 
@@ -161,7 +144,6 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         _Key("gap_accuracy"),
         _Key("generalization_gap_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "generalization_gap_seconds"
     MEASURES_OUTSIDE_FIT = False
 
     def __init__(
@@ -186,23 +168,19 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             raise ValueError(f"`train_dataset` must be a torch Dataset or None, got a {type(train_dataset).__name__}.")
         _check_positive("batch_size", batch_size, optional=True)
         _check_seed(seed)
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            _check_batch_key(name, key)
-        for name, fn in (("get_input", get_input), ("get_target", get_target)):
-            _check_callable(name, fn)
-        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, seed=seed)
+        _check_batch_reading(input_key=input_key, target_key=target_key, get_input=get_input, get_target=get_target)
+        super().__init__(
+            every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, target_key, get_target, seed=seed
+        )
         self.max_train_points = max_train_points
         self.loss_fn = loss_fn
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.input_key, self.target_key = input_key, target_key
-        self.get_input, self.get_target = get_input, get_target
         self._train_metric = ClassificationLossAccuracy(loss_fn)
         self._val_metric = ClassificationLossAccuracy(loss_fn)
         self._train_indices: Tensor | None = None
         self._train_batches: list[Any] | None = None
-        self._val_seen = 0
         # The module's own forward call on a validation batch's input, (input, logits), when it can stand for the
         # monitor's (see `_capture`); the hook that records it lives only during a measured validation pass.
         self._captured: tuple[Tensor, Tensor] | None = None
@@ -240,8 +218,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = _batch_input(batch, self.input_key, self.get_input)
-        target = _batch_target(batch, self.target_key, self.get_target)
+        x = self._input(batch)
+        target = self._target(batch)
         if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != x.shape[0]:
             shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
             raise ValueError(
@@ -257,7 +235,6 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_seen = 0
         for metric in (self._train_metric, self._val_metric):
             metric.reset()
             metric.to(pl_module.device)
@@ -275,7 +252,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         self._expected = None
         if self._hook is not None and dataloader_idx == 0:
             with contextlib.suppress(KeyError, TypeError, IndexError):  # the first batch's check says it clearly
-                self._expected = _batch_input(batch, self.input_key, self.get_input)
+                self._expected = self._input(batch)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """Keep the module's call on the batch's input tensor itself, when its logits are the monitor's: the module
@@ -302,9 +279,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             return
         # Under DDP the validation sampler pads the last round with repeated points; those are skipped, so that
         # the sums over ranks are those of one process on the whole validation set.
-        x = _batch_input(batch, self.input_key, self.get_input)
-        _, keep = _evaluation_points(_evaluation_dataloader(trainer, 0), self._val_seen, len(x), pl_module.device)
-        self._val_seen += len(x)
+        x = self._input(batch)
+        _, keep = self._points.next_batch(trainer, 0, len(x), pl_module.device)
         logits = self._captured[1] if self._captured is not None and self._captured[0] is x else None
         self._captured = None
         if bool(keep.any()):
@@ -319,7 +295,16 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             self._warn_once("no-validation-batch", "no validation batch was seen; nothing is logged this epoch.")
             return {}
         if self._train_batches is None:
-            self._train_batches = self._read_train_subset(trainer, num_val)
+            size = num_val if self.max_train_points is None else min(num_val, self.max_train_points)
+            self._train_indices, self._train_batches = _read_train_subset(
+                trainer,
+                self.train_dataset,
+                self.batch_size,
+                size,
+                self.seed,
+                self._train_indices,
+                lambda batch: len(self._input(batch)),
+            )
         for batch in self._train_batches:
             self._evaluate(pl_module, _load_batch(trainer, batch), self._train_metric)
         train = self._train_metric.compute()
@@ -354,8 +339,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
     ) -> None:
         """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode (or its ``logits``
         as the module's own call computed them)."""
-        x = _batch_input(batch, self.input_key, self.get_input)
-        target = _batch_target(batch, self.target_key, self.get_target)
+        x, target = self._input(batch), self._target(batch)
         model = self._measured_model(pl_module)
         with measuring(model, pl_module.device):
             logits = model(x) if logits is None else logits
@@ -363,61 +347,3 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             if keep is not None:
                 logits, target = logits[keep], target[keep]
             metric.update(logits, target)
-
-    def _read_train_subset(self, trainer: pl.Trainer, num_val: int) -> list[Any]:
-        """Draw the subset (unless restored from a checkpoint) and read this rank's share of it, as CPU batches."""
-        loader = trainer.train_dataloader if isinstance(trainer.train_dataloader, DataLoader) else None
-        dataset = self.train_dataset if self.train_dataset is not None else loader.dataset
-        collate = loader.collate_fn if loader is not None else default_collate
-        # Without gradients a pass holds one layer's activations at a time, not every layer's and their gradients as
-        # a training step does: four training batches at once fit where one trains, and take fewer, fuller passes.
-        train_batch = loader.batch_size if loader is not None else None
-        batch_size = self.batch_size or (4 * train_batch if train_batch else 256)
-        size = num_val if self.max_train_points is None else min(num_val, self.max_train_points)
-        with isolate_rng():
-            torch.manual_seed(self.seed)
-            np.random.seed(self.seed)
-            random.seed(self.seed)
-            source = _detached_copy(dataset)
-            if isinstance(dataset, IterableDataset):
-                # Whole batches until `size` points: batches of the training loader's size overshoot it least.
-                stream_batch = self.batch_size or train_batch or 256
-                batches = self._first_batches(source, size, stream_batch, collate)
-                self._train_indices = torch.arange(sum(self._batch_len(b) for b in batches))
-                return batches[trainer.global_rank :: trainer.world_size]
-            if self._train_indices is None:
-                order = torch.randperm(len(dataset), generator=_new_generator(self.seed))
-                self._train_indices = order[: min(size, len(dataset))]
-            share = self._train_indices[trainer.global_rank :: trainer.world_size].tolist()
-            return [
-                collate([source[i] for i in share[start : start + batch_size]])
-                for start in range(0, len(share), batch_size)
-            ]
-
-    def _first_batches(
-        self, dataset: IterableDataset, size: int, batch_size: int, collate: Callable
-    ) -> list[Any]:
-        """The first batches an iterable dataset yields, until they hold at least ``size`` points."""
-        batches, count = [], 0
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            batches.append(batch)
-            count += self._batch_len(batch)
-            if count >= size:
-                break
-        return batches
-
-    def _batch_len(self, batch: Any) -> int:
-        return len(_batch_input(batch, self.input_key, self.get_input))
-
-
-def _detached_copy(dataset: Any) -> Any:
-    """A deep copy of ``dataset`` to read from, so that reading leaves the original's internal state (an
-    augmentation generator, say) as training left it; the original when it cannot be copied, with a warning."""
-    try:
-        return copy.deepcopy(dataset)
-    except Exception as error:  # whatever stops the copy (an open file, a lock), the fallback is said aloud
-        rank_zero_warn(
-            f"GeneralizationGapMonitor: could not copy the training dataset ({type(error).__name__}: {error}); it "
-            "reads the training subset from the dataset itself, which advances any random state the dataset owns."
-        )
-        return dataset

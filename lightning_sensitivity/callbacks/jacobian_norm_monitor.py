@@ -9,8 +9,6 @@ logs it while the model trains.
 
 from __future__ import annotations
 
-import csv
-import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,14 +17,9 @@ from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._base import (
-    _EvaluationMonitor,
-    _full_precision,
-    _Key,
-)
+from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _Key
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_key,
-    _check_callable,
+    _check_batch_reading,
     _check_choice,
     _check_classifier_output,
     _check_continuous_input,
@@ -34,22 +27,21 @@ from lightning_sensitivity.callbacks._checks import (
     _check_seed,
 )
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
+from lightning_sensitivity.callbacks._measured import _full_precision
+from lightning_sensitivity.callbacks._records import _point_labels, _write_csv
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
-    _batch_input,
-    _batch_target,
-    _evaluation_dataloader,
-    _evaluation_points,
     _log_histogram,
     _new_generator,
-    _SpawnSafeGenerator,
+    _OwnGenerator,
+    _PointCounter,
 )
 from lightning_sensitivity.functional import jacobian_norm, measuring
 from lightning_sensitivity.metrics import JacobianNorm, PointRecords
 
 
-class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
+class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     r"""Logs the Jacobian norm of the classifier on validation points, while it trains.
 
     For every measured point :math:`x` with logits :math:`z = f(x)`, the sensitivity is
@@ -134,7 +126,6 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         _Key("jacobian_norm_per_point", kind="histogram"),
         _Key("jacobian_norm_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "jacobian_norm_seconds"
 
     def __init__(
         self,
@@ -161,10 +152,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         _check_choice("method", method, ("exact", "projection"))
         _check_positive("num_projections", num_projections, optional=True)
         _check_positive("chunk_size", chunk_size, optional=True)
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            _check_batch_key(name, key)
-        for name, fn in (("get_input", get_input), ("get_target", get_target)):
-            _check_callable(name, fn)
+        _check_batch_reading(input_key=input_key, target_key=target_key, get_input=get_input, get_target=get_target)
         _check_choice("log_histogram", log_histogram, (True, False))
         if not (
             record_epochs in (None, "last", "all")
@@ -178,32 +166,40 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             )
         _check_choice("measure_predict", measure_predict, (True, False))
         _check_seed(seed)
-        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, output=output, method=method)
+        super().__init__(
+            every_n_epochs,
+            prefix,
+            forward_fn,
+            log_seconds,
+            input_key,
+            get_input,
+            target_key,
+            get_target,
+            output=output,
+            method=method,
+        )
         self.measure_predict = measure_predict
         self.max_points = max_points
         self.output = output
         self.method = method
         self.num_projections = num_projections
         self.chunk_size = chunk_size
-        self.input_key, self.target_key = input_key, target_key
-        self.get_input, self.get_target = get_input, get_target
         self.log_histogram = log_histogram
         self.record_epochs = record_epochs
         self.seed = seed
         self._generator = _new_generator(seed)
         self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current pass
         self._records: dict[int, PointRecords] = {}
-        self._seen: dict[int, int] = {}  # points of each dataloader seen in the current pass
         self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._measured_in_fit = False
         self._predict_records: dict[int, PointRecords] = {}
-        self._predict_seen: dict[int, int] = {}
+        self._predict_points = _PointCounter()
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = _batch_input(batch, self.input_key, self.get_input)
+        x = self._input(batch)
         _check_continuous_input(type(self).__name__, x)
         if x.shape[0] > 0:
             model = self._measured_model(pl_module)
@@ -214,15 +210,11 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
         self._records.clear()
-        self._seen.clear()
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        x = _batch_input(batch, self.input_key, self.get_input)
-        start = self._seen.get(idx, 0)
-        self._seen[idx] = start + x.shape[0]
-        loader = _evaluation_dataloader(trainer, idx)
-        positions, keep = _evaluation_points(loader, start, x.shape[0], x.device, self.max_points)
+        x = self._input(batch)
+        positions, keep = self._points.next_batch(trainer, idx, x.shape[0], x.device, self.max_points)
         # Every rank creates the same states, even with no point to measure: the pass's end gathers them.
         if idx not in self._metrics:
             self._metrics[idx] = JacobianNorm().to(pl_module.device)
@@ -276,27 +268,10 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
             return True
         return trainer.current_epoch in self.record_epochs
 
-    def _labels(self, batch: Any, shape: torch.Size, num_logits: int) -> Tensor | None:
-        """The class labels ``[B]`` of a batch of ``shape`` points, or ``None`` when it carries none."""
-        if self.get_target is not None:
-            y = self.get_target(batch)  # the user's function: its errors are the user's to see
-        else:
-            try:
-                y = _batch_target(batch, self.target_key)
-            except (KeyError, TypeError, IndexError):  # a batch without labels: records are optional
-                y = None
-        if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]  # a one-logit classifier's labels, as BCE takes them
-        if isinstance(y, Tensor) and torch.is_floating_point(y) and num_logits == 1:
-            y = y.round().long()
-        if not isinstance(y, Tensor) or y.shape != shape or torch.is_floating_point(y):
-            return None
-        return y
-
     def _add_records(
         self, batch: Any, idx: int, keep: Tensor, positions: Tensor, norms: Tensor, logits: Tensor
     ) -> None:
-        y = self._labels(batch, keep.shape, logits.shape[1])
+        y = _point_labels(batch, self.target_key, self.get_target, keep.shape, logits.shape[1])
         if y is None:
             del self._records[idx]  # the batch format is the same on every process: all of them drop it
             self._warn_once(
@@ -311,7 +286,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
 
     @override
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._predict_seen = {}
+        self._predict_points.reset()
         # One set of rows per dataloader, made on every process before any batch: the end gathers them all.
         self._predict_records = (
             {idx: PointRecords().to(pl_module.device) for idx in range(len(trainer.num_predict_batches))}
@@ -332,16 +307,13 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         if not self.measure_predict:
             return
         self._first_batch(trainer, pl_module, batch)
-        x = _batch_input(batch, self.input_key, self.get_input)
-        start = self._predict_seen.get(dataloader_idx, 0)
-        self._predict_seen[dataloader_idx] = start + x.shape[0]
-        loader = _evaluation_dataloader(trainer, dataloader_idx)
-        positions, keep = _evaluation_points(loader, start, x.shape[0], x.device)
+        x = self._input(batch)
+        positions, keep = self._predict_points.next_batch(trainer, dataloader_idx, x.shape[0], x.device)
         if not keep.any():
             return
         norms, logits = self._norms_and_logits(pl_module, x[keep])
         assert logits is not None
-        y = self._labels(batch, keep.shape, logits.shape[1])
+        y = _point_labels(batch, self.target_key, self.get_target, keep.shape, logits.shape[1])
         records = self._predict_records.setdefault(dataloader_idx, PointRecords().to(pl_module.device))
         records.update(positions[keep], norms, logits, None if y is None else y[keep])
 
@@ -350,7 +322,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         multiple = len(self._predict_records) > 1
         for idx in sorted(self._predict_records):
             records = {k: v.double().cpu() for k, v in self._predict_records[idx].compute().items()}
-            self._write_csv(trainer, "predict" + (f"_dataloader_idx={idx}" if multiple else ""), records)
+            _write_csv(trainer, "predict" + (f"_dataloader_idx={idx}" if multiple else ""), records)
         self._predict_records = {}
 
     # --- the end of a pass: compute, log, record ---------------------------------------------------------------
@@ -374,7 +346,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
                 scalars[self._key("jacobian_loss_spearman") + suffix] = rho.to(pl_module.device)
                 self._last_records[idx] = (trainer.current_epoch, records)
                 if self.record_epochs != "last" or trainer.state.fn != "fit":
-                    self._write_records(trainer, stage, trainer.current_epoch, idx, multiple, records)
+                    _write_csv(trainer, _records_name(stage, trainer.current_epoch, idx, multiple), records)
             if values is not None:
                 _log_histogram(trainer, self._key("jacobian_norm_per_point") + suffix, values)
             num_excluded = int(metric.num_excluded)
@@ -386,36 +358,6 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
                 )
         return scalars
 
-    def _write_records(
-        self,
-        trainer: pl.Trainer,
-        stage: str,
-        epoch: int,
-        idx: int,
-        multiple: bool,
-        records: dict[str, Tensor],
-    ) -> None:
-        name = f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")
-        self._write_csv(trainer, name, records)
-
-    def _write_csv(self, trainer: pl.Trainer, name: str, records: dict[str, Tensor]) -> None:
-        """``{log_dir}/jacobian_norm_records/{name}.csv``, one row per point; a point without a label has empty
-        ``label`` and ``loss`` cells."""
-        # `trainer.log_dir` is a broadcast under DDP: every rank takes part before the others return.
-        root = trainer.log_dir or trainer.default_root_dir
-        if trainer.global_rank != 0:
-            return
-        folder = os.path.join(root, "jacobian_norm_records")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, name + ".csv"), "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["index", "label", "prediction", "loss", "jacobian_norm"])
-            for i, label, pred, loss, norm in zip(*(records[k].tolist() for k in records), strict=True):
-                known = label >= 0
-                writer.writerow(
-                    [int(i), int(label) if known else "", int(pred), f"{loss:.6g}" if known else "", f"{norm:.6g}"]
-                )
-
     # --- Lightning hooks ---------------------------------------------------------------------------------
 
     @override
@@ -423,7 +365,7 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
         if self.record_epochs == "last":
             multiple = len(self._last_records) > 1
             for idx, (epoch, records) in self._last_records.items():
-                self._write_records(trainer, "fit", epoch, idx, multiple, records)
+                _write_csv(trainer, _records_name("fit", epoch, idx, multiple), records)
         if not self._measured_in_fit:
             self._warn_once(
                 "no-validation",
@@ -431,11 +373,6 @@ class JacobianNormMonitor(_SpawnSafeGenerator, _EvaluationMonitor):
                 "`limit_val_batches=0`).",
             )
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator_state": self._generator.get_state()}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._generator.set_state(state_dict["generator_state"])
+def _records_name(stage: str, epoch: int, idx: int, multiple: bool) -> str:
+    return f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")

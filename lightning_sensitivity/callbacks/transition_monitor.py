@@ -21,15 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._base import (
-    _has_tensorboard,
-    _Key,
-    _Monitor,
-)
+from lightning_sensitivity.callbacks._anchors import _Curves, _Reservoir
+from lightning_sensitivity.callbacks._base import _Key, _Monitor
 from lightning_sensitivity.callbacks._chart import _trajectory_figure
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_key,
-    _check_callable,
+    _check_batch_reading,
     _check_choice,
     _check_continuous_input,
     _check_positive,
@@ -39,10 +35,10 @@ from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
-    _batch_input,
+    _has_tensorboard,
     _log_image,
     _new_generator,
-    _SpawnSafeGenerator,
+    _OwnGenerator,
 )
 from lightning_sensitivity.functional import (
     NonFiniteOutputError,
@@ -50,16 +46,13 @@ from lightning_sensitivity.functional import (
     TransitionCount,
     activation_codes,
     count_transitions,
-    gaussian_anchors,
-    shuffled_anchors,
-    trajectory_through,
 )
 from lightning_sensitivity.metrics import TransitionDensity
 
 _KINDS = ("on_manifold", "off_manifold")
 
 
-class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
+class TransitionMonitor(_OwnGenerator, _Monitor):
     r"""Logs the linear-region transition density along trajectories on and off the data manifold.
 
     Each trajectory is the ellipse through three anchor points (see
@@ -139,7 +132,6 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         _Key("transitions_along_trajectory", kind="image"),
         _Key("transitions_seconds", option="log_seconds"),
     )
-    SECONDS_KEY = "transitions_seconds"
 
     def __init__(
         self,
@@ -167,8 +159,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         _check_choice("off_manifold", off_manifold, ("gaussian", "shuffled"))
         _check_choice("method", method, ("sampled", "exact"))
         _check_positive("chunk_size", chunk_size)
-        _check_batch_key("input_key", input_key)
-        _check_callable("get_input", get_input)
+        _check_batch_reading(input_key=input_key, get_input=get_input)
         _check_choice("log_figure", log_figure, (True, False, "end"))
         if (
             isinstance(convergence_tolerance, bool)
@@ -177,24 +168,22 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         ):
             raise ValueError(f"`convergence_tolerance` must be a number >= 0, got {convergence_tolerance!r}.")
         _check_seed(seed)
-        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, off_manifold=off_manifold, seed=seed)
+        super().__init__(
+            every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, off_manifold=off_manifold, seed=seed
+        )
         self.num_trajectories = num_trajectories
         self.num_points = num_points
         self.off_manifold = off_manifold
         self.method = method
         self.chunk_size = chunk_size
-        self.input_key, self.get_input = input_key, get_input
         self.log_figure = log_figure
         self.convergence_tolerance = convergence_tolerance
         self.seed = seed
         self._generator = _new_generator(seed)
         self._anchors: dict[str, Tensor] | None = None  # [num_trajectories, 3, *input_shape] per kind, on the CPU
-        self._reservoir: list[Tensor] = []
-        self._seen = 0
-        self._sums: tuple[Tensor, Tensor] | None = None  # per-feature sum and sum of squares, float64
+        self._reservoir = _Reservoir()  # the first epoch's sample of training points, until anchors are chosen
         self._densities = {kind: TransitionDensity() for kind in _KINDS}
-        # The curves through the anchors, built once for the module's device and dtype (the key).
-        self._curves: tuple[tuple[torch.device, torch.dtype], dict[str, list[Trajectory]]] | None = None
+        self._curves = _Curves(num_points)
         self._first_count: TransitionCount | None = None  # on-manifold trajectory 0 at the latest measurement
 
     @property
@@ -204,7 +193,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = _batch_input(batch, self.input_key, self.get_input)
+        x = self._input(batch)
         _check_continuous_input(type(self).__name__, x)  # a curve through token ids means nothing
         # Fail at once for a model without piecewise-linear units (NaN outputs are the measurement's business:
         # it logs NaN), and for an exact count of a model that is not piecewise linear.
@@ -229,18 +218,6 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
                 f"`{type(callback).__name__}(..., {option}=True)`."
             )
 
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._first_batch(trainer, pl_module, batch)
-
     # --- the anchors, collected during the first epoch -----------------------------------------------------------
 
     @property
@@ -254,61 +231,29 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         self._first_batch(trainer, pl_module, batch)
         if self._anchors is not None:
             return
-        x = _batch_input(batch, self.input_key, self.get_input).detach()
-        # Per-feature sums, kept on the batch's device: no synchronization per batch.
-        flat = x.flatten(1).to(torch.float64)
-        sums = (flat.sum(0), flat.pow(2).sum(0))
-        self._sums = sums if self._sums is None else (self._sums[0] + sums[0], self._sums[1] + sums[1])
-        # Reservoir sampling (Algorithm R): point n replaces a random slot with probability size / (n + 1). The
-        # random draws are on the CPU; the points that enter the reservoir are copied to it in one transfer.
-        size = self._reservoir_size
-        positions = self._seen + torch.arange(len(x))
-        slots = (torch.rand(len(x), generator=self._generator, dtype=torch.float64) * (positions + 1)).long()
-        entering = [
-            (i, n if n < size else slot)
-            for i, (n, slot) in enumerate(zip(positions.tolist(), slots.tolist(), strict=True))
-            if n < size or slot < size
-        ]
-        if entering:
-            rows = torch.stack([x[i] for i, _ in entering]).cpu()
-            for row, (_, slot) in zip(rows, entering, strict=True):
-                if slot == len(self._reservoir):
-                    self._reservoir.append(row)
-                else:
-                    self._reservoir[slot] = row
-        self._seen += len(x)
+        self._reservoir.add(self._input(batch).detach(), self._reservoir_size, self._generator)
 
     def _choose_anchors(self, trainer: pl.Trainer) -> None:
         n = self.num_trajectories
-        if len(self._reservoir) < self._reservoir_size:
+        if len(self._reservoir.points) < self._reservoir_size:
             self._warn_once(
                 "few points",
-                f"the first epoch had {self._seen} training points, fewer than the "
+                f"the first epoch had {self._reservoir.seen} training points, fewer than the "
                 f"{self._reservoir_size} anchors needed; lower `num_trajectories`. Nothing is measured.",
             )
             return
-        points = torch.stack(self._reservoir)
-        points = points[torch.randperm(len(points), generator=self._generator)]
-        on = points[: 3 * n]
-        if self.off_manifold == "shuffled":
-            off = shuffled_anchors(points[3 * n :], generator=self._generator)
-        else:
-            mean = self._sums[0].cpu() / self._seen
-            std = (self._sums[1].cpu() / self._seen - mean.pow(2)).clamp_min(0).sqrt()
-            shape = on.shape[1:]
-            off = gaussian_anchors(mean.view(shape), std.view(shape), 3 * n, generator=self._generator).to(
-                on.dtype
-            )
+        on, off = self._reservoir.anchors(n, self.off_manifold, self._generator)
         off = trainer.precision_plugin.convert_input(off)  # made by the monitor: converted as a batch would be
         anchors = {"on_manifold": on.view(n, 3, *on.shape[1:]), "off_manifold": off.view(n, 3, *on.shape[1:])}
         self._anchors = trainer.strategy.broadcast(anchors, src=0)  # every process measures the same curves
-        self._reservoir, self._sums, self._curves = [], None, None
+        self._reservoir = _Reservoir()
+        self._curves.clear()
 
     # --- the measurement --------------------------------------------------------------------------------------
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._anchors is None and self._seen > 0:
+        if self._anchors is None and self._reservoir.seen > 0:
             self._choose_anchors(trainer)
         if self._schedule.start(trainer, validation=False) and self._anchors is not None:
             self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
@@ -330,7 +275,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         model = self._measured_model(pl_module)
         figure = self.log_figure is True and _has_tensorboard(trainer)
         logged: dict[str, Tensor] = {}
-        all_curves = self._curves_of(pl_module)
+        all_curves = self._curves.of(self._anchors, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
         for kind in _KINDS:
             curves = all_curves[kind][rank::world]
@@ -370,7 +315,7 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
         if self.log_figure != "end" or self._anchors is None or not _has_tensorboard(trainer):
             return
         model = self._measured_model(pl_module)
-        curve = self._curves_of(pl_module)["on_manifold"][0]
+        curve = self._curves.of(self._anchors, pl_module)["on_manifold"][0]
         # The fit's last measurement was on the final weights: its count of this curve is the one to draw.
         count = self._first_count if self._schedule.last_measured else None
         if count is None:
@@ -380,21 +325,6 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
                 self._warn_once("non-finite", f"{error} Logging NaN.")
                 return
         _log_image(trainer, self._key("transitions_along_trajectory"), self._figure(trainer, model, curve, count))
-
-    def _curves_of(self, pl_module: pl.LightningModule) -> dict[str, list[Trajectory]]:
-        """The closed curves through the anchors of each kind, on the module's device and in its floating dtype
-        (built again only when these change)."""
-        assert self._anchors is not None
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
-        dtype = torch.promote_types(dtype, torch.float32)  # half-precision weights are measured in float32
-        key = (pl_module.device, dtype)
-        if self._curves is None or self._curves[0] != key:
-            curves = {
-                kind: [trajectory_through(a.to(pl_module.device, dtype), self.num_points) for a in anchors]
-                for kind, anchors in self._anchors.items()
-            }
-            self._curves = (key, curves)
-        return self._curves[1]
 
     def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
@@ -435,10 +365,10 @@ class TransitionMonitor(_SpawnSafeGenerator, _Monitor):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "anchors": self._anchors, "generator_state": self._generator.get_state()}
+        return {**super().state_dict(), "anchors": self._anchors}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._anchors, self._curves = state_dict["anchors"], None
-        self._generator.set_state(state_dict["generator_state"])
+        self._anchors = state_dict["anchors"]
+        self._curves.clear()

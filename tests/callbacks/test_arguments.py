@@ -15,6 +15,8 @@ BAD = [
     *[(m, "forward_fn", "logits") for m in (J, G, T)],
     *[(m, "get_input", 0) for m in (J, G, T)],
     *[(m, "input_key", v) for m in (J, G, T) for v in (1.5, True, ("x",))],
+    *[(m, "target_key", 2.0) for m in (J, G)],
+    *[(m, "get_target", "y") for m in (J, G)],
     *[(m, "seed", v) for m in (J, G, T) for v in ("0", 1.0)],
     *[(m, "log_seconds", v) for m in (J, G, T) for v in ("yes", 1, None)],
     # JacobianNormMonitor
@@ -24,8 +26,6 @@ BAD = [
     (J, "method", "sampled"),
     (J, "num_projections", 0),
     (J, "chunk_size", 0),
-    (J, "target_key", 2.0),
-    (J, "get_target", "y"),
     (J, "log_histogram", "yes"),
     (J, "log_histogram", 1),
     (J, "record_epochs", "first"),
@@ -39,8 +39,6 @@ BAD = [
     (G, "loss_fn", "cross_entropy"),
     (G, "train_dataset", DataLoader(TensorDataset())),
     (G, "batch_size", 0),
-    (G, "target_key", 2.0),
-    (G, "get_target", "y"),
     # TransitionMonitor
     (T, "num_trajectories", 0),
     (T, "num_points", 7),

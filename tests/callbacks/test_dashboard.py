@@ -11,9 +11,8 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from examples.digits import MLPClassifier, train
+from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
-from lightning_sensitivity.callbacks._dashboard import _log_hparam_metrics, _register_dashboard
 
 KEYS = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
 FAST = dict(limit_train_batches=2, max_epochs=2)
@@ -35,6 +34,18 @@ def _events(log_dir: str) -> EventAccumulator:
     return events
 
 
+def _hparams_summaries(log_dir: str) -> list[set[str]]:
+    """The metric tags of each hparams experiment summary in the run's event files, in the order written."""
+    return [
+        {info.name.tag for info in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos}
+        for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*"))
+        for event in EventFileLoader(path).Load()
+        for value in event.summary.value
+        if value.tag == "_hparams_/experiment"
+        for content in [value.metadata.plugin_data.content]
+    ]
+
+
 def _layout(log_dir: str) -> dict[str, list[str]]:
     tensor = _events(log_dir).Tensors("custom_scalars__config__")[-1].tensor_proto
     layout = layout_pb2.Layout.FromString(tensor.string_val[0])
@@ -45,8 +56,9 @@ def _layout(log_dir: str) -> dict[str, list[str]]:
 def test_layout_is_written_once_and_names_the_charts(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitors = [GeneralizationGapMonitor(prefix="generalization"), GeneralizationGapMonitor(prefix="gen2")]
-    trainer, _ = train(monitors, logger=logger, **FAST)
-    _register_dashboard(trainer, monitors)  # a third caller (another monitor) on the same writer adds nothing
+    trainer, model = train(monitors, logger=logger, **FAST)
+    # a second fit on the same trainer: every monitor registers again, on the same writer, and adds nothing
+    trainer.fit(model, datamodule=DigitsDataModule())
     logger.experiment.flush()
     assert _tag_count(logger.log_dir, "custom_scalars__config__") == 1
     # Only keys that are logged are charted: no Jacobian norm or transition density without their monitors.
@@ -97,11 +109,14 @@ def test_hparam_metrics_are_the_final_values(tmp_path):
     trainer, model = train(
         [GeneralizationGapMonitor(every_n_epochs=1)], logger=logger, model=MLPClassifier(lr=0.03), **FAST
     )
-    monitors = [cb for cb in trainer.callbacks if isinstance(cb, GeneralizationGapMonitor)]
-    _log_hparam_metrics(trainer, model, monitors)  # a later call adds nothing
+    final = {key: float(trainer.callback_metrics[f"generalization/{key}"]) for key in KEYS}
+    # A second fit on the same trainer (its monitors declare their hparam metrics again) adds none of ours.
+    trainer.fit(model, datamodule=DigitsDataModule())
     logger.experiment.flush()
-    # Ours, then Lightning's own (hp_metric only), which TensorBoard ignores: it keeps a run's first summary.
-    assert _tag_count(logger.log_dir, "_hparams_/experiment") == 2
+    # Ours, then Lightning's own (hp_metric only, once per fit), which TensorBoard ignores: it keeps a run's
+    # first summary.
+    ours = {f"generalization/{k}" for k in KEYS} | {"hp_metric"}
+    assert _hparams_summaries(logger.log_dir) == [ours, {"hp_metric"}, {"hp_metric"}]
 
     events = _events(logger.log_dir)
     content = events.PluginTagToContent("hparams")
@@ -117,7 +132,7 @@ def test_hparam_metrics_are_the_final_values(tmp_path):
     for key in KEYS:
         points = events.Scalars(f"generalization/{key}")
         assert len(points) == 2
-        assert points[-1].value == float(trainer.callback_metrics[f"generalization/{key}"])
+        assert points[-1].value == final[key]
 
 
 class _NoHyperparameters(MLPClassifier):
@@ -153,11 +168,12 @@ def test_no_hparam_metrics_without_hyperparameters(tmp_path):
 
 def test_without_tensorboard_one_info_line_and_nothing_else(tmp_path, caplog):
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = pl.Trainer(
-        logger=logger, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
-    )
+    monitors = [
+        JacobianNormMonitor(max_points=16),
+        GeneralizationGapMonitor(max_train_points=16),
+        TransitionMonitor(num_trajectories=1, num_points=16),
+    ]
     with caplog.at_level(logging.INFO):
-        for _ in range(3):
-            _register_dashboard(trainer, [GeneralizationGapMonitor()])
+        train(monitors, logger=logger, **FAST)  # three monitors, each of which says it at fit start if first
     messages = [r.getMessage() for r in caplog.records if "TensorBoardLogger" in r.getMessage()]
     assert len(messages) == 1 and "CSVLogger" in messages[0]

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import TransitionMonitor
-from lightning_sensitivity.functional import count_transitions, trajectory_through
+from lightning_sensitivity.functional import count_transitions, gaussian_anchors, trajectory_through
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -80,20 +80,23 @@ def test_resume_from_a_checkpoint_measures_the_same_trajectories(tmp_path):
     assert resumed.current_epoch == 3
     for kind in ("on_manifold", "off_manifold"):
         assert torch.equal(second.anchors[kind], first.anchors[kind])
-    assert torch.equal(second._generator.get_state(), first._generator.get_state())
+    assert torch.equal(second.state_dict()["generator_state"], first.state_dict()["generator_state"])
     assert "sensitivity/transition_density_on_manifold" in resumed.callback_metrics
 
 
-def test_the_reservoir_is_algorithm_r_with_the_monitors_generator():
-    # Points are copied to the reservoir batch by batch; the result must be the one-point-at-a-time Algorithm R.
-    monitor = TransitionMonitor(num_trajectories=2, seed=3)  # a reservoir of 6 points
-    monitor._checked = True  # the model check of the first batch needs a module; not the subject here
-    batches = [torch.arange(n, n + 40, dtype=torch.float32)[:, None] for n in range(0, 400, 40)]
-    for batch in batches:
-        monitor.on_train_batch_start(None, None, batch, 0)
+def test_the_anchors_are_algorithm_r_with_the_monitors_generator():
+    # Points are copied to the reservoir batch by batch; the anchors must be those of the one-point-at-a-time
+    # Algorithm R over the first epoch's batches, shuffled, and Gaussian anchors with the data's mean and std.
+    points = torch.arange(400, dtype=torch.float32)[:, None]
+    data = torch.utils.data.TensorDataset(points, torch.zeros(400, dtype=torch.long))
+    monitor = TransitionMonitor(num_trajectories=2, num_points=16, seed=3, log_figure=False)  # 6 anchors each
+    trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    model = MLPClassifier(in_features=1, num_classes=2, hidden_sizes=(8,))
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=40))
 
     generator, reservoir, seen = torch.Generator().manual_seed(3), [], 0
-    for batch in batches:
+    for batch in points.split(40):
         draws = torch.rand(len(batch), generator=generator, dtype=torch.float64).tolist()
         for point, draw in zip(batch, draws, strict=True):
             slot = int(draw * (seen + 1))
@@ -102,24 +105,49 @@ def test_the_reservoir_is_algorithm_r_with_the_monitors_generator():
             elif slot < 6:
                 reservoir[slot] = point
             seen += 1
-    assert torch.equal(torch.stack(monitor._reservoir), torch.stack(reservoir))
-    assert monitor._seen == 400 and int(torch.stack(reservoir).max()) >= 40  # later batches did enter
-    assert torch.allclose(monitor._sums[0], torch.cat(batches).double().sum(0))
+    on = torch.stack(reservoir)[torch.randperm(6, generator=generator)]
+    mean, std = points.double().mean(0), points.double().std(0, correction=0)
+    off = gaussian_anchors(mean, std, 6, generator=generator).float()
+    assert torch.equal(monitor.anchors["on_manifold"].flatten(0, 1), on)
+    assert int(on.max()) >= 40  # later batches did enter
+    assert torch.allclose(monitor.anchors["off_manifold"].flatten(0, 1), off)
 
 
-def test_the_curves_are_built_once_and_again_when_dtype_or_anchors_change():
+def _expected_density(model, anchors, dtype=torch.float32):
+    """The mean density along the closed curves through ``anchors`` ``[N, 3, ...]``, counted directly."""
+    counts = [count_transitions(model, trajectory_through(a.to(dtype), 128)) for a in anchors]
+    return pytest.approx(sum(c.density for c in counts) / len(counts), rel=1e-5)
+
+
+def test_the_curves_are_built_once_and_again_when_dtype_or_anchors_change(monkeypatch):
+    from lightning_sensitivity.callbacks import _anchors  # the one place the monitor builds its curves
+
+    built = []
+    monkeypatch.setattr(
+        _anchors, "trajectory_through", lambda a, n: built.append(a.dtype) or trajectory_through(a, n)
+    )
     monitor = small_monitor()
-    _, model = train([monitor], max_epochs=1)
-    curves = monitor._curves_of(model)
-    assert monitor._curves_of(model) is curves  # kept between measurements
-    assert curves["on_manifold"][0].dtype == torch.float32
-    assert monitor._curves_of(model.double())["off_manifold"][1].dtype == torch.float64
+    train([monitor], max_epochs=2)
+    assert built == [torch.float32] * 4  # two measurements, one build of the 2 + 2 curves
+
+    # a float64 run measures along float64 curves (float32 ones would fail in a float64 model), built once
+    built.clear()
+    trainer, model = train([monitor], max_epochs=1, precision="64-true")
+    assert built == [torch.float64] * 4
+    for kind in ("on_manifold", "off_manifold"):
+        logged = trainer.callback_metrics[f"sensitivity/transition_density_{kind}"]
+        assert float(logged) == _expected_density(model, monitor.anchors[kind], torch.float64)
+
+    # new anchors from a state dict: the next run measures along the curves through them
     state = monitor.state_dict()
-    state["anchors"] = {kind: anchors + 1 for kind, anchors in state["anchors"].items()}
+    state["anchors"] = {kind: anchors + 1 for kind, anchors in state["anchors"].items()}  # off the data
     monitor.load_state_dict(state)
-    rebuilt = monitor._curves_of(model)["on_manifold"][1]
-    expected = trajectory_through(state["anchors"]["on_manifold"][1].double(), 128)
-    assert torch.allclose(rebuilt.points, expected.points)
+    built.clear()
+    trainer, model = train([monitor], max_epochs=1)
+    assert built == [torch.float32] * 4
+    for kind in ("on_manifold", "off_manifold"):
+        logged = trainer.callback_metrics[f"sensitivity/transition_density_{kind}"]
+        assert float(logged) == _expected_density(model, state["anchors"][kind])
 
 
 def test_outputs_that_are_not_logits_still_count(tmp_path):
@@ -151,10 +179,12 @@ def test_the_monitor_pickles_with_its_generator_state():
     import pickle
 
     monitor = small_monitor()
-    monitor._generator.manual_seed(123)
-    torch.rand(3, generator=monitor._generator)
+    generator = torch.Generator().manual_seed(123)
+    torch.rand(3, generator=generator)
+    monitor.load_state_dict({**monitor.state_dict(), "generator_state": generator.get_state()})
     copy = pickle.loads(pickle.dumps(monitor))
-    assert torch.equal(copy._generator.get_state(), monitor._generator.get_state())
+    assert torch.equal(copy.state_dict()["generator_state"], generator.get_state())
+    assert torch.equal(copy.state_dict()["generator_state"], monitor.state_dict()["generator_state"])
     assert copy.state_key == monitor.state_key
 
 

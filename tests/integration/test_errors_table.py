@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
-from lightning_sensitivity.callbacks._utils import _batch_input, _batch_target
 from lightning_sensitivity.functional import (
     NonFiniteOutputError,
     activation_codes,
@@ -212,6 +211,12 @@ def _validate_with(monitor: pl.Callback, model: pl.LightningModule, loader: Data
     _trainer(callbacks=[monitor]).validate(model, loader, verbose=False)
 
 
+def _validate_batches(monitor: pl.Callback, batch: Any) -> None:
+    """A validation run whose one batch is ``batch``, as the collate function makes it."""
+    loader = DataLoader(range(1), collate_fn=lambda items: batch)
+    _validate_with(monitor, _SkipsValidation(), loader)
+
+
 def _not_affine() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _SquareOutsideTorch(), nn.ReLU(), nn.Linear(16, 10))
     count_transitions(model, _curve(), method="exact")
@@ -250,12 +255,12 @@ class _PlainWeights:
 
 
 TRIGGERS: dict[str, Callable[[], Any]] = {
-    # callbacks/_utils.py
-    "input-key-missing": lambda: _batch_input({"image": torch.zeros(1)}),
-    "input-not-found": lambda: _batch_input(object()),
-    "input-not-tensor": lambda: _batch_input(([1.0, 2.0], torch.zeros(1))),
-    "target-key-missing": lambda: _batch_target({"x": torch.zeros(1)}),
-    "target-not-found": lambda: _batch_target(torch.zeros(4)),
+    # the batches the monitors read
+    "input-key-missing": lambda: _validate_batches(JacobianNormMonitor(), {"image": torch.zeros(2, 1, 8, 8)}),
+    "input-not-found": lambda: _validate_batches(JacobianNormMonitor(), object()),
+    "input-not-tensor": lambda: _validate_batches(JacobianNormMonitor(), ([1.0, 2.0], torch.zeros(2))),
+    "target-key-missing": lambda: _validate_batches(GeneralizationGapMonitor(), {"x": torch.zeros(2, 1, 8, 8)}),
+    "target-not-found": lambda: _validate_batches(GeneralizationGapMonitor(), torch.zeros(2, 1, 8, 8)),
     # callbacks/generalization_gap_monitor.py
     "gap-no-validation-step": lambda: GeneralizationGapMonitor().setup(_trainer(), _NoValidation(), "fit"),
     "gap-limit-val-batches": lambda: _setup(GeneralizationGapMonitor(), limit_val_batches=0),

@@ -603,17 +603,22 @@ BAD_VALUES = {
     ],
 }
 
+#: Wrong types that both evaluation monitors take alike: where the input, labels and logits are, and the prefix.
+_READING_TYPES = [
+    ("input_key", 1.5),
+    ("target_key", 1.5),
+    ("get_input", "x"),
+    ("get_target", "y"),
+    ("forward_fn", "logits"),
+    ("prefix", 3),
+]
+
 #: Values of the wrong type: ``ValueError`` or ``TypeError`` (Python's convention for a wrong type).
 BAD_TYPES = {
     JacobianNormMonitor: [
         ("max_points", 2.5),
         ("every_n_epochs", 1.5),
-        ("input_key", 1.5),
-        ("target_key", 1.5),
-        ("get_input", "x"),
-        ("get_target", "y"),
-        ("forward_fn", "logits"),
-        ("prefix", 3),
+        *_READING_TYPES,
         ("log_histogram", "yes"),
         ("record_epochs", 3),
         ("seed", "0"),
@@ -632,12 +637,7 @@ BAD_TYPES = {
         ("loss_fn", "cross_entropy"),
         ("train_dataset", 3),
         ("seed", "0"),
-        ("input_key", 1.5),
-        ("target_key", 1.5),
-        ("get_input", "x"),
-        ("get_target", "y"),
-        ("forward_fn", "logits"),
-        ("prefix", 3),
+        *_READING_TYPES,
     ],
 }
 
