@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, as one prepared run on a machine with an NVIDIA GPU, from an environment installed as
+# The GPU check, as one prepared run on a machine with an NVIDIA GPU, from an environment installed as
 # README.md says (torch with CUDA):
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: ./gpu_check
@@ -9,7 +9,7 @@
 #    tests/integration/test_model_coverage.py on "cuda", `precision="16-mixed"` in test_mixed_precision.py) and
 #    every other test as on the CPU; `-rs` lists what was skipped, so a CUDA test that did not run shows;
 # 3. the Jacobian norm on the GPU: `jacobian_norm` against `torch.func.vmap(jacrev)` (the reference to beat,
-#    SPEC section 2) on resnet18 at 32 x 32 and on an MLP, exact values compared, timings as medians;
+#    the functional reference) on resnet18 at 32 x 32 and on an MLP, exact values compared, timings as medians;
 # 4. the benchmarks of benchmarks/ in their quick form. They take no device argument and measure on the CPU of the
 #    GPU machine; their figures belong in the docs with that said.
 # Everything is written to OUT_DIR/gpu_check.log as well as printed.

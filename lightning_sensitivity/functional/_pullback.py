@@ -6,8 +6,8 @@ The math of the measurement (which rows are pulled back, and how their squared n
 - the forward pass, watched (:class:`_Watcher`) for the input's first use, where the graph is cut when it is a
   linear layer with fewer outputs than inputs, and for a last linear layer that computes the logits;
   :class:`_Forwards` runs it chunk after chunk and remembers what the first chunk decided; an eval-mode batch
-  norm in it is given the backward of the per-channel scale it applies
-  (:func:`~lightning_sensitivity.functional._batch_norm._eval_batch_norm`);
+  norm in it is given the backward of the per-channel scale it applies, and a convolution of the input a backward
+  written as a matrix product and a ``fold`` (:mod:`~lightning_sensitivity.functional._backwards`);
 - the Gram matrix :math:`G = W W^\top` of a first layer (:func:`_gram`), cached while the weight is unchanged;
 - the models whose cut failed (:data:`_NO_CUT`), so that the cut is not tried again;
 - the vectorized backward pass (:func:`_pullback`).
@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_sensitivity.functional._batch_norm import _eval_batch_norm
+from lightning_sensitivity.functional._backwards import _eval_batch_norm, _input_conv2d
 from lightning_sensitivity.functional.evaluation import _fresh_input, class_logits
 
 # Calls that only read a tensor's metadata, and calls that only reorder or reshape its entries: neither
@@ -94,7 +94,11 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        result = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
+        result = None
+        if func is F.batch_norm:
+            result = _eval_batch_norm(args, kwargs)
+        elif func is F.conv2d and args and self._is_tracked(args[0]):
+            result = _input_conv2d(args, kwargs)
         if result is None:
             result = func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
