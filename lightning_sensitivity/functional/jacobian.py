@@ -90,8 +90,8 @@ def jacobian_norm(
     makes of its inputs, was about 40% of a batched backward pass through ``resnet18``). On the CPU, a 2-d
     convolution of the input itself is pulled back as a matrix product with its kernel and a ``fold``, faster there
     than the transposed convolution into few channels (a quarter less time for a digits CNN, 15% for ``resnet18``).
-    Both keep the model's own forward pass. Any other model takes the general path; all are exact. No probe pass runs: the number of classes
-    comes from the first chunk's forward pass. Measured in ``benchmarks/jacobian.py`` (2 CPU threads): torchvision
+    Both keep the model's own forward pass. Any other model takes the general path; all are exact. No probe pass
+    runs: the number of classes comes from the first chunk's forward pass. Measured in ``benchmarks/jacobian.py`` (2 CPU threads): torchvision
     ``resnet18`` at 3x32x32, batch 32, against ``vmap(jacrev)`` and the per-class loop, in ``docs/benchmarks.md``.
 
     ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019),
