@@ -47,6 +47,8 @@ def _eval_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | 
     x, mean, var = bound.get("input"), bound.get("running_mean"), bound.get("running_var")
     if bound.get("training", False) or not isinstance(x, Tensor) or mean is None or var is None or x.ndim < 2:
         return None
+    if _computed(bound, ("running_mean", "running_var", "weight", "bias")):
+        return None
     with torch.no_grad():
         weight, eps = bound.get("weight"), bound.get("eps", 1e-5)
         scale = torch.rsqrt(var.to(x.dtype) + eps)
@@ -85,6 +87,13 @@ class _FoldedBackward(torch.autograd.Function):
         return x_grad, None, None, None, None, None
 
 
+def _computed(bound: dict[str, Any], names: tuple[str, ...]) -> bool:
+    """Whether one of the named arguments is itself computed in the graph (has a ``grad_fn``), so that it may depend
+    on the input: the cheaper backwards give no gradient through it, and are not taken (parameters and buffers are
+    leaves)."""
+    return any(isinstance(bound.get(name), Tensor) and bound[name].grad_fn is not None for name in names)
+
+
 def _pair(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
@@ -105,5 +114,7 @@ def _input_conv2d(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | Non
         return None
     stride, padding, dilation = (_pair(bound.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
     if bound.get("groups", 1) != 1 or stride is None or padding is None or dilation is None:
+        return None
+    if _computed(bound, ("weight", "bias")):
         return None
     return _FoldedBackward.apply(x, weight, bound.get("bias"), stride, padding, dilation)

@@ -109,3 +109,36 @@ def test_a_functional_call_with_keyword_geometry():
     x = torch.randn(3, 2, 7, 7)
     jac = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None]).softmax(-1)[0]))(x)
     torch.testing.assert_close(jacobian_norm(model, x), jac.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+
+
+class _InputDependentKernel(nn.Module):
+    """A convolution whose kernel and bias are computed from the input (a hypernetwork), before a batch norm
+    whose scale is also computed from it: the input's gradient flows through the kernel and the scale as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = nn.Linear(2 * 6 * 6, 4 * 2 * 3 * 3)
+        self.norm = nn.BatchNorm2d(4).eval()
+        self.head = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.kernel(x.flatten(1)).mean(0).view(4, 2, 3, 3)
+        h = F.conv2d(x, weight, weight.sum() * torch.ones(4))
+        scale = 1 + x.mean() * torch.ones(4)
+        h = F.batch_norm(h, self.norm.running_mean, self.norm.running_var, scale, None, False)
+        return self.head(h.relu().flatten(1))
+
+
+def test_a_kernel_computed_from_the_input_keeps_its_gradient():
+    # Both shortcuts give no gradient through the kernel or the scale: where those are computed in the graph
+    # (not parameters), the operators' own backwards run, and the values equal autograd's.
+    torch.manual_seed(0)
+    model = _InputDependentKernel()
+    x = torch.randn(3, 2, 6, 6)
+    # One point per chunk: the kernel is then a function of that point alone, and the reference is its own Jacobian.
+    norms = jacobian_norm(model, x, chunk_size=1)
+    reference = []
+    for point in x:
+        jac = torch.autograd.functional.jacobian(lambda v: model(v[None]).softmax(-1)[0], point)
+        reference.append(jac.flatten().norm())
+    torch.testing.assert_close(norms, torch.stack(reference), rtol=1e-4, atol=1e-7)
