@@ -20,13 +20,21 @@ def _point_labels(
     """The class labels ``[B]`` of a batch of ``shape`` points, or ``None`` when it carries none (records are
     optional: a batch without labels is not an error). The labels of a one-logit classifier may be ``[B, 1]`` or
     floating point, as BCE takes them."""
+    return _class_labels(_batch_labels(batch, target_key, get_target), shape, num_logits)
+
+
+def _batch_labels(batch: Any, target_key: str | int | None, get_target: GetInput | None) -> Any:
+    """What a batch holds as its labels, as it is (``None`` when it holds none)."""
     if get_target is not None:
-        y = get_target(batch)  # the user's function: its errors are the user's to see
-    else:
-        try:
-            y = _batch_target(batch, target_key)
-        except (KeyError, TypeError, IndexError):
-            y = None
+        return get_target(batch)  # the user's function: its errors are the user's to see
+    try:
+        return _batch_target(batch, target_key)
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _class_labels(y: Any, shape: torch.Size, num_logits: int) -> Tensor | None:
+    """Labels read by :func:`_batch_labels` as class labels ``[B]`` of ``shape`` points, or ``None``."""
     if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if isinstance(y, Tensor) and torch.is_floating_point(y) and num_logits == 1:

@@ -28,7 +28,7 @@ from lightning_sensitivity.callbacks._checks import (
 )
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._measured import _full_precision
-from lightning_sensitivity.callbacks._records import _point_labels, _write_csv
+from lightning_sensitivity.callbacks._records import _batch_labels, _class_labels, _point_labels, _write_csv
 from lightning_sensitivity.callbacks._utils import (
     ForwardFn,
     GetInput,
@@ -39,6 +39,9 @@ from lightning_sensitivity.callbacks._utils import (
 )
 from lightning_sensitivity.functional import jacobian_norm, measuring
 from lightning_sensitivity.metrics import JacobianNorm, PointRecords
+
+#: Kept points measured in one call of ``jacobian_norm`` (which chunks them further by its own memory bound).
+_MEASURE_TOGETHER = 256
 
 
 class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
@@ -190,6 +193,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self._generator = _new_generator(seed)
         self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current pass
         self._records: dict[int, PointRecords] = {}
+        # Points kept from the pass's batches and not measured yet, per dataloader: input, positions, labels.
+        self._pending: dict[int, list[tuple[Tensor, Tensor, Any]]] = {}
         self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._measured_in_fit = False
         self._predict_records: dict[int, PointRecords] = {}
@@ -210,6 +215,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
         self._records.clear()
+        self._pending.clear()
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -223,14 +229,30 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        if idx in self._records:
-            norms, logits = self._norms_and_logits(pl_module, x[keep])
-            self._add_records(batch, idx, keep, positions[keep], norms, logits)
-        else:
-            norms, _ = self._norms_and_logits(pl_module, x[keep], need_logits=False)
-        self._metrics[idx].update(norms)
+        y = _batch_labels(batch, self.target_key, self.get_target) if idx in self._records else None
+        labels = y[keep] if isinstance(y, Tensor) and y.ndim >= 1 and y.shape[0] == keep.shape[0] else None
+        # Kept points are measured _MEASURE_TOGETHER at a time, the rest at the pass's end: a few full calls, not
+        # one per batch with its fixed costs (a forward pass, a vectorized backward pass).
+        pending = self._pending.setdefault(idx, [])
+        pending.append((x[keep], positions[keep], labels))
+        if sum(len(points) for points, _, _ in pending) >= _MEASURE_TOGETHER:
+            self._measure_pending(pl_module, idx)
         if trainer.state.fn == "fit":
             self._measured_in_fit = True
+
+    def _measure_pending(self, pl_module: pl.LightningModule, idx: int) -> None:
+        pending = self._pending.pop(idx, [])
+        if not pending:
+            return
+        x = torch.cat([points for points, _, _ in pending])
+        positions = torch.cat([where for _, where, _ in pending])
+        if idx in self._records:
+            norms, logits = self._norms_and_logits(pl_module, x)
+            labels = [y for _, _, y in pending]
+            self._add_records(idx, positions, norms, logits, None if any(y is None for y in labels) else torch.cat(labels))
+        else:
+            norms, _ = self._norms_and_logits(pl_module, x, need_logits=False)
+        self._metrics[idx].update(norms)
 
     def _norms_and_logits(
         self, pl_module: pl.LightningModule, x: Tensor, need_logits: bool = True
@@ -268,10 +290,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return True
         return trainer.current_epoch in self.record_epochs
 
-    def _add_records(
-        self, batch: Any, idx: int, keep: Tensor, positions: Tensor, norms: Tensor, logits: Tensor
-    ) -> None:
-        y = _point_labels(batch, self.target_key, self.get_target, keep.shape, logits.shape[1])
+    def _add_records(self, idx: int, positions: Tensor, norms: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        y = _class_labels(labels, positions.shape, logits.shape[1])
         if y is None:
             del self._records[idx]  # the batch format is the same on every process: all of them drop it
             self._warn_once(
@@ -280,7 +300,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
                 "`get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
             )
             return
-        self._records[idx].update(positions, norms, logits, y[keep])
+        self._records[idx].update(positions, norms, logits, y)
 
     # --- prediction: per-point records without labels ----------------------------------------------------------
 
@@ -329,6 +349,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     @override
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
+        for idx in sorted(self._pending):
+            self._measure_pending(pl_module, idx)
         multiple = len(self._metrics) > 1
         scalars: dict[str, Tensor] = {}
         for idx in sorted(self._metrics):
