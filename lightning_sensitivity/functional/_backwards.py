@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sensitivity.functional.units import _arg
+
 
 class _ScaledBackward(torch.autograd.Function):
     """``normalize(x)``, with the gradient ``grad * scale`` to ``x``.
@@ -41,22 +43,21 @@ class _ScaledBackward(torch.autograd.Function):
 def _eval_batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """``F.batch_norm(*args, **kwargs)`` with the cheap backward of :class:`_ScaledBackward` when it normalizes with
     running statistics (eval mode); ``None`` for any other call (batch statistics couple the points)."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
-    x, mean, var = bound.get("input"), bound.get("running_mean"), bound.get("running_var")
-    if bound.get("training", False) or not isinstance(x, Tensor) or mean is None or var is None or x.ndim < 2:
+    x, mean, var, weight, bias = (
+        _arg(args, kwargs, i, name, None)
+        for i, name in enumerate(("input", "running_mean", "running_var", "weight", "bias"))
+    )
+    if _arg(args, kwargs, 5, "training", False) or not isinstance(x, Tensor) or mean is None or var is None:
         return None
-    if _computed(bound, ("running_mean", "running_var", "weight", "bias")):
+    if x.ndim < 2 or _computed(mean, var, weight, bias):
         return None
     with torch.no_grad():
-        weight, eps = bound.get("weight"), bound.get("eps", 1e-5)
-        scale = torch.rsqrt(var.to(x.dtype) + eps)
+        scale = torch.rsqrt(var.to(x.dtype) + _arg(args, kwargs, 7, "eps", 1e-5))
         if weight is not None:
             scale = scale * weight.to(x.dtype)
         scale = scale.view(1, -1, *[1] * (x.ndim - 2))
-    rest = {name: value for name, value in bound.items() if name != "input"}
-    return _ScaledBackward.apply(x, scale, lambda v: torch.nn.functional.batch_norm(v, **rest))
+    rest = {name: value for name, value in kwargs.items() if name != "input"}
+    return _ScaledBackward.apply(x, scale, lambda v: torch.nn.functional.batch_norm(v, *args[1:], **rest))
 
 
 class _FoldedBackward(torch.autograd.Function):
@@ -87,11 +88,11 @@ class _FoldedBackward(torch.autograd.Function):
         return x_grad, None, None, None, None, None
 
 
-def _computed(bound: dict[str, Any], names: tuple[str, ...]) -> bool:
-    """Whether one of the named arguments is itself computed in the graph (has a ``grad_fn``), so that it may depend
-    on the input: the cheaper backwards give no gradient through it, and are not taken (parameters and buffers are
+def _computed(*values: Any) -> bool:
+    """Whether one of ``values`` is itself computed in the graph (has a ``grad_fn``), so that it may depend on the
+    input: the cheaper backwards give no gradient through it, and are not taken (parameters and buffers are
     leaves)."""
-    return any(isinstance(bound.get(name), Tensor) and bound[name].grad_fn is not None for name in names)
+    return any(isinstance(value, Tensor) and value.grad_fn is not None for value in values)
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
@@ -106,15 +107,15 @@ def _input_conv2d(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | Non
     """``F.conv2d(*args, **kwargs)`` with the backward of :class:`_FoldedBackward`, for a batched CPU input and one
     group with integer geometry (``padding="same"`` and the like keep the operator's own backward); ``None`` for any
     other call. The caller applies it to convolutions of the measured input only."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
-    x, weight = bound.get("input"), bound.get("weight")
+    x, weight, bias = (_arg(args, kwargs, i, name, None) for i, name in enumerate(("input", "weight", "bias")))
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.ndim != 4 or x.device.type != "cpu":
         return None
-    stride, padding, dilation = (_pair(bound.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-    if bound.get("groups", 1) != 1 or stride is None or padding is None or dilation is None:
+    stride, padding, dilation = (
+        _pair(_arg(args, kwargs, i, name, default))
+        for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
+    )
+    if _arg(args, kwargs, 6, "groups", 1) != 1 or stride is None or padding is None or dilation is None:
         return None
-    if _computed(bound, ("weight", "bias")):
+    if _computed(weight, bias):
         return None
-    return _FoldedBackward.apply(x, weight, bound.get("bias"), stride, padding, dilation)
+    return _FoldedBackward.apply(x, weight, bias, stride, padding, dilation)
