@@ -9,14 +9,7 @@ from torch import nn
 
 from lightning_sensitivity.functional import jacobian_norm
 from tests.functional._operators import OperatorRecorder
-
-
-def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """float64 ``vmap(jacrev)`` through autograd's own batch-norm backward."""
-    model64 = model.double()
-    jac = torch.func.vmap(torch.func.jacrev(lambda v: model64(v[None]).softmax(-1)[0]))(x.double())
-    model.float()
-    return jac.flatten(1).norm(dim=1)
+from tests.functional.test_jacobian import reference
 
 
 def _with_statistics(model: nn.Module) -> nn.Module:
@@ -60,10 +53,10 @@ def test_values_equal_the_reference_through_autograds_batch_norm(build, method):
     x = torch.randn(7, 2, 8, 8) if isinstance(model[0], nn.Conv2d) else torch.randn(7, 10)
     norms, logits = jacobian_norm(model, x, method=method, num_projections=5, return_logits=True)
     if method == "exact":
-        torch.testing.assert_close(norms.double(), _reference(model, x), rtol=1e-5, atol=0)
+        torch.testing.assert_close(norms.double(), reference(model, x), rtol=1e-5, atol=0)
     else:  # five of five classes (four for the MLP): the projection is exact at K = C
         if logits.shape[1] <= 5:
-            torch.testing.assert_close(norms.double(), _reference(model, x), rtol=1e-4, atol=0)
+            torch.testing.assert_close(norms.double(), reference(model, x), rtol=1e-4, atol=0)
     with torch.no_grad():
         assert torch.equal(logits, model(x)), "the measurement's forward pass must be the model's own"
 
@@ -98,7 +91,7 @@ def test_no_batch_norm_backward_runs_in_eval_mode():
     x = torch.randn(3, 2, 8, 8)
     with OperatorRecorder() as ours:
         jacobian_norm(model, x)
-    with OperatorRecorder() as reference:
+    with OperatorRecorder() as autograds:
         torch.autograd.grad(model(x.requires_grad_(True)).sum(), x)
-    assert any("batch_norm_backward" in name for name in reference.names)
+    assert any("batch_norm_backward" in name for name in autograds.names)
     assert not any("batch_norm_backward" in name for name in ours.names)

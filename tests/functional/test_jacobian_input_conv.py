@@ -11,14 +11,7 @@ from torch import nn
 
 from lightning_sensitivity.functional import jacobian_norm
 from tests.functional._operators import OperatorRecorder
-
-
-def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """float64 ``vmap(jacrev)`` through autograd's own convolution backward."""
-    model64 = model.double()
-    jac = torch.func.vmap(torch.func.jacrev(lambda v: model64(v[None]).softmax(-1)[0]))(x.double())
-    model.float()
-    return jac.flatten(1).norm(dim=1)
+from tests.functional.test_jacobian import reference
 
 
 class _Net(nn.Module):
@@ -63,14 +56,11 @@ def test_values_and_logits_are_the_models(case):
     model = _Net(first, size, skip).eval()
     x = torch.randn(5, first.in_channels, size, size)
     norms, logits = jacobian_norm(model, x, return_logits=True)
-    torch.testing.assert_close(norms.double(), _reference(model, x), rtol=2e-5, atol=0)
+    torch.testing.assert_close(norms.double(), reference(model, x), rtol=2e-5, atol=0)
     with torch.no_grad():
         assert torch.equal(logits, model(x))
     logit_norms = jacobian_norm(model, x, output="logits")
-    model64 = model.double()
-    jac = torch.func.vmap(torch.func.jacrev(lambda v: model64(v[None])[0]))(x.double())
-    model.float()
-    torch.testing.assert_close(logit_norms.double(), jac.flatten(1).norm(dim=1), rtol=2e-5, atol=0)
+    torch.testing.assert_close(logit_norms.double(), reference(model, x, "logits"), rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize(("case", "folded"), [*[(c, True) for c in CASES], *[(c, False) for c in UNCHANGED]])
@@ -96,7 +86,7 @@ def test_a_deeper_convolution_keeps_its_own_backward():
         norms = jacobian_norm(model, x)
     assert sum(name.startswith("col2im") for name in recorder.names) == 1
     assert _ran(recorder, "convolution_backward")
-    torch.testing.assert_close(norms.double(), _reference(model, x), rtol=2e-5, atol=0)
+    torch.testing.assert_close(norms.double(), reference(model, x), rtol=2e-5, atol=0)
 
 
 def test_a_functional_call_with_keyword_geometry():
