@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sensitivity.functional._pullback import _Forwards, _pullback
@@ -231,37 +230,44 @@ class _Plan:
             self.generator = torch.Generator().manual_seed(0)
         return self.generator
 
-    def _rows(self, z: Tensor) -> tuple[int, Callable[[int, int], Tensor], bool]:
-        """The rows to pull back, as cotangents on the model's logits in float64: their number, a function that
-        forms rows ``[j0, j1)`` as ``[j1 - j0, B, C]``, and whether the row left out (the exact softmax's most
-        probable class, minus the sum of the others) must be added back."""
+    def _rows(self, z: Tensor, dtype: torch.dtype) -> tuple[int, _Rows, bool]:
+        """The rows to pull back, as cotangents on the logits ``z`` (float64) of a model computing in ``dtype``:
+        their number, a function that forms rows ``[j0, j1)`` (see :data:`_Rows`), and whether the row left out
+        (the exact softmax's most probable class, minus the sum of the others) must be added back."""
         batch = z.shape[0]
         single = self.softmax and z.shape[1] == 1
         if single:  # a single logit z is the binary softmax of (0, z)
             z = class_logits(z)
         c = z.shape[1]
 
-        def on_logits(v: Tensor) -> Tensor:
-            if not self.softmax:
-                return v
-            cotangents = _softmax_factor(z, v)
-            return cotangents[..., 1:] if single else cotangents
+        def on_logits(v: Tensor) -> tuple[Tensor, Tensor]:
+            directions, scale = _unit_rows(_softmax_factor(z, v))
+            return (directions[..., 1:] if single else directions), scale
 
         if self.projection:
             directions = self._projections(z)
+            if not self.softmax:  # orthonormal columns times sqrt(n / K): no scale to keep apart
+                return directions.shape[0], lambda j0, j1: (directions[j0:j1], None), False
             return directions.shape[0], lambda j0, j1: on_logits(directions[j0:j1]), False
         if not self.softmax:
             eye = torch.eye(c, dtype=z.dtype, device=z.device)
-            return c, lambda j0, j1: eye[j0:j1, None, :].expand(j1 - j0, batch, c), False
+            return c, lambda j0, j1: (eye[j0:j1, None, :].expand(j1 - j0, batch, c), None), False
         # The rows of the softmax Jacobian sum to zero (the probabilities sum to one): the most probable class's
         # row, the one whose entries are differences of nearly equal numbers, is minus the sum of the others.
+        # Row c of the others is p_c (e_c - p): its direction e_c - p has the entry 1 - p_c >= 1/2 (p_c is not
+        # the largest probability), formed without loss, and its size p_c is kept apart in float64.
+        p = z.softmax(dim=1)
         top = z.argmax(dim=1)
+        p_model = p.to(dtype)
 
-        def one_hot(j0: int, j1: int) -> Tensor:
+        def other_classes(j0: int, j1: int) -> tuple[Tensor, Tensor]:
             classes = torch.arange(j0, j1, device=z.device)[:, None]
-            return on_logits(F.one_hot(classes + (classes >= top).long(), c).to(z.dtype))
+            classes = classes + (classes >= top).long()  # [k, B]: the k classes after skipping the top one
+            directions = torch.zeros(j1 - j0, batch, c, dtype=dtype, device=z.device)
+            directions.scatter_(2, classes[..., None], 1.0).sub_(p_model)
+            return (directions[..., 1:] if single else directions), p.gather(1, classes.T).T
 
-        return c - 1, one_hot, True
+        return c - 1, other_classes, True
 
     def chunk_norms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The norms of a chunk of points, and their logits."""
@@ -271,7 +277,7 @@ class _Plan:
         work = torch.device("cpu") if z.device.type == "mps" else z.device  # MPS has no float64
         with torch.no_grad():
             z64 = z.detach().to(device=work, dtype=torch.float64)
-            num_rows, rows, add_left_out = self._rows(z64)
+            num_rows, rows, add_left_out = self._rows(z64, z.dtype)
             target = z
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
             last = fwd.last
@@ -282,30 +288,70 @@ class _Plan:
                 )
                 target, add_left_out = last.input, False
             squared = torch.zeros(batch, dtype=torch.float64, device=work)
-            left_out = torch.zeros(batch, *fwd.wrt.shape[1:], dtype=torch.float64, device=work)
+            # Per pass, the weighted sums of its rows and of their images under G, and their float64 scale.
+            left_out: list[tuple[Tensor, Tensor, Tensor]] = []
             for j0 in range(0, num_rows, per_pass):
-                cotangents = rows(j0, min(j0 + per_pass, num_rows))
-                # Each row is pulled back at unit size and its scale applied in float64: rows of improbable
+                # Each row is pulled back at about unit size and its scale applied in float64: rows of improbable
                 # classes can be far below the model dtype's smallest normal number.
-                scale = cotangents.abs().amax(dim=-1)
-                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-                unit = (cotangents / scale[..., None]).to(device=z.device, dtype=z.dtype)
+                directions, scale = rows(j0, min(j0 + per_pass, num_rows))
+                unit = directions.to(device=z.device, dtype=z.dtype)
                 with torch.enable_grad():
-                    pulled = _pullback(target, fwd.wrt, unit, fwd.convolutional)
-                row_squares = _squared_norms(pulled.flatten(2), fwd.gram).to(work, torch.float64)
-                squared += (row_squares * scale.square()).sum(dim=0)
+                    pulled = _pullback(target, fwd.wrt, unit, fwd.convolutional).flatten(2)
+                # The squared norm of a row r at the input is r . (G r) when the rows stop at the first layer.
+                metric = pulled if fwd.gram is None else pulled @ fwd.gram
                 if add_left_out:
-                    top = scale.amax(dim=0)
-                    weights = (scale / top).to(device=z.device, dtype=pulled.dtype)
-                    part = (weights.view(*weights.shape, *[1] * (pulled.ndim - 2)) * pulled).sum(dim=0)
-                    left_out += part.to(work, torch.float64) * top.view(-1, *[1] * (left_out.ndim - 1))
-            if add_left_out:  # at unit scale again, so that the Gram form runs in the model's dtype
-                left_out = left_out.flatten(1)
-                size = left_out.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-                unit_sum = (left_out / size).to(device=z.device, dtype=pulled.dtype)
-                squared += _squared_norms(unit_sum, fwd.gram).to(work, torch.float64) * size[:, 0].square()
+                    assert scale is not None
+                    weights, size = _relative(scale.to(z.device), pulled.dtype)
+                    summed = _weighted_sum(pulled, weights)
+                    left_out.append((summed, summed if metric is pulled else _weighted_sum(metric, weights), size))
+                if metric is pulled:
+                    row_squares = torch.linalg.vector_norm(pulled, dim=-1).square()
+                else:
+                    row_squares = metric.mul_(pulled).sum(dim=-1)
+                row_squares = row_squares.to(work, torch.float64)
+                squared += (row_squares if scale is None else row_squares * scale.square()).sum(dim=0)
+            if add_left_out:  # the row left out, minus the sum of all the others
+                if len(left_out) == 1:
+                    [(summed, summed_metric, size)] = left_out
+                else:
+                    weights, size = _relative(torch.stack([size for _, _, size in left_out]), pulled.dtype)
+                    summed = _weighted_sum(torch.stack([part for part, _, _ in left_out]), weights)
+                    summed_metric = _weighted_sum(torch.stack([part for _, part, _ in left_out]), weights)
+                squared += torch.linalg.vecdot(summed, summed_metric).to(work, torch.float64) * size.to(work).square()
             norms = squared.clamp_min(0).sqrt()
             return norms.to(z.device, torch.promote_types(x.dtype, torch.float32)), z.detach()
+
+
+#: The rows of one pass, from ``[j0, j1)``: directions ``[j1 - j0, B, C]`` on the logits, of entries up to about
+#: one (in float64, or already in the model's dtype), and their sizes ``[j1 - j0, B]`` in float64 (``None``: all
+#: one), the rows being ``size * direction``.
+_Rows = Callable[[int, int], tuple[Tensor, "Tensor | None"]]
+
+
+def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``[K, B, C]`` as directions of largest entry one and their sizes."""
+    scale = rows.abs().amax(dim=-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return rows / scale[..., None], scale
+
+
+def _relative(sizes: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sizes ``[K, B]`` in float64 as weights of largest one in ``dtype``, and that largest size ``[B]``, so that
+    rows weighted by them do not underflow."""
+    top = sizes.amax(dim=0)
+    top = torch.where(top > 0, top, torch.ones_like(top))  # all zero: probabilities that underflowed in float64
+    return (sizes / top).to(dtype), top
+
+
+def _weighted_sum(rows: Tensor, weights: Tensor) -> Tensor:
+    """``sum_k weights[k, b] * rows[k, b]`` for rows ``[K, B, F]`` and weights ``[K, B]``, without a ``[K, B, F]``
+    temporary: a batched matrix product for many rows, a running sum for few (faster there on the CPU)."""
+    if rows.shape[0] > 16:
+        return torch.einsum("kb,kbf->bf", weights, rows)
+    total = rows[0] * weights[0, :, None]
+    for k in range(1, rows.shape[0]):
+        total.addcmul_(rows[k], weights[k, :, None])
+    return total
 
 
 def _softmax_factor(z: Tensor, v: Tensor) -> Tensor:
@@ -326,10 +372,10 @@ def _softmax_factor(z: Tensor, v: Tensor) -> Tensor:
 def _through_last_linear(
     weight: Tensor,
     num_rows: int,
-    rows: Callable[[int, int], Tensor],
+    rows: _Rows,
     add_left_out: bool,
     per_pass: int,
-) -> tuple[int, Callable[[int, int], Tensor]]:
+) -> tuple[int, _Rows]:
     r"""Rows at the input :math:`h` of a last linear layer :math:`z = W h + b` with fewer features :math:`H` than
     rows: for rows :math:`r_k` on the logits, :math:`\sum_k \lVert r_k^\top W J_h \rVert^2 =
     \operatorname{tr}(L L^\top J_h J_h^\top)` with :math:`L L^\top = \sum_k W^\top r_k r_k^\top W`
@@ -338,7 +384,9 @@ def _through_last_linear(
     gram: Tensor | None = None
     total: Tensor | None = None
     for j0 in range(0, num_rows, per_pass):
-        g = rows(j0, min(j0 + per_pass, num_rows)) @ w  # [k, B, H]
+        directions, scale = rows(j0, min(j0 + per_pass, num_rows))
+        directions = directions.to(torch.float64)
+        g = (directions if scale is None else directions * scale[..., None]) @ w  # [k, B, H]
         part = torch.einsum("kbh,kbi->bhi", g, g)
         gram = part if gram is None else gram + part
         if add_left_out:
@@ -352,11 +400,4 @@ def _through_last_linear(
         values, vectors = torch.linalg.eigh(gram[failed])
         factor[failed] = vectors * values.clamp_min(0).sqrt()[:, None, :]
     columns = factor.permute(2, 0, 1)  # [H, B, H]: column i of each point's factor
-    return columns.shape[0], lambda j0, j1: columns[j0:j1]
-
-
-def _squared_norms(rows: Tensor, gram: Tensor | None) -> Tensor:
-    """``||r||^2`` of every row (last dimension), or ``r^T G r`` when the rows stop at the first linear layer."""
-    if gram is None:
-        return rows.pow(2).sum(dim=-1)
-    return ((rows @ gram) * rows).sum(dim=-1)
+    return columns.shape[0], lambda j0, j1: _unit_rows(columns[j0:j1])

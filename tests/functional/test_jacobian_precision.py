@@ -139,3 +139,28 @@ def test_many_classes_through_a_narrow_last_layer():
             rtol=1e-4,
             atol=0,
         )
+
+
+@pytest.mark.parametrize("method", ["exact", "projection"])
+def test_probabilities_below_float64_range(method):
+    """Where the other classes' probabilities underflow to zero even in float64 (logit margins past 745), the
+    softmax Jacobian is zero: the norm is zero, not NaN; the points of ordinary margins stay right beside them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 4)
+    huge = copy.deepcopy(model)
+    with torch.no_grad():
+        huge[2].weight.mul_(1e4)
+        huge[2].bias.mul_(1e4)
+    assert (margins(huge, x) > 800).sum() >= 8
+    points = torch.cat([x, x])  # the first half through the huge model, the second through the ordinary one
+
+    class Both(nn.Module):
+        def forward(self, v):
+            return torch.cat([huge(v[:16]), model(v[16:])])
+
+    ours = jacobian_norm(Both(), points, method=method, num_projections=3).double()
+    assert torch.isfinite(ours).all()
+    far = margins(huge, x) > 800
+    assert (ours[:16][far] == 0).all()
+    torch.testing.assert_close(ours[16:], accurate_reference(model, x), rtol=1e-4, atol=0)
