@@ -61,6 +61,7 @@ class _Forward:
     gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
     last: _LastLinear | None
     convolutional: bool
+    largest: int  # entries of the largest tensor the forward pass computed in the graph, per point
 
 
 class _Watcher(TorchFunctionMode):
@@ -80,6 +81,7 @@ class _Watcher(TorchFunctionMode):
         self.cut: Tensor | None = None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
         self.convolutional = False  # a convolution or batch norm ran (see ``_pullback``)
+        self.largest = 0  # entries of the largest result in the graph (each has a gradient of that size)
 
     def _is_tracked(self, value: Any) -> bool:
         return isinstance(value, Tensor) and any(value is t for t in self._tracked)
@@ -104,6 +106,8 @@ class _Watcher(TorchFunctionMode):
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         if func in _FOLDED_BY_FUNC_VMAP:
             self.convolutional = True
+        if isinstance(result, Tensor) and result.requires_grad:
+            self.largest = max(self.largest, result.numel())
         if func is F.linear and isinstance(weight, Tensor) and isinstance(args[0], Tensor):
             self._last = (args[0], weight, result)
         if not self._cut_first:
@@ -159,7 +163,9 @@ class _Forwards:
                 self.use_shortcut = True
                 if self.gram is None:
                     self.gram = _gram(watcher.weight)
-                return _Forward(z, watcher.cut, self.gram, watcher.last_linear(z), watcher.convolutional)
+                return _Forward(
+                    z, watcher.cut, self.gram, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, x)
+                )
             self.use_shortcut = False
             if watcher.cut is not None:  # cut, but the input has other uses too: run the whole graph again
                 _NO_CUT.add(self._key, self.model)
@@ -167,7 +173,11 @@ class _Forwards:
                 with watcher:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
-        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional)
+        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, x))
+
+
+def _per_point(watcher: _Watcher, x: Tensor) -> int:
+    return max(x[0].numel(), watcher.largest // max(1, x.shape[0]))
 
 
 def _check_output(z: object, batch_size: int) -> None:

@@ -33,6 +33,11 @@ __all__ = ["jacobian_norm"]
 _DEFAULT_MAX_ENTRIES = 2**24
 #: Rows a default chunk of points leaves room for in one backward pass.
 _ROWS_PER_PASS = 64
+#: On the CPU, the most bytes one tensor of a batched backward pass (the gradient of the model's largest activation
+#: for all the rows of a pass) may take. Larger blocks risk being mapped fresh from the operating system at every
+#: allocation (glibc maps blocks above a threshold that adapts up to 32 MiB) and page-faulted in again: for the
+#: overhead benchmark's CNN at 256 points that was half the time of a call.
+_CPU_PASS_BYTES = 2**24
 
 
 
@@ -113,8 +118,10 @@ def jacobian_norm(
             ``max(4, ceil(sqrt(C)))`` (32 at :math:`C = 1000`), at most :math:`C`.
         chunk_size: points measured together (one forward pass). The vector-Jacobian products of a chunk are
             taken in groups of rows, so that never more than ``max(2**24, chunk_size * D)`` Jacobian entries
-            (points x rows x input entries, and at most ``chunk_size * C * D``) are alive at once. Default: as many
-            points as leave room for 64 rows under :math:`2^{24}` entries.
+            (points x rows x input entries, and at most ``chunk_size * C * D``) are alive at once; on the CPU also so
+            that the gradient of the model's largest activation, for all the rows of a group, takes at most 16 MiB
+            where one row allows it (larger blocks are page-faulted in again at every allocation). Default: as
+            many points as leave room for 64 rows under :math:`2^{24}` entries.
         generator: the ``torch.Generator`` for the projection directions; the global random state is never
             used. Default: a new generator seeded with 0.
         return_logits: also return the model's output ``[B, C]`` from the measurement's own forward pass (in
@@ -280,6 +287,8 @@ class _Plan:
             num_rows, rows, add_left_out = self._rows(z64, z.dtype)
             target = z
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
+            if z.device.type == "cpu":
+                per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // (batch * fwd.largest * z.element_size())))
             last = fwd.last
             if last is not None and last.weight.shape[1] < num_rows + add_left_out:
                 # Fewer features than rows: pull back a square root of the rows' Gram matrix at the features.
@@ -287,6 +296,7 @@ class _Plan:
                     last.weight.to(work), num_rows, rows, add_left_out, per_pass
                 )
                 target, add_left_out = last.input, False
+            per_pass = -(-num_rows // -(-num_rows // per_pass))  # as many rows in each pass
             squared = torch.zeros(batch, dtype=torch.float64, device=work)
             # Per pass, the weighted sums of its rows and of their images under G, and their float64 scale.
             left_out: list[tuple[Tensor, Tensor, Tensor]] = []

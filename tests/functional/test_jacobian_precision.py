@@ -164,3 +164,18 @@ def test_probabilities_below_float64_range(method):
     far = margins(huge, x) > 800
     assert (ours[:16][far] == 0).all()
     torch.testing.assert_close(ours[16:], accurate_reference(model, x), rtol=1e-4, atol=0)
+
+
+def test_rows_split_over_passes_on_the_cpu():
+    """On the CPU a pass holds only as many rows as keep the gradient of the largest activation (32 channels of
+    16 x 16 at 128 points: 4 MiB a row) within 16 MiB: the nine softmax rows go in three passes of three, and the
+    row left out is summed across them, still per point right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(32 * 16, 10)
+    )
+    x = torch.randn(128, 1, 16, 16)
+    model = _with_median_margin(model, x, 10.0)
+    assert rows_pulled_back_to_the_input(model, x) == 3
+    assert rows_pulled_back_to_the_input(model, x[:32]) == 9  # 1 MiB a row: one pass
+    torch.testing.assert_close(jacobian_norm(model, x).double(), accurate_reference(model, x), rtol=1e-4, atol=0)
