@@ -95,7 +95,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         every_n_epochs: measure after every n-th training epoch (and after the last).
         off_manifold: ``"gaussian"`` or ``"shuffled"`` anchors off the data manifold.
         method: ``"sampled"``, or ``"exact"`` for piecewise-linear models (slower: one forward pass per region).
-        chunk_size: points per forward pass (bounds memory).
+        chunk_size: the most points per forward pass (bounds memory; fewer on the CPU for a model with a large
+            unit layer, see :func:`~lightning_sensitivity.functional.count_transitions`).
         input_key: where the input is in a batch: a dict key (default ``"x"``) or a tuple index (default 0).
         get_input: ``get_input(batch) -> Tensor``, overrides ``input_key``.
         forward_fn: ``forward_fn(pl_module, x)``, the function whose linear regions are counted; default

@@ -187,6 +187,22 @@ def class_logits(output: object, batch_size: int | None = None) -> Tensor:
     return output
 
 
+#: On the CPU, the most bytes that one activation of a measurement's batched pass (the model's largest, for all the
+#: points or rows of the pass) should take. Larger blocks risk being mapped fresh from the operating system at every
+#: allocation (glibc maps blocks above a threshold that adapts up to 32 MiB) and page-faulted in again: on the overhead
+#: benchmark's CNN that was half the time of a Jacobian of 256 points in one pass, and a third of the activation codes
+#: of 2,048 points in passes of 1,024.
+_CPU_PASS_BYTES = 2**24
+
+
+def _per_pass_on_device(most: int, bytes_per_item: int, device: torch.device) -> int:
+    """How many items (points, or rows) of ``bytes_per_item`` bytes each of the largest activation a pass may hold,
+    at most ``most``: ``most`` off the CPU, else as many as fit :data:`_CPU_PASS_BYTES` (at least one)."""
+    if device.type != "cpu":
+        return most
+    return max(1, min(most, _CPU_PASS_BYTES // max(1, bytes_per_item)))
+
+
 def _fresh_input(x: Tensor) -> Tensor:
     """A clone of ``x`` made with autograd enabled: an inference tensor cannot be saved for backward."""
     return x.detach().clone()

@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 
 from lightning_sensitivity.functional._pullback import _Forwards, _pullback
-from lightning_sensitivity.functional.evaluation import _check_continuous, class_logits, measuring
+from lightning_sensitivity.functional.evaluation import (
+    _check_continuous,
+    _per_pass_on_device,
+    class_logits,
+    measuring,
+)
 
 __all__ = ["jacobian_norm"]
 
@@ -33,11 +38,6 @@ __all__ = ["jacobian_norm"]
 _DEFAULT_MAX_ENTRIES = 2**24
 #: Rows a default chunk of points leaves room for in one backward pass.
 _ROWS_PER_PASS = 64
-#: On the CPU, the most bytes one tensor of a batched backward pass (the gradient of the model's largest activation
-#: for all the rows of a pass) may take. Larger blocks risk being mapped fresh from the operating system at every
-#: allocation (glibc maps blocks above a threshold that adapts up to 32 MiB) and page-faulted in again: for the
-#: overhead benchmark's CNN at 256 points that was half the time of a call.
-_CPU_PASS_BYTES = 2**24
 
 
 
@@ -287,8 +287,8 @@ class _Plan:
             num_rows, rows, add_left_out = self._rows(z64, z.dtype)
             target = z
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
-            if z.device.type == "cpu":
-                per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // (batch * fwd.largest * z.element_size())))
+            # The gradient of the largest activation for all the rows of a pass (see _per_pass_on_device).
+            per_pass = _per_pass_on_device(per_pass, batch * fwd.largest * z.element_size(), z.device)
             last = fwd.last
             if last is not None and last.weight.shape[1] < num_rows + add_left_out:
                 # Fewer features than rows: pull back a square root of the rows' Gram matrix at the features.

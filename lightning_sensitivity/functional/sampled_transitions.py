@@ -21,6 +21,7 @@ from lightning_sensitivity.functional.activations import (
     _copy_codes,
     _empty_codes,
 )
+from lightning_sensitivity.functional.evaluation import _per_pass_on_device
 from lightning_sensitivity.functional.trajectories import Trajectory, _points_along
 
 
@@ -59,8 +60,9 @@ def _count_sampled(
     first: ActivationCodes | None = None
     filled, skip = 0, 0  # rows of the buffer in use; 1 when the step between its first two rows is counted
     segments: list[Tensor] = []
-    for start in range(0, k, chunk_size):
-        z = points(start, min(start + chunk_size, k))
+    start, step = 0, chunk_size  # the later chunks as many points as the first chunk's codes say fit a pass
+    while start < k:
+        z = points(start, min(start + step, k))
         n = z.shape[0]
         if buffer is not None and filled + n > len(buffer):
             steps, even = _steps(buffer[:filled], skip)
@@ -78,6 +80,7 @@ def _count_sampled(
             buffer = _empty_codes(codes, min(k, max(chunk_size, _COMPARE_BYTES // max(row_bytes, 1))) + 2)
             first = _copy_codes(_empty_codes(codes, 1), codes[:1])
             rows = buffer[:n]
+            step = _points_per_pass(codes, chunk_size, z)
         if codes is not rows:
             if (codes.units, codes.layout, codes.winners.shape[1]) != (
                 buffer.units,
@@ -90,6 +93,7 @@ def _count_sampled(
                 )
             _copy_codes(rows, codes)
         filled += n
+        start += n
     assert buffer is not None and first is not None
     _check_finite(output_sum, "along the trajectory")
     steps, even = _steps(buffer[:filled], skip)
@@ -137,19 +141,29 @@ def _count_sampled_together(
     sets eval mode and disables autograd."""
     k = trajectories[0].num_points
     times = trajectories[0].times
-    per_pass = chunk_size // k
     counts: list[_SampledCount] = []
     smooth_operations: tuple[str, ...] = ()
-    for start in range(0, len(trajectories), per_pass):
+    start, per_pass = 0, 1  # the first pass, one curve, tells how many fit the later ones
+    while start < len(trajectories):
         group = trajectories[start : start + per_pass]
-        codes, output_sum = _codes_and_output_sum(model, _points_along(group, times), follow_input=not start)
+        points = _points_along(group, times)
+        codes, output_sum = _codes_and_output_sum(model, points, follow_input=not start)
         _check_finite(output_sum, "along the trajectory")
         if not start:  # only the first pass follows the data flow
             smooth_operations = codes.smooth_operations
+            per_pass = _points_per_pass(codes, chunk_size, points) // k
+        start += len(group)
         steps, half = _closed_steps(codes, k)
         for segments, total, half_total in zip(steps, steps.sum(1).tolist(), half.tolist(), strict=True):
             counts.append(_SampledCount(total, half_total, segments, smooth_operations))
     return counts
+
+
+def _points_per_pass(codes: ActivationCodes, chunk_size: int, x: Tensor) -> int:
+    """Points per forward pass after the first, which gave ``codes`` for the points ``x``: ``chunk_size``, or on the
+    CPU fewer, an even number, where the largest unit's input for them would take more than 16 MiB."""
+    largest = max((elements for _, elements in codes.layout), default=1)
+    return max(2, _per_pass_on_device(chunk_size, largest * x.element_size(), x.device) // 2 * 2)
 
 
 def _closed_steps(codes: ActivationCodes, k: int) -> tuple[Tensor, Tensor]:

@@ -129,8 +129,8 @@ def count_transitions(
 
     Given a sequence of :class:`Trajectory` objects, returns one :class:`TransitionCount` per curve, the same as
     counting each one alone. The sampled count of curves with a common ``num_points`` :math:`k \le`
-    ``chunk_size`` puts the points of ``chunk_size // k`` curves into each forward pass: many short curves cost
-    a few large passes instead of many small ones.
+    ``chunk_size`` puts the points of ``chunk_size // k`` curves into each forward pass after a first pass of one
+    curve: many short curves cost a few large passes instead of many small ones.
 
     ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
     points, so memory is bounded by one chunk for any :math:`k`. It costs a forward pass over the points, plus one
@@ -164,7 +164,9 @@ def count_transitions(
         num_points: sampled, with a :class:`Trajectory`: :math:`k` (default: the trajectory's ``num_points``);
             exact: the discretization for the arc length. Must be even and at least 6 for the sampled count,
             so that :math:`k/2` points still make a closed polygon.
-        chunk_size: points per forward pass of the sampled count.
+        chunk_size: the most points per forward pass of the sampled count. On the CPU the passes after the first
+            hold fewer where the input of the model's largest unit layer would take more than 16 MiB for them
+            (larger blocks are page-faulted in again at every allocation); the count is the same.
         return_segments: also return the boundaries crossed on each segment (sampled only).
         max_regions: exact: stop with an error after this many regions.
         warn_smooth: sampled: warn when the network is not piecewise linear (see above). A caller that reads

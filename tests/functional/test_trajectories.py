@@ -111,10 +111,12 @@ class _Recording(nn.Module):
 
 
 def test_points_of_several_curves_at_once_equal_each_curves_points():
-    # Counting several curves of one length evaluates their points together, in one batch, curve after curve.
+    # Counting several curves of one length evaluates their points together, curve after curve: the first curve
+    # alone (its pass follows the data flow), the others in one batch.
     curves = [trajectory_through(torch.randn(5, 2, 3), num_points=40) for _ in range(3)]
     model = _Recording()
     count_transitions(model, curves)
-    (together,) = model.inputs
+    assert [len(x) for x in model.inputs] == [40, 2 * 40]
+    together = torch.cat(model.inputs)
     assert together.shape == (3 * 40, 2, 3) and together.dtype == torch.float32
     assert torch.allclose(together, torch.cat([curve.points for curve in curves]), rtol=0, atol=1e-6)

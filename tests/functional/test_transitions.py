@@ -275,3 +275,27 @@ def test_a_sequence_of_curves_with_different_lengths_or_exact_is_counted_one_by_
         assert all(r.segments is None for r in results)
     with pytest.raises(TypeError, match="Trajectory"):
         count_transitions(model, [curves[0].points])
+
+
+def test_on_the_cpu_a_pass_holds_as_many_points_as_its_largest_unit_layer_allows():
+    """A unit layer of 64 x 32 x 32 entries takes 256 KiB a point: after the first pass, a pass holds at most 64
+    points (16 MiB), whatever ``chunk_size`` allows, and the counts are those of small chunks."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    curves = [ellipse_through(*torch.randn(3, 1, 32, 32), num_points=32) for _ in range(6)]
+    long_curve = ellipse_through(*torch.randn(3, 1, 32, 32), num_points=400)
+
+    together = count_transitions(model, curves, chunk_size=1024)
+    assert sizes == [32, 64, 64, 32]  # one curve, then two curves a pass
+    sizes.clear()
+    streamed = count_transitions(model, long_curve, chunk_size=256, return_segments=True)
+    assert sizes == [256, 64, 64, 16]
+    sizes.clear()
+    reference = count_transitions(model, long_curve, chunk_size=16, return_segments=True)
+    assert torch.equal(streamed.segments, reference.segments) and streamed.transitions > 0
+    for curve, result in zip(curves, together, strict=True):
+        assert result.transitions == count_transitions(model, curve, chunk_size=32).transitions
