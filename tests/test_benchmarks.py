@@ -32,3 +32,17 @@ def test_jacobian_benchmark_quick_mode_prints_its_tables():
         "== projection estimator: validation-set mean against exact",
     ):
         assert header in done.stdout, done.stdout[-3000:]
+
+
+def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone():
+    from benchmarks.overhead import _timing_hooks
+    from examples.digits import train
+    from lightning_sensitivity import JacobianNormMonitor
+
+    seconds: dict[str, float] = {}
+    plain, _ = train([JacobianNormMonitor(every_n_epochs=1, max_points=64)], max_epochs=1)
+    trainer, _ = train([_timing_hooks(JacobianNormMonitor(every_n_epochs=1, max_points=64), seconds)], max_epochs=1)
+    assert seconds["JacobianNormMonitor.on_validation_batch_end"] > 0
+    assert "JacobianNormMonitor.on_train_batch_start" in seconds
+    value = float(trainer.callback_metrics["sensitivity/jacobian_norm"])
+    assert value > 0 and value == float(plain.callback_metrics["sensitivity/jacobian_norm"])
