@@ -134,7 +134,7 @@ def count_transitions(
 
     ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
     points, so memory is bounded by one chunk for any :math:`k`. It costs a forward pass over the points, plus one
-    byte per unit boundary per point and two comparisons of neighbouring codes per 1 MiB of codes: 1.2 to 1.9
+    byte per unit boundary per point and two comparisons of neighbouring codes per 1 MiB of codes: 1.1 to 1.9
     times the plain forward pass on a CPU core, the most for the smallest models
     (``python -m benchmarks.transitions``). It also reports :math:`T_{k/2}` as its convergence evidence. The arc
     length of a :class:`Trajectory` comes from its coefficients; that of a tensor of points, from the points.
