@@ -151,7 +151,7 @@ def _count_sampled_together(
         _check_finite(output_sum, "along the trajectory")
         if not start:  # only the first pass follows the data flow
             smooth_operations = codes.smooth_operations
-            per_pass = _points_per_pass(codes, chunk_size, points) // k
+            per_pass = max(1, _points_per_pass(codes, chunk_size, points) // k)  # a curve at least
         start += len(group)
         steps, half = _closed_steps(codes, k)
         for segments, total, half_total in zip(steps, steps.sum(1).tolist(), half.tolist(), strict=True):

@@ -299,3 +299,7 @@ def test_on_the_cpu_a_pass_holds_as_many_points_as_its_largest_unit_layer_allows
     assert torch.equal(streamed.segments, reference.segments) and streamed.transitions > 0
     for curve, result in zip(curves, together, strict=True):
         assert result.transitions == count_transitions(model, curve, chunk_size=32).transitions
+    sizes.clear()
+    longer = [ellipse_through(*torch.randn(3, 1, 32, 32), num_points=96) for _ in range(3)]
+    counts = count_transitions(model, longer, chunk_size=1024)  # a curve is more than a pass holds: one a pass
+    assert sizes == [96, 96, 96] and len(counts) == 3
