@@ -296,7 +296,8 @@ class _Plan:
                     last.weight.to(work), num_rows, rows, add_left_out, per_pass
                 )
                 target, add_left_out = last.input, False
-            per_pass = -(-num_rows // -(-num_rows // per_pass))  # as many rows in each pass
+            passes = math.ceil(num_rows / per_pass)
+            per_pass = math.ceil(num_rows / passes)  # as many rows in each pass: 9 rows at 5 a pass are 5 and 4
             squared = torch.zeros(batch, dtype=torch.float64, device=work)
             # Per pass, the weighted sums of its rows and of their images under G, and their float64 scale.
             left_out: list[tuple[Tensor, Tensor, Tensor]] = []
