@@ -46,3 +46,21 @@ def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone()
     assert "JacobianNormMonitor.on_train_batch_start" in seconds
     value = float(trainer.callback_metrics["sensitivity/jacobian_norm"])
     assert value > 0 and value == float(plain.callback_metrics["sensitivity/jacobian_norm"])
+
+
+def test_pooling_benchmark_quick_mode_checks_and_prints_every_shape():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pooling", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    from benchmarks.pooling import SHAPES
+
+    rows = [line for line in done.stdout.splitlines() if any(line.startswith(name) for name, *_ in SHAPES)]
+    assert len(rows) == len(SHAPES), done.stdout
+    assert rows[0].endswith("values, winners") and rows[-1].endswith("neither"), done.stdout
