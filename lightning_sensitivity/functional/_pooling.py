@@ -15,7 +15,8 @@ faster on that CNN's 2 x 2 pools, ``python -m benchmarks.pooling``). The result 
   are not all finite, the winners are taken from ATen's kernel instead.
 
 Only the calls this covers are taken over: a batched tensor, contiguous, on the CPU, with no autograd graph to build
-(a maximum's backward pass splits the gradient among tied inputs, ATen's gives it to the winner), in floor mode.
+(a maximum's backward pass splits the gradient among tied inputs, ATen's gives it to the winner) and outside
+``torch.func`` transforms, in floor mode.
 Everything else, and every call on another device, runs ATen's kernel.
 """
 
@@ -129,6 +130,7 @@ class _Pool:
         windows of at most 4 positions (at 3 x 3 the comparisons cost more than ATen's scan)."""
         return (
             type(u) is Tensor
+            and not _functorch_wrapped(u)  # under torch.func transforms: their batching and autograd rules
             and u.device.type == "cpu"
             and not self.ceil_mode
             and u.ndim == self.dims + 2
@@ -139,6 +141,11 @@ class _Pool:
             and math.prod(self.kernel) <= (4 if winners else 256)
             and self.output_shape() is not None
         )
+
+
+def _functorch_wrapped(u: Tensor) -> bool:
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return True if is_wrapped is None else bool(is_wrapped(u))
 
 
 def _parse_pool(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Pool | None:

@@ -77,8 +77,8 @@ def test_non_finite_values_leave_the_winners_to_aten():
     assert torch.equal(values.nan_to_num(), aten_values.nan_to_num())
 
 
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
         nn.ReLU(),
@@ -173,3 +173,22 @@ def test_small_or_unsupported_calls_run_aten_s_kernel(monkeypatch):
     with measuring(nn.Identity(), "cpu"):
         F.max_pool2d(torch.randn(64, 8, 16, 16), 2)
     assert calls.count == 1
+
+
+def test_under_torch_func_transforms_the_kernel_runs(monkeypatch):
+    """An ensemble evaluated with ``torch.func.vmap`` inside ``measuring``: the views' buffers are not batched, so
+    the transform's own rules (ATen's kernel) run, with the same outputs."""
+    models = [_cnn(seed) for seed in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    x = torch.randn(128, 1, 16, 16)
+
+    def one(p, b):
+        return torch.func.functional_call(models[0], (p, b), (x,))
+
+    with torch.no_grad():
+        expected = torch.stack([model(x) for model in models])
+    calls = _Calls(monkeypatch)
+    with measuring(models[0], "cpu"):
+        out = torch.func.vmap(one)(params, buffers)
+    assert calls.count == 0
+    torch.testing.assert_close(out, expected)
