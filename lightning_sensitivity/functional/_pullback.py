@@ -61,7 +61,7 @@ class _Forward:
     gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
     last: _LastLinear | None
     convolutional: bool
-    largest: int  # entries of the largest tensor the forward pass computed in the graph, per point
+    largest: int  # entries per point of the largest gradient a backward pass to ``wrt`` forms
 
 
 class _Watcher(TorchFunctionMode):
@@ -133,6 +133,8 @@ class _Watcher(TorchFunctionMode):
         ):
             self.weight = weight
             self.cut = result.detach().requires_grad_(True)
+            # The products stop at the cut: the results before it (views of the input) get no gradient.
+            self.largest = self.cut.numel()
             self._last = None  # the first layer is never the last one we stop at: its input is the input
             return self.cut
         self.valid = False
@@ -163,8 +165,9 @@ class _Forwards:
                 self.use_shortcut = True
                 if self.gram is None:
                     self.gram = _gram(watcher.weight)
+                cut = watcher.cut
                 return _Forward(
-                    z, watcher.cut, self.gram, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, x)
+                    z, cut, self.gram, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, cut)
                 )
             self.use_shortcut = False
             if watcher.cut is not None:  # cut, but the input has other uses too: run the whole graph again
@@ -173,11 +176,12 @@ class _Forwards:
                 with watcher:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
-        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, x))
+        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, leaf))
 
 
-def _per_point(watcher: _Watcher, x: Tensor) -> int:
-    return max(x[0].numel(), watcher.largest // max(1, x.shape[0]))
+def _per_point(watcher: _Watcher, wrt: Tensor) -> int:
+    """Entries per point of the largest gradient a backward pass to ``wrt`` forms."""
+    return max(wrt[0].numel(), watcher.largest // max(1, wrt.shape[0]))
 
 
 def _check_output(z: object, batch_size: int) -> None:

@@ -166,6 +166,29 @@ def test_probabilities_below_float64_range(method):
     torch.testing.assert_close(ours[16:], accurate_reference(model, x), rtol=1e-4, atol=0)
 
 
+def test_the_cpu_bound_at_a_cut_counts_the_gradients_after_it(monkeypatch):
+    """Products that stop at the first linear layer form no gradient at the input: the bound on a pass's rows is
+    the largest activation after the cut (64 features), not the input (3,072). The 39 softmax rows of a 40-class
+    model go in one pass per chunk of points; sized by the input they were three passes of 13."""
+    from lightning_sensitivity.functional import jacobian as jacobian_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3072, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 40))
+    x = torch.randn(170, 3072)  # two default chunks of 85 points (1 MiB of input each)
+    passes: list[int] = []
+    pullback = jacobian_module._pullback
+
+    def recorded(out, wrt, cotangents, convolutional=False):
+        passes.append(cotangents.shape[0])
+        assert wrt.shape[1:] == (64,)  # the cut
+        return pullback(out, wrt, cotangents, convolutional)
+
+    monkeypatch.setattr(jacobian_module, "_pullback", recorded)
+    norms = jacobian_norm(model, x)
+    assert passes == [39, 39]
+    torch.testing.assert_close(norms.double(), accurate_reference(model, x), rtol=1e-4, atol=0)
+
+
 def test_rows_split_over_passes_on_the_cpu():
     """On the CPU a pass holds only as many rows as keep the gradient of the largest activation (32 channels of
     16 x 16 at 128 points: 4 MiB a row) within 16 MiB: the nine softmax rows go in three passes of three, and the
