@@ -1,38 +1,38 @@
-r"""Max-pooling calls: how they are read, and how a measurement computes them on the CPU outside autograd.
+r"""Max-pooling calls: how they are read, and how a measurement pools on the CPU outside autograd.
 
-ATen's CPU kernel for max-pooling a contiguous ``[N, C, *spatial]`` tensor scans every window element by element.
-On the CPU of the overhead benchmark it was 70% of a small CNN's forward pass in eval mode, and 40% of counting the
-transitions along its trajectories. A window of :math:`K` positions covers, position by position, :math:`K`
-strided views of the input, so the same pooling is :math:`K - 1` vectorized maxima of those views (4 to 5 times
-faster on that CNN's 2 x 2 pools, ``python -m benchmarks.pooling``). The result is the same:
+ATen's CPU kernel for max-pooling a contiguous ``[N, C, *spatial]`` tensor scans every window element by element,
+with a branch per element: on the CPU of the overhead benchmark it was 70% of a small CNN's forward pass in eval
+mode. A window of :math:`K` positions covers, position by position, :math:`K` strided views of the input, so the
+same pooling is :math:`K - 1` vectorized maxima of those views: 2.4 to 6 times faster at 2 x 2 windows
+(``python -m benchmarks.pooling``; ATen's scan is faster on inputs with many ties, such as a ReLU's zeros, as its
+branches are then predictable). The values are the same: a maximum rounds nothing; only the sign of a zero that
+ties with another zero may differ, as the maximum's vectorized and scalar loops take different sides of a tie.
 
-- the values are the window maxima, exactly (a maximum rounds nothing; only the sign of a zero that ties with
-  another zero may differ, as the maximum's vectorized and scalar loops take different sides of a tie);
-- the winners (the index of each window's maximum in its pooled plane), when asked for, are ATen's: the first
-  maximum in the window's scan order, found by comparing each view with the running maximum (a later position wins
-  only where it is strictly greater). Ties are common (a window of zeros after a ReLU), and activation codes count a
-  changed winner as a boundary crossed, so the rule matters. ATen lets a NaN win anywhere; when the pooled values
-  are not all finite, the winners are taken from ATen's kernel instead.
+The winners (the index of each window's maximum, which activation codes record and ``return_indices=True``
+returns) are left to ATen's kernel: ATen takes the first maximum in scan order, and reproducing that rule with the
+views takes a comparison per window position, which is slower than ATen's scan on the tie-heavy activations of a
+trained network. Autograd is left to it too: a maximum's backward pass splits the gradient among tied inputs, where
+ATen's gives it to the winner.
 
-Only the calls this covers are taken over: a batched tensor, contiguous, on the CPU, with no autograd graph to build
-(a maximum's backward pass splits the gradient among tied inputs, ATen's gives it to the winner) and outside
-``torch.func`` transforms, in floor mode.
-Everything else, and every call on another device, runs ATen's kernel.
+:func:`_fast_pooling` takes over the forward pass of a model's ``nn.MaxPool1d/2d/3d`` modules inside
+:func:`~lightning_sensitivity.functional.evaluation.measuring` on the CPU without autograd, for the calls that
+:meth:`_Pool._fast` covers; everything else runs ATen's kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch import Tensor, nn
 
 #: Max-pooling calls by the name of the torch function, and their number of spatial dimensions.
 _MAX_POOL = {
@@ -100,16 +100,6 @@ class _Pool:
             valid = (valid[:, None, :, None] & inside[None, :, None, :]).reshape(shape)
         return flat, valid
 
-    def winners(self) -> tuple[Tensor, Tensor]:
-        """The pooled values of this call's input and the winners in :attr:`index_dtype`, through the strided views
-        where they apply and give ATen's winners, else ATen's kernel."""
-        if self._fast(self.input, winners=True):
-            found = _strided_max(self.input, self.kernel, self.stride, self.padding, self.dilation, self.index_dtype)
-            if found[1] is not None:
-                return found[0], found[1]
-        out, indices = self.pool(self.input)
-        return out, indices.to(self.index_dtype)
-
     def output_shape(self) -> tuple[int, ...] | None:
         """The pooled spatial shape in floor mode, or ``None`` where ATen would reject the geometry."""
         shape = []
@@ -124,12 +114,13 @@ class _Pool:
             shape.append(out)
         return tuple(shape)
 
-    def _fast(self, u: Tensor, winners: bool) -> bool:
-        """Whether :func:`_strided_max` computes this call on ``u`` (see the module docstring), and is faster than
-        ATen's kernel there: on at least :data:`_FAST_MIN_ELEMENTS` elements, and for the winners only with
-        windows of at most 4 positions (at 3 x 3 the comparisons cost more than ATen's scan)."""
+    def _fast(self, u: Tensor) -> bool:
+        """Whether :func:`_strided_max` computes this call's values on ``u``: a plain batched tensor, contiguous, on
+        the CPU, of at least :data:`_FAST_MIN_ELEMENTS` elements, with no autograd graph to build, outside
+        ``torch.func`` transforms, in floor mode, with a geometry ATen accepts, and no winners asked for."""
         return (
             type(u) is Tensor
+            and not self.return_indices
             and not _functorch_wrapped(u)  # under torch.func transforms: their batching and autograd rules
             and u.device.type == "cpu"
             and not self.ceil_mode
@@ -138,7 +129,6 @@ class _Pool:
             and u.is_contiguous()
             and not (u.requires_grad and torch.is_grad_enabled())
             and len(self.kernel) == len(self.stride) == len(self.padding) == len(self.dilation) == self.dims
-            and math.prod(self.kernel) <= (4 if winners else 256)
             and self.output_shape() is not None
         )
 
@@ -182,72 +172,61 @@ def _strided_max(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-    index_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Max-pooling of ``u`` ``[N, C, *spatial]`` (floor mode) as maxima of strided views: the values, and with
-    ``index_dtype`` the winners' flat indices in their pooled plane (``None`` when the values are not all finite:
-    ATen's NaN rule is not reproduced)."""
+) -> Tensor:
+    """Max-pooling of ``u`` ``[N, C, *spatial]`` (floor mode) as maxima of strided views, contiguous."""
     spatial = u.shape[2:]
     out_shape = [
         (size + 2 * p - d * (k - 1) - 1) // s + 1
         for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation, strict=True)
     ]
-    if any(padding):  # ATen's windows skip the padding; -inf never wins over a finite value
+    if any(padding):  # ATen's windows skip the padding: -inf never wins, and a window holds an input element
         pads = [side for p in reversed(padding) for side in (p, p)]
         u = F.pad(u, pads, value=-math.inf)
-    plane_strides = [math.prod(spatial[d + 1 :]) for d in range(len(spatial))]
-    views, offsets = [], []
+    views = []
     for position in itertools.product(*(range(k) for k in kernel)):
         window = zip(position, dilation, stride, out_shape, strict=True)
         views.append(u[(slice(None), slice(None), *(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in window))])
-        offsets.append(sum(o * d * w for o, d, w in zip(position, dilation, plane_strides, strict=True)))
     if len(views) == 1:
-        best = views[0].clone(memory_format=torch.contiguous_format)
-    else:
-        best = torch.empty(views[0].shape, dtype=u.dtype)
-    winners = above = scratch = None
-    if index_dtype is not None:
-        winners = torch.zeros(best.shape, dtype=index_dtype)
-        above = torch.empty(best.shape, dtype=torch.bool)
-        scratch = torch.empty(best.shape, dtype=index_dtype)
-    for i in range(1, len(views)):
-        view, previous = views[i], views[0] if i == 1 else best
-        if winners is not None:
-            # where this position is strictly above the maximum so far, it wins: winners += above * (offset - winners)
-            torch.gt(view, previous, out=above)
-            torch.neg(winners, out=scratch).add_(offsets[i])
-            scratch.mul_(above.view(torch.uint8) if index_dtype == torch.uint8 else above)
-            winners.add_(scratch)
-        torch.maximum(view, previous, out=best)
-    if winners is None:
-        return best, None
-    if not torch.isfinite(best.sum()):
-        return best, None
-    # the window's first position, in the unpadded plane (negative where the window starts in the padding)
-    first = torch.zeros((), dtype=torch.int64)
-    for n, s, p, w in zip(out_shape, stride, padding, plane_strides, strict=True):
-        first = first[..., None] + (torch.arange(n) * s - p) * w
-    if index_dtype == torch.uint8:
-        first = first.remainder(256)  # uint8 sums wrap: the winner's true index is in [0, 256)
-    winners.add_(first.to(index_dtype))
-    return best, winners
+        return views[0].clone(memory_format=torch.contiguous_format)
+    best = torch.maximum(views[1], views[0])
+    for view in views[2:]:
+        torch.maximum(view, best, out=best)
+    return best
 
 
-class _FastMaxPooling(TorchFunctionMode):
-    """Computes the max-pooling calls that :func:`_strided_max` covers (see the module docstring) through it; every
-    other call is run unchanged."""
+_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name not in _MAX_POOL:
-            return func(*args, **kwargs)
-        pool = _parse_pool(name, args, kwargs)
-        if pool is None or not pool._fast(pool.input, winners=pool.return_indices):
-            return func(*args, **kwargs)
-        if not pool.return_indices:
-            return _strided_max(pool.input, pool.kernel, pool.stride, pool.padding, pool.dilation)[0]
-        out, winners = _strided_max(
-            pool.input, pool.kernel, pool.stride, pool.padding, pool.dilation, torch.int64
+
+def _pooled_forward(module: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d, x: Tensor) -> Any:
+    """``module(x)``'s forward through :func:`_strided_max` where it covers the call, else the module's own. A
+    torch-function mode that is active (the activation codes' recorder) sees the module's own call, as it would
+    without this."""
+    if not torch._C._is_torch_function_mode_enabled():
+        pool = _parse_pool(
+            f"max_pool{_MODULES[type(module)]}d",
+            (x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode),
+            {"return_indices": module.return_indices},
         )
-        return (out, winners) if winners is not None else func(*args, **kwargs)
+        if pool is not None and pool._fast(x):
+            return _strided_max(x, pool.kernel, pool.stride, pool.padding, pool.dilation)
+    return type(module).forward(module, x)
+
+
+@contextlib.contextmanager
+def _fast_pooling(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block, the ``nn.MaxPool1d/2d/3d`` submodules of ``modules`` (of those classes exactly, whose
+    ``forward`` is PyTorch's) pool through :func:`_pooled_forward`; their ``forward`` is restored afterwards. A
+    module, not a torch-function mode: a mode would cost every other call of the forward pass a Python dispatch
+    (1.5 us here; it made the exact transition count twice as slow). A ``F.max_pool2d`` call inside a ``forward``
+    keeps PyTorch's kernel."""
+    swapped = []
+    try:
+        for holder in modules:
+            for module in holder.modules():
+                if type(module) in _MODULES and "forward" not in module.__dict__:
+                    module.forward = functools.partial(_pooled_forward, module)
+                    swapped.append(module)
+        yield
+    finally:
+        for module in swapped:
+            del module.forward

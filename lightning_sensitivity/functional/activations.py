@@ -313,9 +313,9 @@ class _CodeRecorder(TorchFunctionMode):
     ) -> Any:
         """Run one piecewise-linear call, recording its code."""
         if isinstance(unit, _Pool):
-            out, winners = unit.winners()
-            self._record_winners(unit, winners)
-            return (out, winners.long()) if unit.return_indices else out
+            out, indices = unit.pool(unit.input)
+            self._record_winners(unit, indices)
+            return (out, indices) if unit.return_indices else out
         if name in _RELU:
             # relu(u) != 0 exactly when u > 0: the sides come from the call's own output (in place or not), which
             # saves a second pass over the pre-activations; casting to bool is the test != 0.

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
 
-from lightning_sensitivity.functional._pooling import _FastMaxPooling
+from lightning_sensitivity.functional._pooling import _fast_pooling
 
 __all__ = ["class_logits", "measuring"]
 
@@ -131,12 +131,12 @@ def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -
     - ``autocast`` is off on ``device`` (half precision would change Jacobians and activation codes);
     - autograd is on with ``grad=True`` (for a Jacobian, even under ``torch.no_grad()`` or
       ``torch.inference_mode()``), and off otherwise;
-    - on the CPU with autograd off, max-pooling (``nn.MaxPool1d/2d/3d``, ``F.max_pool2d``, ...) of a contiguous
-      batched tensor of 65,536 elements or more, in floor mode, is computed as maxima of strided views of its input:
-      the same values (and, where the winners are asked for, the same winners) as PyTorch's kernel, whose
-      element-by-element scan of each window was 70% of a small CNN's forward pass on a CPU core (the views:
-      4 to 5 times faster at 2 x 2, ``python -m benchmarks.pooling``). Other calls, and every call on another
-      device, run PyTorch's kernel.
+    - on the CPU with autograd off, the model's ``nn.MaxPool1d/2d/3d`` modules (PyTorch's, not a subclass with its
+      own ``forward``) pool a contiguous batched tensor of 65,536 elements or more, in floor mode and without
+      ``return_indices``, as maxima of strided views of its input: the same values as PyTorch's kernel, whose
+      element-by-element scan of each window was 70% of a small CNN's forward pass on a CPU core (the views: 2.6
+      to 5.4 times faster at 2 x 2, ``python -m benchmarks.pooling``). Other calls, a functional ``F.max_pool2d``
+      in a ``forward``, and every call on another device run PyTorch's kernel.
 
     Args:
         model: an ``nn.Module`` or a callable over modules.
@@ -159,7 +159,7 @@ def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -
         for module in _held_modules(eager):
             modes.enter_context(_eval_mode(module))
         if not grad and device.type == "cpu":
-            modes.enter_context(_FastMaxPooling())
+            modes.enter_context(_fast_pooling(_held_modules(eager)))
         with autograd, torch.autocast(device.type, enabled=False):
             yield eager
 
