@@ -61,7 +61,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for name, shape, k, s, p in SHAPES:
         geometry = ((k, k), (s, s), (p, p), (1, 1))
-        taken = _Pool(torch.empty(shape), 2, *geometry, False, False)._fast(torch.empty(shape))
+        taken = _Pool(torch.empty(shape), 2, *geometry, False, False)._fast()
         for kind, x in (
             ("gaussian", torch.randn(shape, generator=generator).relu()),
             ("digits", _digits_activations(shape, generator)),

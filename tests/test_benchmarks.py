@@ -10,18 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_jacobian_benchmark_quick_mode_prints_its_tables():
+def _quick_run(module: str, timeout: int) -> str:
+    """``python -m benchmarks.<module> --quick`` from the repository root; its standard output, once it succeeded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.jacobian", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_jacobian_benchmark_quick_mode_prints_its_tables():
+    stdout = _quick_run("jacobian", timeout=900)
     for header in (
         "== per-point accuracy at confident points",
         "== exact jacobian_norm against the references",
@@ -31,7 +37,7 @@ def test_jacobian_benchmark_quick_mode_prints_its_tables():
         "== projection estimator on resnet18, C = 200",
         "== projection estimator: validation-set mean against exact",
     ):
-        assert header in done.stdout, done.stdout[-3000:]
+        assert header in stdout, stdout[-3000:]
 
 
 def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone():
@@ -49,18 +55,9 @@ def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone()
 
 
 def test_pooling_benchmark_quick_mode_checks_and_prints_every_shape():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pooling", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    stdout = _quick_run("pooling", timeout=300)
     from benchmarks.pooling import SHAPES
 
-    rows = [line for line in done.stdout.splitlines() if any(line.startswith(name) for name, *_ in SHAPES)]
-    assert len(rows) == 2 * len(SHAPES), done.stdout  # Gaussian and digits activations for each shape
-    assert rows[0].endswith("views") and rows[-1].endswith("kernel"), done.stdout
+    rows = [line for line in stdout.splitlines() if any(line.startswith(name) for name, *_ in SHAPES)]
+    assert len(rows) == 2 * len(SHAPES), stdout  # Gaussian and digits activations for each shape
+    assert rows[0].endswith("views") and rows[-1].endswith("kernel"), stdout

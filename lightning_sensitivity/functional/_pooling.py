@@ -53,6 +53,11 @@ _POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
 _FAST_MIN_ELEMENTS = 2**16
 
 
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """The pooled length of one spatial dimension of ``size``, in floor mode."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, Sequence) else (value,) * n
 
@@ -108,16 +113,17 @@ class _Pool:
         ):
             if k < 1 or s < 1 or d < 1 or p < 0 or 2 * p > k:
                 return None
-            out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+            out = _pooled_size(size, k, s, p, d)
             if out < 1:
                 return None
             shape.append(out)
         return tuple(shape)
 
-    def _fast(self, u: Tensor) -> bool:
-        """Whether :func:`_strided_max` computes this call's values on ``u``: a plain batched tensor, contiguous, on
-        the CPU, of at least :data:`_FAST_MIN_ELEMENTS` elements, with no autograd graph to build, outside
+    def _fast(self) -> bool:
+        """Whether :func:`_strided_max` computes this call's values: its input a plain batched tensor, contiguous,
+        on the CPU, of at least :data:`_FAST_MIN_ELEMENTS` elements, with no autograd graph to build, outside
         ``torch.func`` transforms, in floor mode, with a geometry ATen accepts, and no winners asked for."""
+        u = self.input
         return (
             type(u) is Tensor
             and not self.return_indices
@@ -176,8 +182,7 @@ def _strided_max(
     """Max-pooling of ``u`` ``[N, C, *spatial]`` (floor mode) as maxima of strided views, contiguous."""
     spatial = u.shape[2:]
     out_shape = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation, strict=True)
+        _pooled_size(size, k, s, p, d) for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation, strict=True)
     ]
     if any(padding):  # ATen's windows skip the padding: -inf never wins, and a window holds an input element
         pads = [side for p in reversed(padding) for side in (p, p)]
@@ -207,7 +212,7 @@ def _pooled_forward(module: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d, x: Tenso
             (x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode),
             {"return_indices": module.return_indices},
         )
-        if pool is not None and pool._fast(x):
+        if pool is not None and pool._fast():
             return _strided_max(x, pool.kernel, pool.stride, pool.padding, pool.dilation)
     return type(module).forward(module, x)
 

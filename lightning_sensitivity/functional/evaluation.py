@@ -156,10 +156,11 @@ def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -
     device = torch.device(device)
     autograd = _grad_enabled() if grad else torch.no_grad()
     with _eager(model) as eager, contextlib.ExitStack() as modes:
-        for module in _held_modules(eager):
+        held = _held_modules(eager)
+        for module in held:
             modes.enter_context(_eval_mode(module))
         if not grad and device.type == "cpu":
-            modes.enter_context(_fast_pooling(_held_modules(eager)))
+            modes.enter_context(_fast_pooling(held))
         with autograd, torch.autocast(device.type, enabled=False):
             yield eager
 
