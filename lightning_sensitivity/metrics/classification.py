@@ -28,9 +28,11 @@ from torchmetrics import Metric
 
 from lightning_sensitivity.functional import class_logits
 
-__all__ = ["ClassificationLossAccuracy"]
+__all__ = ["ClassificationLossAccuracy", "LossFn"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(logits, target)``: the mean loss over the batch (as ``F.cross_entropy`` returns it) or one loss per
+point."""
 
 
 def _class_targets(target: Tensor, logits: Tensor) -> Tensor:
