@@ -1,7 +1,8 @@
-"""The core every monitor builds on: the keys it logs and how it logs them, its schedule and the model it measures
-(``_schedule``, ``_measured``), where it finds its input and labels in a batch, the check it makes on the first
-batch, the callbacks that watch its keys, and, for the monitors that measure evaluation batches, the pass through
-those batches. Each monitor's own file holds only its measurement."""
+"""The core every monitor builds on: the registry of the keys it logs, its arguments shared by all monitors, the
+check it makes on the first batch, the callbacks that watch its keys, when and how it logs, and, for the monitors
+that measure evaluation batches, the pass through those batches. It puts together the concept modules (the batch
+reader, the schedule, the measured model, the logging, the evaluation positions, the dashboard); each monitor's own
+file holds its measurement and its docs."""
 
 from __future__ import annotations
 
@@ -18,21 +19,13 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sensitivity.callbacks._batch import _BatchReader
 from lightning_sensitivity.callbacks._checks import _check_callable, _check_choice, _check_positive
 from lightning_sensitivity.callbacks._dashboard import _register_dashboard
-from lightning_sensitivity.callbacks._measured import _load_batch, _MeasuredModel, _Stopwatch
+from lightning_sensitivity.callbacks._logging import _log_scalars, _Stopwatch
+from lightning_sensitivity.callbacks._measured import ForwardFn, _default_forward, _MeasuredModel
+from lightning_sensitivity.callbacks._positions import _PointCounter
 from lightning_sensitivity.callbacks._schedule import _Schedule
-from lightning_sensitivity.callbacks._utils import (
-    ForwardFn,
-    GetInput,
-    _batch_input,
-    _batch_target,
-    _default_forward,
-    _log_scalars,
-    _PointCounter,
-    _step,
-    _warn_once,
-)
 
 
 @dataclass(frozen=True)
@@ -47,29 +40,50 @@ class _Key:
     option: str | None = None
 
 
+class _HeldBy:
+    """A monitor's argument that one of its parts holds (``_HeldBy("_reader")``: the batch reader): the monitor's
+    attribute of the same name reads and sets the part's, so the value has one holder."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, monitor: Any, owner: type | None = None) -> Any:
+        return self if monitor is None else getattr(getattr(monitor, self.part), self.name)
+
+    def __set__(self, monitor: Any, value: Any) -> None:
+        setattr(getattr(monitor, self.part), self.name, value)
+
+
 # --- the monitor -------------------------------------------------------------------------------------------------
 
 
 class _Monitor(Callback):
-    """What every monitor shares: its schedule, its model wrapper, where it finds the input in a batch, its
-    first-batch check (on the first batch it sees, a validation batch of the sanity check when there is one), its
-    registry of logged keys (its dashboard charts and hparam metrics come from it), the check of callbacks that
-    monitor those keys, and logging at an epoch end or, after training, straight to the loggers."""
+    """What every monitor shares: its schedule, its model wrapper, its batch reader (built by the monitor from its
+    own arguments), its first-batch check (on the first batch it sees, a validation batch of the sanity check when
+    there is one), its registry of logged keys (its dashboard charts and hparam metrics come from it), the check of
+    callbacks that monitor those keys, and logging at an epoch end or, after training, straight to the loggers."""
 
     #: Every key the monitor logs (without the prefix), in the order of its docs; the one switched on by
     #: ``log_seconds`` is the wall time of one measurement.
     KEYS: ClassVar[tuple[_Key, ...]]
 
+    input_key = _HeldBy("_reader")
+    get_input = _HeldBy("_reader")
+
     def __init__(
         self,
+        *,
         every_n_epochs: int,
         prefix: str,
         forward_fn: ForwardFn | None,
         log_seconds: bool,
-        input_key: str | int | None,
-        get_input: GetInput | None,
-        **state_key: Any,
+        reader: _BatchReader,
+        state_key: dict[str, Any],
     ) -> None:
+        """``state_key``: the arguments besides ``prefix`` that tell two instances apart in a checkpoint."""
         _check_positive("every_n_epochs", every_n_epochs)
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
@@ -80,12 +94,11 @@ class _Monitor(Callback):
         self.log_seconds = log_seconds
         self._stopwatch = _Stopwatch(log_seconds)
         self.forward_fn: ForwardFn = forward_fn or _default_forward
-        self.input_key, self.get_input = input_key, get_input
+        self._reader = reader
         self._schedule = _Schedule(every_n_epochs)
         self._checked = False
         self._after_training = False
         self._model: _MeasuredModel | None = None
-        self._warned: set[str] = set()
         # Lightning reads `state_key` around every hook call: build it once.
         self._state_key = self._generate_state_key(prefix=prefix, **state_key)
 
@@ -107,10 +120,6 @@ class _Monitor(Callback):
         assert any(key.name == name for key in self.KEYS), name
         return f"{self.prefix}/{name}"
 
-    def _input(self, batch: Any) -> Tensor:
-        """The model input a batch holds, where the monitor's ``input_key`` or ``get_input`` says."""
-        return _batch_input(batch, self.input_key, self.get_input)
-
     def _measured_model(self, pl_module: pl.LightningModule) -> _MeasuredModel:
         if self._model is None or self._model.module is not pl_module:
             self._model = _MeasuredModel(pl_module, self.forward_fn)
@@ -124,9 +133,6 @@ class _Monitor(Callback):
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Fail on the first batch the monitor sees (the sanity check when there is one) if the model or the batch
         cannot be measured, rather than at the first measurement."""
-
-    def _warn_once(self, key: str, message: str) -> None:
-        _warn_once(self._warned, key, f"{type(self).__name__}: {message}")
 
     @override
     def on_validation_batch_end(
@@ -147,19 +153,11 @@ class _Monitor(Callback):
     # --- logging ---------------------------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
+        """Log a measurement's scalars, with its wall time when ``log_seconds``."""
         if scalars and self.log_seconds:
             (seconds,) = [key.name for key in self.KEYS if key.option == "log_seconds"]
             scalars = {**scalars, self._key(seconds): self._stopwatch.take(pl_module.device)}
-        if not self._after_training:
-            _log_scalars(pl_module, scalars)
-            return
-        # After training Lightning takes no `self.log`: the values go to the loggers and `callback_metrics` directly.
-        values = {key: value.detach().float() for key, value in scalars.items()}
-        trainer.callback_metrics.update(values)
-        if trainer.global_rank == 0:
-            for logger in trainer.loggers:
-                logger.log_metrics({k: v.item() for k, v in values.items()}, step=_step(trainer))
-                logger.save()
+        _log_scalars(trainer, pl_module, scalars, after_training=self._after_training)
 
     @contextlib.contextmanager
     def _measuring_after_training(self) -> Iterator[None]:
@@ -211,7 +209,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
 
     A subclass defines ``_begin`` (a measured pass starts), ``_measure_batch`` and ``_finish`` (returns the
     scalars to log); :attr:`_points` counts the points of each dataloader that the pass has seen, for their
-    positions in the evaluation order. It also reads the labels of a batch (``target_key``, ``get_target``).
+    positions in the evaluation order. Its batch reader also reads labels (``target_key``, ``get_target``).
 
     When the fit's last validation pass was not measured (the fit ended in a way not known in advance), the monitor
     reads the validation data itself at the end of training and measures the final weights.
@@ -220,26 +218,14 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     #: Whether ``trainer.validate`` and ``trainer.test`` runs are measured too.
     MEASURES_OUTSIDE_FIT: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        every_n_epochs: int,
-        prefix: str,
-        forward_fn: ForwardFn | None,
-        log_seconds: bool,
-        input_key: str | int | None,
-        get_input: GetInput | None,
-        target_key: str | int | None,
-        get_target: GetInput | None,
-        **state_key: Any,
-    ) -> None:
-        super().__init__(every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, **state_key)
-        self.target_key, self.get_target = target_key, get_target
+    target_key = _HeldBy("_reader")
+    get_target = _HeldBy("_reader")
+
+    def __init__(self, **arguments: Any) -> None:
+        """``arguments``: those of :class:`_Monitor`."""
+        super().__init__(**arguments)
         self._measuring = False
         self._points = _PointCounter()
-
-    def _target(self, batch: Any) -> Tensor:
-        """The labels a batch holds, where the monitor's ``target_key`` or ``get_target`` says."""
-        return _batch_target(batch, self.target_key, self.get_target)
 
     @abc.abstractmethod
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,6 +300,6 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
                     for i, batch in enumerate(loader):
                         if i >= limit:
                             break
-                        self._measure_batch(trainer, pl_module, _load_batch(trainer, batch, idx), idx)
+                        self._measure_batch(trainer, pl_module, self._reader.load(trainer, batch, idx), idx)
                 scalars = self._finish(trainer, pl_module, "fit")
             self._log(trainer, pl_module, scalars)

@@ -32,22 +32,6 @@ def _check_callable(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a callable or None, got a {type(value).__name__}.")
 
 
-def _check_batch_key(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise ValueError(f"`{name}` must be a dict key (str), a tuple position (int) or None, got {value!r}.")
-
-
-def _check_batch_reading(**arguments: Any) -> None:
-    """The arguments that say where a monitor finds its input and labels in a batch: each ``*_key`` (a dict key
-    or a tuple position), then each ``get_*`` (a callable)."""
-    for name, value in arguments.items():
-        if name.endswith("_key"):
-            _check_batch_key(name, value)
-    for name, value in arguments.items():
-        if name.startswith("get_"):
-            _check_callable(name, value)
-
-
 def _check_seed(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"`seed` must be an integer, got {value!r}.")

@@ -1,5 +1,5 @@
-"""The TensorBoard side of the monitors that goes beyond scalars: one dashboard layout, and the monitors' values
-as the hparam metrics of the run.
+"""The monitors' TensorBoard dashboard: one custom-scalars layout, and the monitors' values as the hparam metrics
+of the run. (Histograms and figures go through the logging module, to every logger that takes them.)
 
 Every monitor calls :func:`_register_dashboard` from ``on_fit_start`` with all the monitors of the trainer; it acts
 once per run however many monitors call it. The charts and the hparam metrics come from each monitor's registry of
@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from lightning_sensitivity.callbacks._utils import _tensorboard_writers
+from lightning_sensitivity.callbacks._logging import _tensorboard_writers
 
 _DASHBOARD_CATEGORY = "sensitivity and generalization (Novak et al. 2018)"
 #: The charts of the dashboard; each monitor names, in its registry of keys, the chart each of its scalars goes to.

@@ -1,22 +1,23 @@
-"""The model as a monitor measures it: ``forward_fn(pl_module, x)`` as a module, run eager and in full precision;
-the batches a monitor reads itself, brought to the module as Lightning brings its own; and the wall time of a
-measurement."""
+"""The measured model: ``forward_fn(pl_module, x)`` as a module, run eager and in full precision."""
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_sensitivity.callbacks._utils import ForwardFn
+ForwardFn = Callable[["pl.LightningModule", Tensor], Tensor]
 
 #: Floating dtypes a measurement never runs in: their rounding would be the measurement's noise.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _default_forward(pl_module: pl.LightningModule, x: Tensor) -> Tensor:
+    return pl_module(x)
 
 
 class _MeasuredModel(nn.Module):
@@ -69,42 +70,3 @@ def _eager_forward(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         pl_module.forward = compiled
-
-
-class _Stopwatch:
-    """The wall time of a monitor's measurement, summed over the pieces it is done in (the batches of a pass, then
-    its end), read with ``time.perf_counter``. On a CUDA module each piece starts and ends with a synchronization,
-    so the queued kernels are counted where they run; when the monitor logs no time, nothing is synchronized."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def running(self, device: torch.device) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if cuda:
-                torch.cuda.synchronize(device)
-            self.seconds += time.perf_counter() - start
-
-    def take(self, device: torch.device) -> Tensor:
-        """The time so far, as a tensor on ``device``, and a fresh start."""
-        seconds, self.seconds = self.seconds, 0.0
-        return torch.tensor(seconds, dtype=torch.float32, device=device)
-
-
-def _load_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -> Any:
-    """A batch the monitor reads itself, brought to the module as Lightning's loops bring theirs: the precision
-    plugin's input conversion, the module's batch-transfer hooks, the strategy's device."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)

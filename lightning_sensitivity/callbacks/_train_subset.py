@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from lightning_sensitivity.callbacks._utils import _new_generator
+from lightning_sensitivity.callbacks._generator import _new_generator
 
 
 def _read_train_subset(

@@ -17,7 +17,6 @@ the whole epoch and runs in train mode (dropout, augmentation, batch statistics)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,23 +29,21 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _Key
+from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_reading,
     _check_callable,
     _check_classifier_output,
     _check_positive,
     _check_seed,
 )
 from lightning_sensitivity.callbacks._dashboard import EVAL_LOSSES, JACOBIAN_BESIDE_GAP
-from lightning_sensitivity.callbacks._measured import _LOW_PRECISION, _load_batch
+from lightning_sensitivity.callbacks._logging import _warn_once
+from lightning_sensitivity.callbacks._measured import _LOW_PRECISION, ForwardFn, _default_forward
 from lightning_sensitivity.callbacks._train_subset import _read_train_subset
-from lightning_sensitivity.callbacks._utils import ForwardFn, GetInput, _default_forward
 from lightning_sensitivity.functional import measuring
-from lightning_sensitivity.metrics import ClassificationLossAccuracy
+from lightning_sensitivity.metrics import ClassificationLossAccuracy, LossFn
 
 __all__ = ["GeneralizationGapMonitor"]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class GeneralizationGapMonitor(_EvaluationMonitor):
@@ -168,9 +165,14 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             raise ValueError(f"`train_dataset` must be a torch Dataset or None, got a {type(train_dataset).__name__}.")
         _check_positive("batch_size", batch_size, optional=True)
         _check_seed(seed)
-        _check_batch_reading(input_key=input_key, target_key=target_key, get_input=get_input, get_target=get_target)
+        reader = _BatchReader(input_key, get_input, target_key, get_target)
         super().__init__(
-            every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, target_key, get_target, seed=seed
+            every_n_epochs=every_n_epochs,
+            prefix=prefix,
+            forward_fn=forward_fn,
+            log_seconds=log_seconds,
+            reader=reader,
+            state_key={"seed": seed},
         )
         self.max_train_points = max_train_points
         self.loss_fn = loss_fn
@@ -218,8 +220,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = self._input(batch)
-        target = self._target(batch)
+        x = self._reader.input(batch)
+        target = self._reader.target(batch)
         if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != x.shape[0]:
             shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
             raise ValueError(
@@ -252,7 +254,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         self._expected = None
         if self._hook is not None and dataloader_idx == 0:
             with contextlib.suppress(KeyError, TypeError, IndexError):  # the first batch's check says it clearly
-                self._expected = self._input(batch)
+                self._expected = self._reader.input(batch)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """Keep the module's call on the batch's input tensor itself, when its logits are the monitor's: the module
@@ -279,7 +281,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             return
         # Under DDP the validation sampler pads the last round with repeated points; those are skipped, so that
         # the sums over ranks are those of one process on the whole validation set.
-        x = self._input(batch)
+        x = self._reader.input(batch)
         _, keep = self._points.next_batch(trainer, 0, len(x), pl_module.device)
         logits = self._captured[1] if self._captured is not None and self._captured[0] is x else None
         self._captured = None
@@ -292,7 +294,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         val = self._val_metric.compute()
         num_val = int(self._val_metric.count)
         if num_val == 0:
-            self._warn_once("no-validation-batch", "no validation batch was seen; nothing is logged this epoch.")
+            _warn_once(self, "no-validation-batch", "no validation batch was seen; nothing is logged this epoch.")
             return {}
         if self._train_batches is None:
             size = num_val if self.max_train_points is None else min(num_val, self.max_train_points)
@@ -303,10 +305,10 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
                 size,
                 self.seed,
                 self._train_indices,
-                lambda batch: len(self._input(batch)),
+                lambda batch: len(self._reader.input(batch)),
             )
         for batch in self._train_batches:
-            self._evaluate(pl_module, _load_batch(trainer, batch), self._train_metric)
+            self._evaluate(pl_module, self._reader.load(trainer, batch), self._train_metric)
         train = self._train_metric.compute()
         return {
             self._key("train_loss"): train["loss"],
@@ -339,7 +341,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
     ) -> None:
         """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode (or its ``logits``
         as the module's own call computed them)."""
-        x, target = self._input(batch), self._target(batch)
+        x, target = self._reader.input(batch), self._reader.target(batch)
         model = self._measured_model(pl_module)
         with measuring(model, pl_module.device):
             logits = model(x) if logits is None else logits

@@ -17,9 +17,9 @@ from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _Key
+from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _HeldBy, _Key
+from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_reading,
     _check_choice,
     _check_classifier_output,
     _check_continuous_input,
@@ -27,18 +27,13 @@ from lightning_sensitivity.callbacks._checks import (
     _check_seed,
 )
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
-from lightning_sensitivity.callbacks._measured import _full_precision
-from lightning_sensitivity.callbacks._records import _batch_labels, _class_labels, _point_labels, _write_csv
-from lightning_sensitivity.callbacks._utils import (
-    ForwardFn,
-    GetInput,
-    _log_histogram,
-    _new_generator,
-    _OwnGenerator,
-    _PointCounter,
-)
+from lightning_sensitivity.callbacks._generator import _new_generator, _OwnGenerator
+from lightning_sensitivity.callbacks._logging import _log_histogram, _warn_once
+from lightning_sensitivity.callbacks._measured import ForwardFn, _full_precision
+from lightning_sensitivity.callbacks._positions import _PointCounter
+from lightning_sensitivity.callbacks._records import _Records
 from lightning_sensitivity.functional import jacobian_norm, measuring
-from lightning_sensitivity.metrics import JacobianNorm, PointRecords
+from lightning_sensitivity.metrics import JacobianNorm
 
 #: Kept points measured in one call of ``jacobian_norm`` (which chunks them further by its own memory bound).
 _MEASURE_TOGETHER = 256
@@ -129,6 +124,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         _Key("jacobian_norm_per_point", kind="histogram"),
         _Key("jacobian_norm_seconds", option="log_seconds"),
     )
+    record_epochs = _HeldBy("_records")
 
     def __init__(
         self,
@@ -155,31 +151,18 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         _check_choice("method", method, ("exact", "projection"))
         _check_positive("num_projections", num_projections, optional=True)
         _check_positive("chunk_size", chunk_size, optional=True)
-        _check_batch_reading(input_key=input_key, target_key=target_key, get_input=get_input, get_target=get_target)
+        reader = _BatchReader(input_key, get_input, target_key, get_target)
         _check_choice("log_histogram", log_histogram, (True, False))
-        if not (
-            record_epochs in (None, "last", "all")
-            or (
-                isinstance(record_epochs, (list, tuple))
-                and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in record_epochs)
-            )
-        ):
-            raise ValueError(
-                f"`record_epochs` must be 'last', 'all', a list of epochs or None, got {record_epochs!r}."
-            )
+        records = _Records(self, record_epochs, reader)
         _check_choice("measure_predict", measure_predict, (True, False))
         _check_seed(seed)
         super().__init__(
-            every_n_epochs,
-            prefix,
-            forward_fn,
-            log_seconds,
-            input_key,
-            get_input,
-            target_key,
-            get_target,
-            output=output,
-            method=method,
+            every_n_epochs=every_n_epochs,
+            prefix=prefix,
+            forward_fn=forward_fn,
+            log_seconds=log_seconds,
+            reader=reader,
+            state_key={"output": output, "method": method},
         )
         self.measure_predict = measure_predict
         self.max_points = max_points
@@ -188,23 +171,20 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self.num_projections = num_projections
         self.chunk_size = chunk_size
         self.log_histogram = log_histogram
-        self.record_epochs = record_epochs
         self.seed = seed
         self._generator = _new_generator(seed)
         self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current pass
-        self._records: dict[int, PointRecords] = {}
+        self._records = records
         # Points kept from the pass's batches and not measured yet, per dataloader: input, positions, labels.
-        self._pending: dict[int, list[tuple[Tensor, Tensor, Any]]] = {}
-        self._last_records: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
         self._measured_in_fit = False
-        self._predict_records: dict[int, PointRecords] = {}
         self._predict_points = _PointCounter()
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = self._input(batch)
+        x = self._reader.input(batch)
         _check_continuous_input(type(self).__name__, x)
         if x.shape[0] > 0:
             model = self._measured_model(pl_module)
@@ -214,23 +194,21 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
-        self._records.clear()
+        self._records.begin()
         self._pending.clear()
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        x = self._input(batch)
+        x = self._reader.input(batch)
         positions, keep = self._points.next_batch(trainer, idx, x.shape[0], x.device, self.max_points)
         # Every rank creates the same states, even with no point to measure: the pass's end gathers them.
         if idx not in self._metrics:
             self._metrics[idx] = JacobianNorm().to(pl_module.device)
-            if self._records_wanted(trainer):
-                self._records[idx] = PointRecords().to(pl_module.device)
+            self._records.open(trainer, idx, pl_module.device)
         if not keep.any():
             self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        y = _batch_labels(batch, self.target_key, self.get_target) if idx in self._records else None
-        labels = y[keep] if isinstance(y, Tensor) and y.ndim >= 1 and y.shape[0] == keep.shape[0] else None
+        labels = self._records.labels(batch, idx, keep)
         # Kept points are measured _MEASURE_TOGETHER at a time, the rest at the pass's end: a few full calls, not
         # one per batch with its fixed costs (a forward pass, a vectorized backward pass).
         pending = self._pending.setdefault(idx, [])
@@ -246,12 +224,11 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return
         x = torch.cat([points for points, _, _ in pending])
         positions = torch.cat([where for _, where, _ in pending])
-        if idx in self._records:
-            norms, logits = self._norms_and_logits(pl_module, x)
-            labels = [y for _, _, y in pending]
-            self._add_records(idx, positions, norms, logits, None if any(y is None for y in labels) else torch.cat(labels))
-        else:
-            norms, _ = self._norms_and_logits(pl_module, x, need_logits=False)
+        keeps_records = self._records.keeps(idx)
+        norms, logits = self._norms_and_logits(pl_module, x, need_logits=keeps_records)
+        if keeps_records:
+            assert logits is not None
+            self._records.add(idx, positions, norms, logits, [labels for _, _, labels in pending])
         self._metrics[idx].update(norms)
 
     def _norms_and_logits(
@@ -283,36 +260,13 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
                 logits = model(x)
         return norms, None if logits is None else logits.float()
 
-    def _records_wanted(self, trainer: pl.Trainer) -> bool:
-        if self.record_epochs is None:
-            return False
-        if self.record_epochs in ("last", "all") or trainer.state.fn != "fit":
-            return True
-        return trainer.current_epoch in self.record_epochs
-
-    def _add_records(self, idx: int, positions: Tensor, norms: Tensor, logits: Tensor, labels: Tensor | None) -> None:
-        y = _class_labels(labels, positions.shape, logits.shape[1])
-        if y is None:
-            del self._records[idx]  # the batch format is the same on every process: all of them drop it
-            self._warn_once(
-                "no-labels",
-                "the batches carry no class labels of shape [B], so no per-point records are written. Pass "
-                "`get_target=` (or `target_key=`) to enable them, or `record_epochs=None`.",
-            )
-            return
-        self._records[idx].update(positions, norms, logits, y)
-
     # --- prediction: per-point records without labels ----------------------------------------------------------
 
     @override
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._predict_points.reset()
-        # One set of rows per dataloader, made on every process before any batch: the end gathers them all.
-        self._predict_records = (
-            {idx: PointRecords().to(pl_module.device) for idx in range(len(trainer.num_predict_batches))}
-            if self.measure_predict
-            else {}
-        )
+        if self.measure_predict:
+            self._records.begin_predict(trainer, pl_module.device)
 
     @override
     def on_predict_batch_end(
@@ -327,23 +281,18 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         if not self.measure_predict:
             return
         self._first_batch(trainer, pl_module, batch)
-        x = self._input(batch)
+        x = self._reader.input(batch)
         positions, keep = self._predict_points.next_batch(trainer, dataloader_idx, x.shape[0], x.device)
         if not keep.any():
             return
         norms, logits = self._norms_and_logits(pl_module, x[keep])
         assert logits is not None
-        y = _point_labels(batch, self.target_key, self.get_target, keep.shape, logits.shape[1])
-        records = self._predict_records.setdefault(dataloader_idx, PointRecords().to(pl_module.device))
-        records.update(positions[keep], norms, logits, None if y is None else y[keep])
+        self._records.add_predicted(batch, dataloader_idx, positions, keep, norms, logits)
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        multiple = len(self._predict_records) > 1
-        for idx in sorted(self._predict_records):
-            records = {k: v.double().cpu() for k, v in self._predict_records[idx].compute().items()}
-            _write_csv(trainer, "predict" + (f"_dataloader_idx={idx}" if multiple else ""), records)
-        self._predict_records = {}
+        if self.measure_predict:
+            self._records.write_predicted(trainer)
 
     # --- the end of a pass: compute, log, record ---------------------------------------------------------------
 
@@ -358,22 +307,19 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             metric = self._metrics[idx]
             scalars[self._key("jacobian_norm") + suffix] = metric.compute()
             values = metric.per_point() if self.log_histogram else None
-            records = self._records[idx].compute() if idx in self._records else None
-            if records is not None and records["jacobian_norm"].numel() > 1:
-                records = {k: v.double().cpu() for k, v in records.items()}
+            records = self._records.end(trainer, idx, stage, multiple)
+            if records is not None:
                 finite = torch.isfinite(records["jacobian_norm"]) & torch.isfinite(records["loss"])
                 rho = spearman_corrcoef(
                     records["jacobian_norm"][finite].float(), records["loss"][finite].float()
                 )
                 scalars[self._key("jacobian_loss_spearman") + suffix] = rho.to(pl_module.device)
-                self._last_records[idx] = (trainer.current_epoch, records)
-                if self.record_epochs != "last" or trainer.state.fn != "fit":
-                    _write_csv(trainer, _records_name(stage, trainer.current_epoch, idx, multiple), records)
             if values is not None:
                 _log_histogram(trainer, self._key("jacobian_norm_per_point") + suffix, values)
             num_excluded = int(metric.num_excluded)
             if num_excluded:
-                self._warn_once(
+                _warn_once(
+                    self,
                     "non-finite",
                     f"{num_excluded} point(s) with NaN or infinite inputs, outputs or Jacobian norms were left out "
                     "of the mean.",
@@ -384,17 +330,11 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.record_epochs == "last":
-            multiple = len(self._last_records) > 1
-            for idx, (epoch, records) in self._last_records.items():
-                _write_csv(trainer, _records_name("fit", epoch, idx, multiple), records)
+        self._records.write_last(trainer)
         if not self._measured_in_fit:
-            self._warn_once(
+            _warn_once(
+                self,
                 "no-validation",
                 "measured no validation point during `fit`: there was no validation data (no `val_dataloader`, "
                 "`limit_val_batches=0`).",
             )
-
-
-def _records_name(stage: str, epoch: int, idx: int, multiple: bool) -> str:
-    return f"{stage}_epoch={epoch}" + (f"_dataloader_idx={idx}" if multiple else "")

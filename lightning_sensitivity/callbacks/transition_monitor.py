@@ -23,23 +23,18 @@ from typing_extensions import override
 
 from lightning_sensitivity.callbacks._anchors import _Curves, _Reservoir
 from lightning_sensitivity.callbacks._base import _Key, _Monitor
+from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._chart import _trajectory_figure
 from lightning_sensitivity.callbacks._checks import (
-    _check_batch_reading,
     _check_choice,
     _check_continuous_input,
     _check_positive,
     _check_seed,
 )
 from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
-from lightning_sensitivity.callbacks._utils import (
-    ForwardFn,
-    GetInput,
-    _has_tensorboard,
-    _log_image,
-    _new_generator,
-    _OwnGenerator,
-)
+from lightning_sensitivity.callbacks._generator import _new_generator, _OwnGenerator
+from lightning_sensitivity.callbacks._logging import _log_image, _takes_images, _warn_once
+from lightning_sensitivity.callbacks._measured import ForwardFn
 from lightning_sensitivity.functional import (
     NonFiniteOutputError,
     Trajectory,
@@ -160,7 +155,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         _check_choice("off_manifold", off_manifold, ("gaussian", "shuffled"))
         _check_choice("method", method, ("sampled", "exact"))
         _check_positive("chunk_size", chunk_size)
-        _check_batch_reading(input_key=input_key, get_input=get_input)
+        reader = _BatchReader(input_key, get_input)
         _check_choice("log_figure", log_figure, (True, False, "end"))
         if (
             isinstance(convergence_tolerance, bool)
@@ -170,7 +165,12 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             raise ValueError(f"`convergence_tolerance` must be a number >= 0, got {convergence_tolerance!r}.")
         _check_seed(seed)
         super().__init__(
-            every_n_epochs, prefix, forward_fn, log_seconds, input_key, get_input, off_manifold=off_manifold, seed=seed
+            every_n_epochs=every_n_epochs,
+            prefix=prefix,
+            forward_fn=forward_fn,
+            log_seconds=log_seconds,
+            reader=reader,
+            state_key={"off_manifold": off_manifold, "seed": seed},
         )
         self.num_trajectories = num_trajectories
         self.num_points = num_points
@@ -194,7 +194,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = self._input(batch)
+        x = self._reader.input(batch)
         _check_continuous_input(type(self).__name__, x)  # a curve through token ids means nothing
         # Fail at once for a model without piecewise-linear units (NaN outputs are the measurement's business:
         # it logs NaN), and for an exact count of a model that is not piecewise linear.
@@ -232,12 +232,13 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         self._first_batch(trainer, pl_module, batch)
         if self._anchors is not None:
             return
-        self._reservoir.add(self._input(batch).detach(), self._reservoir_size, self._generator)
+        self._reservoir.add(self._reader.input(batch).detach(), self._reservoir_size, self._generator)
 
     def _choose_anchors(self, trainer: pl.Trainer) -> None:
         n = self.num_trajectories
         if len(self._reservoir.points) < self._reservoir_size:
-            self._warn_once(
+            _warn_once(
+                self,
                 "few points",
                 f"the first epoch had {self._reservoir.seen} training points, fewer than the "
                 f"{self._reservoir_size} anchors needed; lower `num_trajectories`. Nothing is measured.",
@@ -274,7 +275,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Count this process's share of the trajectories of each kind; the metrics' sums combine the shares."""
         model = self._measured_model(pl_module)
-        figure = self.log_figure is True and _has_tensorboard(trainer)
+        figure = self.log_figure is True and _takes_images(trainer)
         logged: dict[str, Tensor] = {}
         all_curves = self._curves.of(self._anchors, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
@@ -286,7 +287,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
                 counts = self._count(model, curves) if curves else []
             except NonFiniteOutputError as error:
                 failed = True
-                self._warn_once("non-finite", f"{error} Logging NaN.")
+                _warn_once(self, "non-finite", f"{error} Logging NaN.")
             # Every process takes part in the same collectives, whatever its share held.
             failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
             metric = self._densities[kind].to(pl_module.device)
@@ -313,7 +314,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_figure != "end" or self._anchors is None or not _has_tensorboard(trainer):
+        if self.log_figure != "end" or self._anchors is None or not _takes_images(trainer):
             return
         model = self._measured_model(pl_module)
         curve = self._curves.of(self._anchors, pl_module)["on_manifold"][0]
@@ -323,7 +324,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             try:
                 (count,) = self._count(model, [curve])
             except NonFiniteOutputError as error:
-                self._warn_once("non-finite", f"{error} Logging NaN.")
+                _warn_once(self, "non-finite", f"{error} Logging NaN.")
                 return
         _log_image(trainer, self._key("transitions_along_trajectory"), self._figure(trainer, model, curve, count))
 
@@ -335,7 +336,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         )
         smooth = sorted({name for result in results for name in result.smooth_operations})
         if smooth:
-            self._warn_once(
+            _warn_once(
+                self,
                 "smooth",
                 f"the model is not piecewise linear: it also applies {', '.join(smooth)}. The logged transitions "
                 "count the boundaries of its piecewise-linear units along the trajectories, not linear regions.",
@@ -344,7 +346,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             if abs(result.transitions - result.transitions_half) > self.convergence_tolerance * max(
                 result.transitions, 1
             ):
-                self._warn_once(
+                _warn_once(
+                    self,
                     "convergence",
                     f"a sampled count has not converged: {result.transitions} transitions on "
                     f"{result.num_points} points against {result.transitions_half} on {result.num_points // 2}. "
@@ -359,7 +362,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             count,
             self.chunk_size,
             f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0",
-            lambda error: self._warn_once("jacobian", f"the figure has no Jacobian norm curve: {error}"),
+            lambda error: _warn_once(self, "jacobian", f"the figure has no Jacobian norm curve: {error}"),
         )
 
     # --- state ----------------------------------------------------------------------------------------------
