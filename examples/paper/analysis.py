@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from examples.paper.grid import AXES, Sweep
 from examples.paper.rank_statistics import bootstrap_kendall, granulated_kendall
-from examples.paper.sweep import AXES, Sweep
 
 #: The columns that identify a model's configuration: two models with the same values are the same model.
 HPARAM_COLUMNS = [
@@ -57,7 +57,7 @@ class Factor:
     """A factor of F3 and the paper's claim about it.
 
     Args:
-        name: the sweep's name of the factor (a key of ``examples.paper.sweep.VARIANTS``).
+        name: the sweep's name of the factor (a key of ``examples.paper.grid.VARIANTS``).
         paper_direction: +1 if the paper finds higher sensitivity and a larger gap for the variant, -1 if lower.
     """
 

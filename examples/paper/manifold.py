@@ -32,7 +32,8 @@ from typing_extensions import override
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from examples.paper.data import DataSpec, load_tensors
-from examples.paper.sweep import ModelConfig, evaluate_logits
+from examples.paper.grid import ModelConfig
+from examples.paper.measures import loss_and_accuracy
 from lightning_sensitivity.functional import (
     count_transitions,
     ellipse_through,
@@ -84,7 +85,7 @@ class StopAtTrainAccuracy(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accuracy = (evaluate_logits(pl_module, self.x).argmax(1) == self.y).double().mean().item()
+        _, self.accuracy = loss_and_accuracy(pl_module, self.x, self.y)
         if self.accuracy >= self.target:
             trainer.should_stop = True
 

@@ -32,8 +32,10 @@ from examples.paper.analysis import (  # noqa: E402
     f4_summary,
     is_grid,
 )
+from examples.paper.grid import AXES, FULL_BATCH_EPOCH_FACTOR  # noqa: E402
 from examples.paper.manifold import BETWEEN, KINDS, NEAR, binned_profile, f2_comparisons  # noqa: E402
-from examples.paper.sweep import AXES, FULL_BATCH_EPOCH_FACTOR, NOISE_STD, SHARPNESS_DRAWS, SHARPNESS_SCALE  # noqa: E402
+from examples.paper.measures import SHARPNESS_DRAWS, SHARPNESS_SCALE  # noqa: E402
+from examples.paper.training import NOISE_STD  # noqa: E402
 
 FIGURES = {
     "f1": "f1_measures.png",
