@@ -21,21 +21,27 @@ import pandas as pd  # noqa: E402
 from examples.paper.analysis import (  # noqa: E402
     GAPS,
     MEASURES,
-    MIN_CLEAN_PAIRS,
-    SIGNIFICANCE,
-    f1_found,
+    binned_profile,
     f1_population,
     f1_statistics,
     f3_effects,
-    f3_verdict,
     f4_population,
     f4_summary,
     is_grid,
+    jacobian_rank,
 )
-from examples.paper.grid import AXES, FULL_BATCH_EPOCH_FACTOR  # noqa: E402
-from examples.paper.manifold import BETWEEN, KINDS, NEAR, binned_profile, f2_comparisons  # noqa: E402
-from examples.paper.measures import SHARPNESS_DRAWS, SHARPNESS_SCALE  # noqa: E402
-from examples.paper.training import NOISE_STD  # noqa: E402
+from examples.paper.grid import AXES  # noqa: E402
+from examples.paper.manifold import KINDS  # noqa: E402
+from examples.paper.verdicts import (  # noqa: E402
+    BETWEEN,
+    NEAR,
+    RULES,
+    f1_found,
+    f2_comparisons,
+    f3_verdict,
+    f4_beyond_confidence,
+    f4_found,
+)
 
 FIGURES = {
     "f1": "f1_measures.png",
@@ -187,12 +193,6 @@ def f1_table(f1: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def jacobian_rank(f1: pd.DataFrame, gap: str, column: str) -> int:
-    """The Jacobian norm's rank (1 = best) among the measures, by ``column`` (``tau`` or ``granulated``)."""
-    rows = f1[f1.gap == gap].sort_values(column, ascending=False).reset_index(drop=True)
-    return int(rows.index[rows.column == "jacobian_norm"][0]) + 1
-
-
 def write_report(out_dir: Path, run: Run) -> Path:
     """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md``; return the report's path."""
     figures = out_dir / "figures"
@@ -218,12 +218,6 @@ def write_report(out_dir: Path, run: Run) -> Path:
     ranks = {gap: (jacobian_rank(f1, gap, "tau"), jacobian_rank(f1, gap, "granulated")) for gap in GAPS}
     num_measures = len(MEASURES)
     f2_by = {(r.kind, r.quantity, r.comparison): r for r in f2.itertuples()}
-    f4_found = bool(f4.loc["f4_spearman_jacobian", "median"] > 0 and f4.loc["f4_auc_jacobian", "median"] > 0.5)
-    beyond = bool(
-        f4.loc["f4_partial_spearman", "median"] > 0 and f4.loc["f4_partial_spearman", "sign_test_p"] < SIGNIFICANCE
-        and f4.loc["f4_auc_jacobian_within_confidence", "median"] > 0.5
-        and f4.loc["f4_auc_jacobian_within_confidence", "sign_test_p"] < SIGNIFICANCE
-    )
     auc_difference = (f4_models.f4_auc_jacobian - f4_models.f4_auc_max_softmax).dropna()
 
     findings = ["| Finding | Paper | Measured here | Reproduced |", "|---|---|---|---|"]
@@ -254,13 +248,13 @@ def write_report(out_dir: Path, run: Run) -> Path:
     findings.append(
         f"| F4 | the per-point Jacobian norm predicts the per-point loss | median Spearman "
         f"{num(f4.loc['f4_spearman_jacobian', 'median'])}, median ROC AUC for errors "
-        f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found)} |"
+        f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found(f4))} |"
     )
     findings.append(
         f"| F4 (beyond confidence) | (not in the paper) | median partial Spearman given max-softmax "
         f"{num(f4.loc['f4_partial_spearman', 'median'])}, median AUC within confidence bins "
         f"{num(f4.loc['f4_auc_jacobian_within_confidence', 'median'])}; max-softmax alone AUC "
-        f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(beyond)} |"
+        f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(f4_beyond_confidence(f4))} |"
     )
     findings.append("")
     findings.append("F2's three verdicts per row: near < between (trained) / between < off manifold (trained) / "
@@ -322,40 +316,7 @@ Command: `{run.command}`
 
 Fixed before the numbers below were computed, and applied to them mechanically.
 
-- Fit criterion: a model fits when, in eval mode, it classifies every training point (with the labels it
-  learned) correctly. Training stops there, or at its budget: the stated `max_epochs` for mini-batches,
-  {FULL_BATCH_EPOCH_FACTOR} times as many epochs for full-batch training (one step per epoch). Models that do
-  not fit are listed apart, never silently dropped.
-- Gaps: loss gap = held-out minus training cross-entropy; accuracy gap = training minus held-out accuracy; both
-  sides in eval mode on the whole training and held-out sets.
-- **F1** is judged over the grid's models (ReLU, true labels, no augmentation, mini-batches) that fit. It
-  holds for a gap if Kendall's tau between the mean held-out Jacobian norm and the gap is positive with
-  p < {SIGNIFICANCE} and its bootstrap 95% interval (2,000 resamples of the models) lies above zero. The
-  granulated coefficient is the mean over the axes ({", ".join(AXES)}) of psi, the mean tau over the groups of
-  models that differ in that axis alone. Every baseline gets the same statistics; the Jacobian norm's rank among
-  them is reported, not judged. Each measure is oriented so that larger means "predicts a larger gap": parameter
-  norm; distance from initialization; log of the product of the weight matrices' spectral norms; sharpness
-  (mean training-loss increase over {SHARPNESS_DRAWS} seeded random perturbations of every parameter tensor,
-  each of norm {SHARPNESS_SCALE} times the tensor's); 1 - mean max-softmax probability on held-out points.
-- **F2** uses one trained model of three ReLU layers (and its initial weights as the untrained model), along
-  ellipses through three anchors: three training points of one class, three of any classes, or three
-  off-manifold points (matched to the training data's per-feature mean and standard deviation). The distance in
-  t to the nearest anchor, as a share u of its largest value: "near" is u < {NEAR}, "between" is u >= {BETWEEN},
-  "off" is the whole of an off-manifold ellipse. For the Jacobian norm and for the transitions per segment, for
-  each on-manifold anchor kind, three verdicts: near < between (trained; in the mean over ellipses and on more
-  than half of the ellipses one by one); between < off (trained, means); and the trained model's near / between
-  ratio below the untrained model's (training, not geometry, makes the dip at the anchors).
-- **F3** pairs a grid model with a variant that differs in one factor (same seed, initial weights, batch order).
-  A factor's verdict uses only the pairs where both models fit; with at least {MIN_CLEAN_PAIRS} such pairs it
-  holds if the Jacobian norm moves the paper's way in more than half of them, otherwise it is "undecided". The
-  augmentation is Gaussian input noise (standard deviation {NOISE_STD}, drawn anew each epoch); whether it
-  improves held-out accuracy here is checked, not assumed.
-- **F4** is judged over every fitted model trained on true labels. It holds if the median per-model Spearman
-  correlation between the per-point Jacobian norm and the per-point loss is positive and the median ROC AUC of
-  the Jacobian norm for the misclassified points is above 0.5. The Jacobian norm "adds information beyond
-  confidence" if both the median partial Spearman correlation (Jacobian norm and loss, max-softmax held fixed,
-  on ranks) is above 0 and the median AUC within five max-softmax quantile bins is above 0.5, each on a sign
-  test over the models with p < {SIGNIFICANCE}.
+{RULES}
 
 ## Summary
 
