@@ -13,8 +13,9 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from examples.paper.analysis import GAPS, HPARAM_COLUMNS, MEASURES
+from examples.paper.figures import FIGURES
 from examples.paper.grid import sweep_grid
-from examples.paper.report import FIGURES, SECTIONS, num
+from examples.paper.report import SECTIONS, num
 from examples.reproduce import parse_args
 
 MEASUREMENTS = [
