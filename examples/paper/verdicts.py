@@ -58,7 +58,8 @@ def f1_found(row: pd.Series) -> bool:
     bootstrap interval above zero.
 
     Example:
-        >>> f1_found(pd.Series({"tau": 0.2, "p": 0.001, "ci_low": 0.05})), f1_found(pd.Series({"tau": 0.2, "p": 0.02, "ci_low": 0.05}))
+        >>> row = pd.Series({"tau": 0.2, "p": 0.001, "ci_low": 0.05})
+        >>> f1_found(row), f1_found(row.replace(0.001, 0.02))
         (True, False)
     """
     return bool(row.tau > 0 and row.p < SIGNIFICANCE and row.ci_low > 0)
@@ -85,6 +86,7 @@ def f2_comparisons(profiles: pd.DataFrame) -> pd.DataFrame:
     - ``training lowers near / between``: the trained model's ratio near / between is below the untrained one's.
     """
     regions = region_means(profiles, NEAR, BETWEEN)
+    near_between, between_off, trained_lower = F2_COMPARISONS
     rows = []
     for kind in ON_MANIFOLD:
         for quantity, label in QUANTITIES.items():
@@ -98,7 +100,6 @@ def f2_comparisons(profiles: pd.DataFrame) -> pd.DataFrame:
             per_ellipse = float((near < between.loc[near.index]).mean())
             ratio = near.mean() / between.mean() if between.mean() > 0 else math.nan
             u_ratio = u_near.mean() / u_between.mean() if u_between.mean() > 0 else math.nan
-            near_between, between_off, trained_lower = F2_COMPARISONS
             rows += [
                 {"kind": kind, "quantity": label, "comparison": near_between,
                  "left": near.mean(), "right": between.mean(), "ellipses_agreeing": per_ellipse,
