@@ -16,10 +16,12 @@ report.md, which states its verdict rules and then what reproduced and what did 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +58,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quiet_lightning() -> None:
+    """Keep the output readable: no per-run banners, no warnings that do not apply here (the logging interval is
+    longer than a digits epoch on purpose, a deprecation inside Lightning)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the whole reproduction; return the path of the report."""
     args = parse_args(argv)
@@ -65,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     import torch
 
     from examples.paper.analysis import pair_links, paired
+    from examples.paper.grid import sweep_grid
     from examples.paper.manifold import manifold_experiment
     from examples.paper.report import Run, write_report
     from examples.paper.runner import run_sweep
-    from examples.paper.sweep import quiet_lightning, sweep_grid
 
     quiet_lightning()
 

@@ -1,7 +1,9 @@
-"""The statistics of the report, computed from the sweep's table only (so a reader can recompute them).
+"""The statistics of the report, computed from the sweep's table and F2's profiles only (so a reader can
+recompute them). The rules that turn them into verdicts are in ``examples.paper.verdicts``.
 
 F1: over the F1 grid's models that fit their training set, Kendall's tau (with its bootstrap interval) and the
-granulated Kendall coefficient of the Jacobian norm and of every baseline against each gap. F3: the paired
+granulated Kendall coefficient of the Jacobian norm and of every baseline against each gap. F2: the profiles
+along the ellipses, binned by the distance to the nearest anchor and averaged over regions of it. F3: the paired
 effect of each factor over the pairs whose two models both fit. F4: per-model statistics of the held-out
 points, summarized over the fitted true-label models.
 """
@@ -14,8 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from examples.paper.grid import AXES, Sweep
+from examples.paper.manifold import ON_MANIFOLD
 from examples.paper.rank_statistics import bootstrap_kendall, granulated_kendall
-from examples.paper.sweep import AXES, Sweep
 
 #: The columns that identify a model's configuration: two models with the same values are the same model.
 HPARAM_COLUMNS = [
@@ -46,10 +49,8 @@ MEASURES: dict[str, str] = {
 
 GAPS = {"gap_loss": "loss gap", "gap_accuracy": "accuracy gap"}
 
-#: F1's verdict: tau's two-sided p-value below this, and the bootstrap interval above zero.
-SIGNIFICANCE = 0.01
-#: F3's verdict needs at least this many pairs in which both models fit.
-MIN_CLEAN_PAIRS = 3
+#: The quantities of F2's profiles: the column, and how the report names it.
+QUANTITIES = {"jacobian_norm": "Jacobian norm", "segment_transitions": "transitions per segment"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Factor:
     """A factor of F3 and the paper's claim about it.
 
     Args:
-        name: the sweep's name of the factor (a key of ``examples.paper.sweep.VARIANTS``).
+        name: the sweep's name of the factor (a key of ``examples.paper.grid.VARIANTS``).
         paper_direction: +1 if the paper finds higher sensitivity and a larger gap for the variant, -1 if lower.
     """
 
@@ -113,9 +114,50 @@ def f1_statistics(population: pd.DataFrame, num_resamples: int = 2000, seed: int
     return pd.DataFrame(rows)
 
 
-def f1_found(row: pd.Series) -> bool:
-    """F1's rule, fixed in advance: tau > 0 with p < ``SIGNIFICANCE`` and a bootstrap interval above zero."""
-    return bool(row.tau > 0 and row.p < SIGNIFICANCE and row.ci_low > 0)
+def jacobian_rank(f1: pd.DataFrame, gap: str, column: str) -> int:
+    """The Jacobian norm's rank (1 = best) among the measures, by ``column`` (``tau`` or ``granulated``)."""
+    rows = f1[f1.gap == gap].sort_values(column, ascending=False).reset_index(drop=True)
+    return int(rows.index[rows.column == "jacobian_norm"][0]) + 1
+
+
+def region_of(kind: pd.Series, u: pd.Series, near: float, between: float) -> np.ndarray:
+    """Per point of F2's profiles: ``near`` (``u < near``), ``between`` (``u >= between``), ``off`` (an
+    off-manifold ellipse, whole) or ``""`` (an on-manifold point in neither region).
+
+    Example:
+        >>> kind = pd.Series(["one class"] * 3 + ["off manifold"])
+        >>> region_of(kind, pd.Series([0.05, 0.3, 0.7, 0.05]), near=0.1, between=0.5).tolist()
+        ['near', '', 'between', 'off']
+    """
+    on = np.where(u < near, "near", np.where(u >= between, "between", ""))
+    return np.where(kind.isin(ON_MANIFOLD), on, "off").astype(object)
+
+
+def region_means(profiles: pd.DataFrame, near: float, between: float) -> pd.DataFrame:
+    """Per (model, kind, ellipse, region) of ``region_of``, the mean Jacobian norm over the region's points and
+    the mean transitions over its segments (a segment is placed by its midpoint)."""
+    points = profiles.assign(region=region_of(profiles.kind, profiles.u, near, between))
+    segments = profiles.assign(region=region_of(profiles.kind, profiles.u_segment, near, between))
+    keys = ["model", "kind", "ellipse", "region"]
+    jac = points[points.region != ""].groupby(keys, sort=False).jacobian_norm.mean()
+    seg = segments[segments.region != ""].groupby(keys, sort=False).segment_transitions.mean()
+    return pd.concat([jac, seg], axis=1).reset_index()
+
+
+def binned_profile(profiles: pd.DataFrame, num_bins: int = 10) -> pd.DataFrame:
+    """The mean profile: per (model, kind, bin of ``u``), the Jacobian norm and the transitions per segment, first
+    averaged within each ellipse, then over the ellipses."""
+    edges = np.linspace(0, 1, num_bins + 1)
+    p = profiles.assign(
+        bin=np.clip(np.digitize(profiles.u, edges) - 1, 0, num_bins - 1),
+        bin_segment=np.clip(np.digitize(profiles.u_segment, edges) - 1, 0, num_bins - 1),
+    )
+    keys = ["model", "kind", "ellipse"]
+    jac = p.groupby([*keys, "bin"]).jacobian_norm.mean().groupby(["model", "kind", "bin"]).mean()
+    seg = (p.groupby([*keys, "bin_segment"]).segment_transitions.mean()
+           .rename_axis([*keys, "bin"]).groupby(["model", "kind", "bin"]).mean())
+    out = pd.concat([jac, seg], axis=1).reset_index()
+    return out.assign(u_mid=(edges[out.bin] + edges[out.bin + 1]) / 2)
 
 
 def pair_links(sweep: Sweep) -> pd.DataFrame:
@@ -171,14 +213,6 @@ def f3_effects(pairs: pd.DataFrame) -> pd.DataFrame:
             "val_accuracy_change_median": float(d_val.median()) if n else np.nan,
         })
     return pd.DataFrame(rows)
-
-
-def f3_verdict(row: pd.Series) -> str:
-    """F3's rule, fixed in advance: with at least ``MIN_CLEAN_PAIRS`` clean pairs, the Jacobian norm moves the
-    paper's way in more than half of them; with fewer, no verdict."""
-    if row.both_fit < MIN_CLEAN_PAIRS:
-        return "undecided"
-    return "yes" if row.jacobian_as_paper > row.both_fit / 2 else "no"
 
 
 def f4_population(table: pd.DataFrame) -> pd.DataFrame:

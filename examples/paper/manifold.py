@@ -11,9 +11,8 @@ along the same ellipses, each through three anchors placed at ``t = 0, 2 pi / 3,
 At every point of every ellipse the Jacobian norm, and on every segment (point ``i`` to ``i + 1``) the
 linear-region transitions crossed. Each point and segment is placed by its distance in ``t`` to the nearest
 anchor, as a share ``u`` of the largest possible distance (``pi / 3``): ``u = 0`` at an anchor, ``u = 1`` half way
-between two. The profile is averaged over the ellipses, per bin of ``u``, and summarized in three regions:
-near the anchors (``u < NEAR``), between them (``u >= BETWEEN``) on the on-manifold ellipses, and the whole of
-the off-manifold ellipses.
+between two. The profiles' statistics are in ``examples.paper.analysis``, F2's verdicts in
+``examples.paper.verdicts``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ from typing_extensions import override
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from examples.paper.data import DataSpec, load_tensors
-from examples.paper.sweep import ModelConfig, evaluate_logits
+from examples.paper.grid import ModelConfig
+from examples.paper.measures import loss_and_accuracy
 from lightning_sensitivity.functional import (
     count_transitions,
     ellipse_through,
@@ -40,12 +40,9 @@ from lightning_sensitivity.functional import (
     jacobian_norm,
 )
 
+#: The anchor kinds of the ellipses; the first two are on the data manifold.
 KINDS = ("one class", "any classes", "off manifold")
 ON_MANIFOLD = KINDS[:2]
-#: The regions of a profile, as shares of the largest distance in t to the nearest anchor.
-NEAR = 0.1
-BETWEEN = 0.5
-QUANTITIES = {"jacobian_norm": "Jacobian norm", "segment_transitions": "transitions per segment"}
 
 
 @dataclass
@@ -84,7 +81,7 @@ class StopAtTrainAccuracy(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accuracy = (evaluate_logits(pl_module, self.x).argmax(1) == self.y).double().mean().item()
+        _, self.accuracy = loss_and_accuracy(pl_module, self.x, self.y)
         if self.accuracy >= self.target:
             trainer.should_stop = True
 
@@ -99,81 +96,6 @@ def distance_to_anchor(t: np.ndarray) -> np.ndarray:
     third = 2 * math.pi / 3
     offset = np.mod(t, third)
     return np.minimum(offset, third - offset) / (math.pi / 3)
-
-
-def region_of(kind: pd.Series, u: pd.Series) -> np.ndarray:
-    """Per point: ``near``, ``between``, ``off`` or ``""`` (an on-manifold point in neither region).
-
-    Example:
-        >>> region_of(pd.Series(["one class"] * 3 + ["off manifold"]), pd.Series([0.05, 0.3, 0.7, 0.05])).tolist()
-        ['near', '', 'between', 'off']
-    """
-    on = np.where(u < NEAR, "near", np.where(u >= BETWEEN, "between", ""))
-    return np.where(kind.isin(ON_MANIFOLD), on, "off").astype(object)
-
-
-def region_means(profiles: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, kind, ellipse, region), the mean Jacobian norm over the region's points and the mean
-    transitions over its segments (a segment is placed by its midpoint)."""
-    points = profiles.assign(region=region_of(profiles.kind, profiles.u))
-    segments = profiles.assign(region=region_of(profiles.kind, profiles.u_segment))
-    keys = ["model", "kind", "ellipse", "region"]
-    jac = points[points.region != ""].groupby(keys, sort=False).jacobian_norm.mean()
-    seg = segments[segments.region != ""].groupby(keys, sort=False).segment_transitions.mean()
-    return pd.concat([jac, seg], axis=1).reset_index()
-
-
-def binned_profile(profiles: pd.DataFrame, num_bins: int = 10) -> pd.DataFrame:
-    """The mean profile: per (model, kind, bin of ``u``), the Jacobian norm and the transitions per segment, first
-    averaged within each ellipse, then over the ellipses."""
-    edges = np.linspace(0, 1, num_bins + 1)
-    p = profiles.assign(
-        bin=np.clip(np.digitize(profiles.u, edges) - 1, 0, num_bins - 1),
-        bin_segment=np.clip(np.digitize(profiles.u_segment, edges) - 1, 0, num_bins - 1),
-    )
-    keys = ["model", "kind", "ellipse"]
-    jac = p.groupby([*keys, "bin"]).jacobian_norm.mean().groupby(["model", "kind", "bin"]).mean()
-    seg = (p.groupby([*keys, "bin_segment"]).segment_transitions.mean()
-           .rename_axis([*keys, "bin"]).groupby(["model", "kind", "bin"]).mean())
-    out = pd.concat([jac, seg], axis=1).reset_index()
-    return out.assign(u_mid=(edges[out.bin] + edges[out.bin + 1]) / 2)
-
-
-def f2_comparisons(profiles: pd.DataFrame) -> pd.DataFrame:
-    """The comparisons of F2, one row per (on-manifold kind, quantity, comparison), with the verdict by the rule
-    fixed in advance:
-
-    - ``near < between`` (trained): the mean over ellipses is lower near the anchors, and so it is on more than
-      half of the ellipses one by one;
-    - ``between < off`` (trained): the on-manifold mean between the anchors is below the off-manifold mean;
-    - ``training lowers near / between``: the trained model's ratio near / between is below the untrained one's.
-    """
-    regions = region_means(profiles)
-    rows = []
-    for kind in ON_MANIFOLD:
-        for quantity, label in QUANTITIES.items():
-            def values(model: str, kind: str, region: str, quantity: str = quantity) -> pd.Series:
-                r = regions[(regions.model == model) & (regions.kind == kind) & (regions.region == region)]
-                return r.set_index("ellipse")[quantity]
-
-            near, between = values("trained", kind, "near"), values("trained", kind, "between")
-            off = values("trained", "off manifold", "off")
-            u_near, u_between = values("untrained", kind, "near"), values("untrained", kind, "between")
-            per_ellipse = float((near < between.loc[near.index]).mean())
-            ratio = near.mean() / between.mean() if between.mean() > 0 else math.nan
-            u_ratio = u_near.mean() / u_between.mean() if u_between.mean() > 0 else math.nan
-            rows += [
-                {"kind": kind, "quantity": label, "comparison": "near < between (trained)",
-                 "left": near.mean(), "right": between.mean(), "ellipses_agreeing": per_ellipse,
-                 "holds": bool(near.mean() < between.mean() and per_ellipse > 0.5)},
-                {"kind": kind, "quantity": label, "comparison": "between < off manifold (trained)",
-                 "left": between.mean(), "right": off.mean(), "ellipses_agreeing": math.nan,
-                 "holds": bool(between.mean() < off.mean())},
-                {"kind": kind, "quantity": label, "comparison": "near / between: trained < untrained",
-                 "left": ratio, "right": u_ratio, "ellipses_agreeing": math.nan,
-                 "holds": bool(ratio < u_ratio)},
-            ]
-    return pd.DataFrame(rows)
 
 
 def manifold_anchors(x: Tensor, y: Tensor, num_ellipses: int, seed: int) -> dict[str, Tensor]:

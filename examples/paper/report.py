@@ -1,8 +1,11 @@
-"""The report: PNG figures and a Markdown file that states, with the numbers, what reproduced and what did not.
+"""The report: a Markdown file that states, with the numbers, what reproduced and what did not (its figures are
+drawn by ``examples.paper.figures``).
 
 Every number in the report is computed from the files beside it (``results.csv``, ``manifold_profiles.csv``,
-the per-point records) by ``examples.paper.analysis`` and ``examples.paper.manifold``; the verdicts are rules
-stated in the report before the numbers and applied to them, never tuned to the outcome.
+the per-point records) by ``examples.paper.analysis``, once, into :class:`Statistics`; the verdicts are the rules
+of ``examples.paper.verdicts``, stated in the report before the numbers and applied to them, never tuned to the
+outcome. Each section of the report is written by one function; the findings table is built once and shown in
+the summary and again in the closing note.
 """
 
 from __future__ import annotations
@@ -11,36 +14,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from examples.paper.analysis import (  # noqa: E402
+from examples.paper.analysis import (
     GAPS,
     MEASURES,
-    MIN_CLEAN_PAIRS,
-    SIGNIFICANCE,
-    f1_found,
+    QUANTITIES,
+    binned_profile,
     f1_population,
     f1_statistics,
     f3_effects,
-    f3_verdict,
     f4_population,
     f4_summary,
     is_grid,
+    jacobian_rank,
 )
-from examples.paper.manifold import BETWEEN, KINDS, NEAR, binned_profile, f2_comparisons  # noqa: E402
-from examples.paper.sweep import AXES, FULL_BATCH_EPOCH_FACTOR, NOISE_STD, SHARPNESS_DRAWS, SHARPNESS_SCALE  # noqa: E402
-
-FIGURES = {
-    "f1": "f1_measures.png",
-    "f2": "f2_profiles.png",
-    "f3": "f3_pairs.png",
-    "f4": "f4_points.png",
-}
+from examples.paper.figures import FIGURES, figure_f1, figure_f2, figure_f3, figure_f4
+from examples.paper.grid import AXES
+from examples.paper.manifold import ON_MANIFOLD
+from examples.paper.verdicts import (
+    F2_COMPARISONS,
+    RULES,
+    f1_found,
+    f2_comparisons,
+    f3_verdict,
+    f4_beyond_confidence,
+    f4_found,
+)
 
 SECTIONS = ("Verdict rules", "Summary", "F1", "F2", "F3", "F4", "Models that did not fit", "Files", "Closing note")
 
@@ -75,97 +76,68 @@ class Run:
     wall_time: str
 
 
-def figure_f1(population: pd.DataFrame, f1: pd.DataFrame, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for ax, gap in zip(axes[:2], GAPS, strict=True):
-        scatter = ax.scatter(population[gap], population.jacobian_norm, c=population.depth, s=16, cmap="viridis")
-        ax.set_yscale("log")
-        ax.set_xlabel(GAPS[gap])
-        ax.set_ylabel("mean Jacobian norm on held-out points")
-    fig.colorbar(scatter, ax=axes[1], label="depth")
-    rows = f1[f1.gap == "gap_loss"].reset_index(drop=True)
-    y = np.arange(len(rows))
-    axes[2].errorbar(rows.tau, y, xerr=[rows.tau - rows.ci_low, rows.ci_high - rows.tau], fmt="o", label="tau (95% CI)")
-    axes[2].scatter(rows.granulated, y, marker="x", color="tab:red", label="granulated")
-    axes[2].axvline(0, color="black", linewidth=0.6)
-    axes[2].set_yticks(y, rows.measure, fontsize=8)
-    axes[2].set_xlabel("Kendall with the loss gap")
-    axes[2].legend(fontsize=8)
-    fig.suptitle("F1: the Jacobian norm and the baselines over the models that fit their training set")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+@dataclass
+class Statistics:
+    """Every statistic the report shows, computed once from a :class:`Run`.
+
+    Args:
+        run: what they are computed from.
+        grid: the F1 grid's models (fitted or not).
+        population: F1's population, with the derived measures.
+        f1: ``analysis.f1_statistics`` of the population.
+        ranks: per gap, the Jacobian norm's rank among the measures by tau and by the granulated coefficient.
+        profile: F2's binned mean profiles.
+        f2: F2's comparisons and their verdicts.
+        f3: ``analysis.f3_effects``, with each factor's ``verdict``.
+        f4_models: F4's models.
+        f4: ``analysis.f4_summary``, indexed by statistic.
+        example_id: the model with the median held-out accuracy among F4's, shown point by point.
+    """
+
+    run: Run
+    grid: pd.DataFrame
+    population: pd.DataFrame
+    f1: pd.DataFrame
+    ranks: dict[str, tuple[int, int]]
+    profile: pd.DataFrame
+    f2: pd.DataFrame
+    f3: pd.DataFrame
+    f4_models: pd.DataFrame
+    f4: pd.DataFrame
+    example_id: str
 
 
-def figure_f2(profile: pd.DataFrame, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
-    colours = dict(zip(KINDS, ("tab:blue", "tab:green", "tab:red"), strict=True))
-    for (model, kind), rows in profile.groupby(["model", "kind"], sort=False):
-        style = {"color": colours[kind], "linestyle": "-" if model == "trained" else ":", "marker": "o", "markersize": 3}
-        axes[0].plot(rows.u_mid, rows.jacobian_norm, label=f"{model}, {kind}", **style)
-        axes[1].plot(rows.u_mid, rows.segment_transitions, label=f"{model}, {kind}", **style)
-    for ax in axes:
-        ax.axvspan(0, NEAR, color="grey", alpha=0.15)
-        ax.axvspan(BETWEEN, 1, color="grey", alpha=0.07)
-        ax.set_xlabel("distance in t to the nearest anchor (0: at an anchor, 1: half way between two)")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("mean Jacobian norm")
-    axes[1].set_ylabel("mean transitions per segment")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("F2: mean profiles along the ellipses (shaded: the 'near' and 'between' regions)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_f3(pairs: pd.DataFrame, path: Path) -> None:
-    factors = list(dict.fromkeys(pairs.factor))
-    fig, axes = plt.subplots(1, len(factors), figsize=(3.0 * len(factors), 3.4), squeeze=False)
-    for ax, factor in zip(axes[0], factors, strict=True):
-        p = pairs[pairs.factor == factor]
-        for pair in p.itertuples():
-            ax.annotate("", xy=(pair.gap_loss_variant, pair.jacobian_norm_variant),
-                        xytext=(pair.gap_loss_base, pair.jacobian_norm_base),
-                        arrowprops={"arrowstyle": "->", "color": "tab:red" if pair.both_fit else "lightgrey"})
-        ax.scatter(p.gap_loss_base, p.jacobian_norm_base, s=10, color="tab:blue")
-        ax.scatter(p.gap_loss_variant, p.jacobian_norm_variant, s=10, color="tab:red")
-        ax.set_yscale("log")
-        ax.set_title(factor, fontsize=9)
-        ax.set_xlabel("loss gap")
-    axes[0][0].set_ylabel("Jacobian norm")
-    fig.suptitle("F3: base model -> variant (red: both fit; grey: at least one did not)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_f4(models: pd.DataFrame, example: pd.DataFrame, example_id: str, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    wrong = example.label != example.prediction
-    axes[0].scatter(example.max_softmax[~wrong], example.jacobian_norm[~wrong], s=6, alpha=0.5, label="correct")
-    axes[0].scatter(example.max_softmax[wrong], example.jacobian_norm[wrong], s=10, color="tab:red", label="misclassified")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("max-softmax probability at the test point")
-    axes[0].set_ylabel("Jacobian norm at the test point")
-    axes[0].set_title(example_id, fontsize=8)
-    axes[0].legend(fontsize=8)
-    bins = np.linspace(0.3, 1, 29)
-    for column, label in (("f4_auc_jacobian", "Jacobian norm"), ("f4_auc_max_softmax", "1 - max-softmax"),
-                          ("f4_auc_entropy", "entropy")):
-        axes[1].hist(models[column].dropna(), bins=bins, alpha=0.5, label=label)
-    axes[1].set_xlabel("ROC AUC for the misclassified points")
-    axes[1].legend(fontsize=8)
-    axes[2].hist(models.f4_auc_jacobian_within_confidence.dropna(), bins=bins, color="tab:purple")
-    axes[2].axvline(0.5, color="black", linewidth=0.6)
-    axes[2].set_xlabel("AUC of the Jacobian norm within max-softmax bins")
-    fig.suptitle("F4: the Jacobian norm at individual test points, beside the model's confidence")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def statistics(run: Run) -> Statistics:
+    """The report's statistics of ``run``."""
+    table = run.table
+    population = f1_population(table)
+    f1 = f1_statistics(population)
+    f3 = f3_effects(run.pairs)
+    f4_models = f4_population(table)
+    return Statistics(
+        run=run,
+        grid=table[is_grid(table)],
+        population=population,
+        f1=f1,
+        ranks={gap: (jacobian_rank(f1, gap, "tau"), jacobian_rank(f1, gap, "granulated")) for gap in GAPS},
+        profile=binned_profile(run.profiles),
+        f2=f2_comparisons(run.profiles),
+        f3=f3.assign(verdict=[f3_verdict(r) for _, r in f3.iterrows()]),
+        f4_models=f4_models,
+        f4=f4_summary(f4_models).set_index("statistic"),
+        example_id=f4_models.sort_values("val_accuracy").model_id.iloc[len(f4_models) // 2],
+    )
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """``frame`` as a Markdown table, floats with ``digits`` decimals."""
+    """``frame`` as a Markdown table, floats with ``digits`` decimals.
+
+    Example:
+        >>> print(markdown_table(pd.DataFrame({"a": [1.23456], "b": ["x"]})))
+        | a | b |
+        |---|---|
+        | 1.235 | x |
+    """
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
     for _, row in frame.iterrows():
         cells = [num(v, digits) if isinstance(v, float) else str(v) for v in row]
@@ -173,137 +145,54 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def f1_table(f1: pd.DataFrame) -> pd.DataFrame:
-    """The F1 table of the report: one row per (measure, gap)."""
-    rows = []
-    for r in f1.itertuples():
-        rows.append({
-            "measure": r.measure, "gap": GAPS[r.gap], "n": r.n, "Kendall tau": num(r.tau),
-            "95% CI": f"[{num(r.ci_low)}, {num(r.ci_high)}]", "p": _p(r.p), "granulated": num(r.granulated),
-            **{f"psi {axis}": num(getattr(r, f"psi_{axis}")) for axis in AXES},
-        })
-    return pd.DataFrame(rows)
-
-
-def jacobian_rank(f1: pd.DataFrame, gap: str, column: str) -> int:
-    """The Jacobian norm's rank (1 = best) among the measures, by ``column`` (``tau`` or ``granulated``)."""
-    rows = f1[f1.gap == gap].sort_values(column, ascending=False).reset_index(drop=True)
-    return int(rows.index[rows.column == "jacobian_norm"][0]) + 1
-
-
-def write_report(out_dir: Path, run: Run) -> Path:
-    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md``; return the report's path."""
-    figures = out_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    table = run.table
-    population = f1_population(table)
-    f1 = f1_statistics(population)
-    f3 = f3_effects(run.pairs)
-    f4_models = f4_population(table)
-    f4 = f4_summary(f4_models).set_index("statistic")
-    profile = binned_profile(run.profiles)
-    f2 = f2_comparisons(run.profiles)
-    example_id = f4_models.sort_values("val_accuracy").model_id.iloc[len(f4_models) // 2]
-    example = pd.read_csv(out_dir / "points" / f"{example_id}.csv")
-    figure_f1(population, f1, figures / FIGURES["f1"])
-    figure_f2(profile, figures / FIGURES["f2"])
-    figure_f3(run.pairs, figures / FIGURES["f3"])
-    figure_f4(f4_models, example, example_id, figures / FIGURES["f4"])
-
-    grid = table[is_grid(table)]
-    unfitted = table[~table.reached_target.astype(bool)]
-    jac = f1[f1.column == "jacobian_norm"].set_index("gap")
-    ranks = {gap: (jacobian_rank(f1, gap, "tau"), jacobian_rank(f1, gap, "granulated")) for gap in GAPS}
+def findings_table(s: Statistics) -> str:
+    """The findings table: one row per finding with its verdict, and the legend of F2's three verdicts."""
+    rows = ["| Finding | Paper | Measured here | Reproduced |", "|---|---|---|---|"]
     num_measures = len(MEASURES)
-    f2_by = {(r.kind, r.quantity, r.comparison): r for r in f2.itertuples()}
-    f4_found = bool(f4.loc["f4_spearman_jacobian", "median"] > 0 and f4.loc["f4_auc_jacobian", "median"] > 0.5)
-    beyond = bool(
-        f4.loc["f4_partial_spearman", "median"] > 0 and f4.loc["f4_partial_spearman", "sign_test_p"] < SIGNIFICANCE
-        and f4.loc["f4_auc_jacobian_within_confidence", "median"] > 0.5
-        and f4.loc["f4_auc_jacobian_within_confidence", "sign_test_p"] < SIGNIFICANCE
-    )
-    auc_difference = (f4_models.f4_auc_jacobian - f4_models.f4_auc_max_softmax).dropna()
-
-    findings = ["| Finding | Paper | Measured here | Reproduced |", "|---|---|---|---|"]
-    for gap, r in jac.iterrows():
-        findings.append(
+    for gap, r in s.f1[s.f1.column == "jacobian_norm"].set_index("gap").iterrows():
+        rows.append(
             f"| F1 ({GAPS[gap]}) | the Jacobian norm correlates with the gap | Kendall tau {num(r.tau)} "
             f"[{num(r.ci_low)}, {num(r.ci_high)}] (p = {_p(r.p)}), granulated {num(r.granulated)}, {r.n} fitted "
-            f"models; rank {ranks[gap][0]} of {num_measures} by tau, {ranks[gap][1]} by granulated | "
+            f"models; rank {s.ranks[gap][0]} of {num_measures} by tau, {s.ranks[gap][1]} by granulated | "
             f"{_yes(f1_found(r))} |"
         )
-    for kind in KINDS[:2]:
-        for quantity in ("Jacobian norm", "transitions per segment"):
-            near = f2_by[(kind, quantity, "near < between (trained)")]
-            off = f2_by[(kind, quantity, "between < off manifold (trained)")]
-            trained = f2_by[(kind, quantity, "near / between: trained < untrained")]
-            findings.append(
+    f2_by = {(r.kind, r.quantity, r.comparison): r for r in s.f2.itertuples()}
+    for kind in ON_MANIFOLD:
+        for quantity in QUANTITIES.values():
+            near, off, trained = (f2_by[(kind, quantity, comparison)] for comparison in F2_COMPARISONS)
+            rows.append(
                 f"| F2 ({quantity}, anchors {kind}) | lowest near training points, higher between, highest off "
                 f"the manifold | {num(near.left)} near, {num(near.right)} between, {num(off.right)} off; "
                 f"near / between {num(trained.left)} trained vs {num(trained.right)} untrained | "
                 f"{_yes(near.holds)} / {_yes(off.holds)} / {_yes(trained.holds)} |"
             )
-    for r in f3.itertuples():
-        findings.append(
+    for r in s.f3.itertuples():
+        rows.append(
             f"| F3 ({r.factor}) | {r.paper} sensitivity | Jacobian norm {r.paper} in {r.jacobian_as_paper} of "
             f"{r.both_fit} pairs that both fit (median ratio {num(r.jacobian_ratio_median)}); {r.pairs - r.both_fit} "
-            f"pairs apart | {_yes(f3_verdict(pd.Series(r._asdict())))} |"
+            f"pairs apart | {_yes(r.verdict)} |"
         )
-    findings.append(
+    f4 = s.f4
+    rows.append(
         f"| F4 | the per-point Jacobian norm predicts the per-point loss | median Spearman "
         f"{num(f4.loc['f4_spearman_jacobian', 'median'])}, median ROC AUC for errors "
-        f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found)} |"
+        f"{num(f4.loc['f4_auc_jacobian', 'median'])} | {_yes(f4_found(f4))} |"
     )
-    findings.append(
+    rows.append(
         f"| F4 (beyond confidence) | (not in the paper) | median partial Spearman given max-softmax "
         f"{num(f4.loc['f4_partial_spearman', 'median'])}, median AUC within confidence bins "
         f"{num(f4.loc['f4_auc_jacobian_within_confidence', 'median'])}; max-softmax alone AUC "
-        f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(beyond)} |"
+        f"{num(f4.loc['f4_auc_max_softmax', 'median'])} | {_yes(f4_beyond_confidence(f4))} |"
     )
-    findings.append("")
-    findings.append("F2's three verdicts per row: near < between (trained) / between < off manifold (trained) / "
-                    "near-to-between ratio lower trained than untrained.")
-    findings_table = "\n".join(findings)
+    rows.append("")
+    rows.append("F2's three verdicts per row: near < between (trained) / between < off manifold (trained) / "
+                "near-to-between ratio lower trained than untrained.")
+    return "\n".join(rows)
 
-    f2_rows = f2.assign(
-        left=f2.left.map(num), right=f2.right.map(num),
-        ellipses_agreeing=f2.ellipses_agreeing.map(lambda v: "" if np.isnan(v) else num(v)),
-        holds=f2.holds.map(_yes),
-    )
-    levels = profile.pivot_table(index=["model", "kind"], columns="bin", values="jacobian_norm", sort=False)
-    levels.columns = [f"u {b / 10:.1f}-{(b + 1) / 10:.1f}" for b in levels.columns]
-    counts = run.curves
-    half_gap = float((counts.transitions - counts.transitions_half).sum() / max(counts.transitions.sum(), 1))
 
-    f3_rows = f3.assign(verdict=[_yes(f3_verdict(r)) for _, r in f3.iterrows()])
-    f3_rows = f3_rows[["factor", "paper", "pairs", "base_fit", "variant_fit", "both_fit", "jacobian_ratio_median",
-                       "jacobian_as_paper", "sign_test_p", "verdict", "transitions_ratio_median",
-                       "transitions_as_paper", "gap_loss_as_paper", "gap_accuracy_as_paper", "val_accuracy_up",
-                       "val_accuracy_change_median"]]
-    pair_list = run.pairs.assign(
-        jacobian_ratio=(run.pairs.jacobian_norm_variant / run.pairs.jacobian_norm_base),
-        transitions_ratio=(run.pairs.transitions_variant / run.pairs.transitions_base),
-        val_accuracy_change=run.pairs.val_accuracy_variant - run.pairs.val_accuracy_base,
-        epochs_trained_variant=run.pairs.epochs_trained_variant.astype(int),
-    )[["factor", "model_id_base", "both_fit", "epochs_trained_variant", "jacobian_ratio", "transitions_ratio",
-       "val_accuracy_change"]]
-    augmentation = f3[f3.factor == "augmentation"]
-    aug_text = (
-        f"The augmentation raised held-out accuracy in {int(augmentation.val_accuracy_up.iloc[0])} of "
-        f"{int(augmentation.both_fit.iloc[0])} clean pairs (median change "
-        f"{num(float(augmentation.val_accuracy_change_median.iloc[0]), 4)}): "
-        + ("on this data it does help generalization." if augmentation.val_accuracy_up.iloc[0] > augmentation.both_fit.iloc[0] / 2
-           else "on this data it does not clearly help generalization, so its pairs test the paper's premise only weakly.")
-        if len(augmentation) and augmentation.both_fit.iloc[0] else "No augmentation pair fitted on both sides."
-    )
-
-    f4_rows = f4.reset_index()
-    unfitted_rows = unfitted[["model_id", "epochs_trained", "max_epochs", "train_accuracy", "val_accuracy"]].astype(
-        {"epochs_trained": int, "max_epochs": int})
-    by_part = (f"{int((~grid.reached_target.astype(bool)).sum())} of {len(grid)} grid models and "
-               f"{int((~table[~is_grid(table)].reached_target.astype(bool)).sum())} of {int((~is_grid(table)).sum())} "
-               "variants")
-    text = f"""# Sensitivity and generalization: the reproduction, as measured
+def header(run: Run) -> str:
+    """The title, what the report does, and how the run was made."""
+    return f"""# Sensitivity and generalization: the reproduction, as measured
 
 This report reproduces the four findings of Novak et al., "Sensitivity and Generalization in Neural Networks:
 an Empirical Study" (ICLR 2018) on one data set, and judges the Jacobian norm as a generalization measure the
@@ -314,70 +203,64 @@ Command: `{run.command}`
 
 {run.seeds}
 
-{chr(10).join(f"- {line}" for line in run.setup)}
+{chr(10).join(f"- {line}" for line in run.setup)}"""
 
-## Verdict rules
+
+def rules_section() -> str:
+    """Every verdict rule, before any number."""
+    return f"""## Verdict rules
 
 Fixed before the numbers below were computed, and applied to them mechanically.
 
-- Fit criterion: a model fits when, in eval mode, it classifies every training point (with the labels it
-  learned) correctly. Training stops there, or at its budget: the stated `max_epochs` for mini-batches,
-  {FULL_BATCH_EPOCH_FACTOR} times as many epochs for full-batch training (one step per epoch). Models that do
-  not fit are listed apart, never silently dropped.
-- Gaps: loss gap = held-out minus training cross-entropy; accuracy gap = training minus held-out accuracy; both
-  sides in eval mode on the whole training and held-out sets.
-- **F1** is judged over the grid's models (ReLU, true labels, no augmentation, mini-batches) that fit. It
-  holds for a gap if Kendall's tau between the mean held-out Jacobian norm and the gap is positive with
-  p < {SIGNIFICANCE} and its bootstrap 95% interval (2,000 resamples of the models) lies above zero. The
-  granulated coefficient is the mean over the axes ({", ".join(AXES)}) of psi, the mean tau over the groups of
-  models that differ in that axis alone. Every baseline gets the same statistics; the Jacobian norm's rank among
-  them is reported, not judged. Each measure is oriented so that larger means "predicts a larger gap": parameter
-  norm; distance from initialization; log of the product of the weight matrices' spectral norms; sharpness
-  (mean training-loss increase over {SHARPNESS_DRAWS} seeded random perturbations of every parameter tensor,
-  each of norm {SHARPNESS_SCALE} times the tensor's); 1 - mean max-softmax probability on held-out points.
-- **F2** uses one trained model of three ReLU layers (and its initial weights as the untrained model), along
-  ellipses through three anchors: three training points of one class, three of any classes, or three
-  off-manifold points (matched to the training data's per-feature mean and standard deviation). The distance in
-  t to the nearest anchor, as a share u of its largest value: "near" is u < {NEAR}, "between" is u >= {BETWEEN},
-  "off" is the whole of an off-manifold ellipse. For the Jacobian norm and for the transitions per segment, for
-  each on-manifold anchor kind, three verdicts: near < between (trained; in the mean over ellipses and on more
-  than half of the ellipses one by one); between < off (trained, means); and the trained model's near / between
-  ratio below the untrained model's (training, not geometry, makes the dip at the anchors).
-- **F3** pairs a grid model with a variant that differs in one factor (same seed, initial weights, batch order).
-  A factor's verdict uses only the pairs where both models fit; with at least {MIN_CLEAN_PAIRS} such pairs it
-  holds if the Jacobian norm moves the paper's way in more than half of them, otherwise it is "undecided". The
-  augmentation is Gaussian input noise (standard deviation {NOISE_STD}, drawn anew each epoch); whether it
-  improves held-out accuracy here is checked, not assumed.
-- **F4** is judged over every fitted model trained on true labels. It holds if the median per-model Spearman
-  correlation between the per-point Jacobian norm and the per-point loss is positive and the median ROC AUC of
-  the Jacobian norm for the misclassified points is above 0.5. The Jacobian norm "adds information beyond
-  confidence" if both the median partial Spearman correlation (Jacobian norm and loss, max-softmax held fixed,
-  on ranks) is above 0 and the median AUC within five max-softmax quantile bins is above 0.5, each on a sign
-  test over the models with p < {SIGNIFICANCE}.
+{RULES}"""
 
-## Summary
 
-{findings_table}
+def summary_section(findings: str) -> str:
+    """The findings table."""
+    return f"## Summary\n\n{findings}"
 
-## F1: the Jacobian norm and the baselines over the fitted models
+
+def f1_section(s: Statistics) -> str:
+    """F1: Kendall's tau, its interval and the granulated coefficient of every measure against each gap."""
+    rows = []
+    for r in s.f1.itertuples():
+        rows.append({
+            "measure": r.measure, "gap": GAPS[r.gap], "n": r.n, "Kendall tau": num(r.tau),
+            "95% CI": f"[{num(r.ci_low)}, {num(r.ci_high)}]", "p": _p(r.p), "granulated": num(r.granulated),
+            **{f"psi {axis}": num(getattr(r, f"psi_{axis}")) for axis in AXES},
+        })
+    return f"""## F1: the Jacobian norm and the baselines over the fitted models
 
 ![F1](figures/{FIGURES["f1"]})
 
-Population: {len(population)} of the {len(grid)} grid models fitted their training set (the others are listed
+Population: {len(s.population)} of the {len(s.grid)} grid models fitted their training set (the others are listed
 under "Models that did not fit"). One row per measure and gap; "psi <axis>" is the mean tau over the groups of
 fitted models that differ in that axis alone.
 
-{markdown_table(f1_table(f1))}
+{markdown_table(pd.DataFrame(rows))}
 
-The Jacobian norm ranks {ranks["gap_loss"][0]} of {num_measures} by tau and {ranks["gap_loss"][1]} by the
-granulated coefficient for the loss gap; {ranks["gap_accuracy"][0]} and {ranks["gap_accuracy"][1]} for the
-accuracy gap.
+The Jacobian norm ranks {s.ranks["gap_loss"][0]} of {len(MEASURES)} by tau and {s.ranks["gap_loss"][1]} by the
+granulated coefficient for the loss gap; {s.ranks["gap_accuracy"][0]} and {s.ranks["gap_accuracy"][1]} for the
+accuracy gap."""
 
-## F2: along ellipses through training points, between them and off the manifold
+
+def f2_section(s: Statistics) -> str:
+    """F2: the comparisons with their verdicts, the binned profile of the Jacobian norm, the transitions'
+    convergence evidence."""
+    f2 = s.f2.assign(
+        left=s.f2.left.map(num), right=s.f2.right.map(num),
+        ellipses_agreeing=s.f2.ellipses_agreeing.map(lambda v: "" if np.isnan(v) else num(v)),
+        holds=s.f2.holds.map(_yes),
+    )
+    levels = s.profile.pivot_table(index=["model", "kind"], columns="bin", values="jacobian_norm", sort=False)
+    levels.columns = [f"u {b / 10:.1f}-{(b + 1) / 10:.1f}" for b in levels.columns]
+    counts = s.run.curves
+    half_gap = float((counts.transitions - counts.transitions_half).sum() / max(counts.transitions.sum(), 1))
+    return f"""## F2: along ellipses through training points, between them and off the manifold
 
 ![F2](figures/{FIGURES["f2"]})
 
-{markdown_table(f2_rows)}
+{markdown_table(f2)}
 
 Mean Jacobian norm per bin of u (averaged within each ellipse, then over the ellipses):
 
@@ -385,13 +268,37 @@ Mean Jacobian norm per bin of u (averaged within each ellipse, then over the ell
 
 Transitions are counted on the sampled points of each ellipse; counted on every other point instead, the total
 is {num(100 * half_gap, 2)}% lower (the discretization's convergence evidence: the count on all points can only
-be closer to the exact one).
+be closer to the exact one)."""
 
-## F3: paired factors, on pairs that both fit
 
-{markdown_table(f3_rows)}
+def f3_section(s: Statistics) -> str:
+    """F3: each factor's paired effects and verdict, whether the augmentation helps here, every pair."""
+    f3 = s.f3.assign(verdict=s.f3.verdict.map(_yes))[
+        ["factor", "paper", "pairs", "base_fit", "variant_fit", "both_fit", "jacobian_ratio_median",
+         "jacobian_as_paper", "sign_test_p", "verdict", "transitions_ratio_median", "transitions_as_paper",
+         "gap_loss_as_paper", "gap_accuracy_as_paper", "val_accuracy_up", "val_accuracy_change_median"]]
+    pairs = s.run.pairs
+    pair_list = pairs.assign(
+        jacobian_ratio=(pairs.jacobian_norm_variant / pairs.jacobian_norm_base),
+        transitions_ratio=(pairs.transitions_variant / pairs.transitions_base),
+        val_accuracy_change=pairs.val_accuracy_variant - pairs.val_accuracy_base,
+        epochs_trained_variant=pairs.epochs_trained_variant.astype(int),
+    )[["factor", "model_id_base", "both_fit", "epochs_trained_variant", "jacobian_ratio", "transitions_ratio",
+       "val_accuracy_change"]]
+    augmentation = s.f3[s.f3.factor == "augmentation"]
+    aug_text = (
+        f"The augmentation raised held-out accuracy in {int(augmentation.val_accuracy_up.iloc[0])} of "
+        f"{int(augmentation.both_fit.iloc[0])} clean pairs (median change "
+        f"{num(float(augmentation.val_accuracy_change_median.iloc[0]), 4)}): "
+        + ("on this data it does help generalization." if augmentation.val_accuracy_up.iloc[0] > augmentation.both_fit.iloc[0] / 2
+           else "on this data it does not clearly help generalization, so its pairs test the paper's premise only weakly.")
+        if len(augmentation) and augmentation.both_fit.iloc[0] else "No augmentation pair fitted on both sides."
+    )
+    return f"""## F3: paired factors, on pairs that both fit
 
-Counts ("as paper", "val_accuracy_up") are over the {'"both_fit"'} pairs; the sign test is two-sided. Ratios
+{markdown_table(f3)}
+
+Counts ("as paper", "val_accuracy_up") are over the "both_fit" pairs; the sign test is two-sided. Ratios
 are variant / base; transitions are the mean over four fixed ellipses through training points (sampled count).
 {aug_text}
 
@@ -399,11 +306,15 @@ are variant / base; transitions are the mean over four fixed ellipses through tr
 
 Every pair (the verdicts use the rows with both_fit True):
 
-{markdown_table(pair_list)}
+{markdown_table(pair_list)}"""
 
-## F4: individual test points, beside the model's confidence
 
-Over {len(f4_models)} fitted models on true labels: per-model statistics of the held-out points, summarized.
+def f4_section(s: Statistics) -> str:
+    """F4: the per-model statistics of the held-out points, summarized, beside the max-softmax probability."""
+    auc_difference = (s.f4_models.f4_auc_jacobian - s.f4_models.f4_auc_max_softmax).dropna()
+    return f"""## F4: individual test points, beside the model's confidence
+
+Over {len(s.f4_models)} fitted models on true labels: per-model statistics of the held-out points, summarized.
 "spearman_*": Spearman correlation with the per-point loss; "auc_*": ROC AUC for the misclassified points (the
 max-softmax enters as 1 - max p); "partial_spearman": Jacobian norm and loss with the max-softmax held fixed;
 "auc_jacobian_within_confidence": the Jacobian norm's AUC within five quantile bins of the max-softmax.
@@ -412,36 +323,74 @@ Most held-out points sit at a max-softmax near 1, so the lowest quantile bin spa
 and holds most errors: within it the Jacobian norm still tracks the confidence, which inflates the within-bin
 AUC. The partial rank correlation has no such bins, and is the stricter of the two tests.
 
-{markdown_table(f4_rows)}
+{markdown_table(s.f4.reset_index())}
 
 Model by model, the Jacobian norm's AUC minus the max-softmax probability's: median
 {num(float(auc_difference.median()), 4)}, positive in {int((auc_difference > 0).sum())} of {len(auc_difference)}
-models. The left panel shows the model with the median held-out accuracy, `{example_id}`.
+models. The left panel shows the model with the median held-out accuracy, `{s.example_id}`.
 
-![F4](figures/{FIGURES["f4"]})
+![F4](figures/{FIGURES["f4"]})"""
 
-## Models that did not fit
+
+def unfitted_section(s: Statistics) -> str:
+    """The models that did not reach the fit criterion, listed apart."""
+    table = s.run.table
+    unfitted = table[~table.reached_target.astype(bool)]
+    rows = unfitted[["model_id", "epochs_trained", "max_epochs", "train_accuracy", "val_accuracy"]].astype(
+        {"epochs_trained": int, "max_epochs": int})
+    variants = table[~is_grid(table)]
+    by_part = (f"{int((~s.grid.reached_target.astype(bool)).sum())} of {len(s.grid)} grid models and "
+               f"{int((~variants.reached_target.astype(bool)).sum())} of {len(variants)} variants")
+    return f"""## Models that did not fit
 
 {len(unfitted)} models did not reach the fit criterion within their budget ({by_part}); F1 and F3 leave them
 out, and they are listed here.
 
-{markdown_table(unfitted_rows) if len(unfitted) else "(none)"}
+{markdown_table(rows) if len(unfitted) else "(none)"}"""
 
-## Files
+
+def files_section() -> str:
+    """The files beside the report."""
+    return """## Files
 
 - `results.csv`: one row per model, every hyper-parameter and measurement (all numbers above).
 - `manifold_profiles.csv`: every point and segment of F2's ellipses; `manifold.csv`: one row per ellipse.
 - `points/<model_id>.csv`: per held-out point records of every model.
-- TensorBoard logs of every run: `tensorboard --logdir runs`.
+- TensorBoard logs of every run: `tensorboard --logdir runs`."""
 
-## Closing note
 
-{findings_table}
+def closing_section(s: Statistics, findings: str) -> str:
+    """The findings again, the Jacobian norm's ranks and the wall time."""
+    ranks = s.ranks
+    return f"""## Closing note
 
-The Jacobian norm's rank among the {num_measures} measures of F1: {ranks["gap_loss"][0]} by tau and
+{findings}
+
+The Jacobian norm's rank among the {len(MEASURES)} measures of F1: {ranks["gap_loss"][0]} by tau and
 {ranks["gap_loss"][1]} by the granulated coefficient (loss gap), {ranks["gap_accuracy"][0]} and
-{ranks["gap_accuracy"][1]} (accuracy gap). Wall time: {run.wall_time}.
-"""
+{ranks["gap_accuracy"][1]} (accuracy gap). Wall time: {s.run.wall_time}."""
+
+
+def write_figures(s: Statistics, out_dir: Path) -> None:
+    """Every figure of the report into ``out_dir/figures``."""
+    figures = out_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    example = pd.read_csv(out_dir / "points" / f"{s.example_id}.csv")
+    figure_f1(s.population, s.f1, figures / FIGURES["f1"])
+    figure_f2(s.profile, figures / FIGURES["f2"])
+    figure_f3(s.run.pairs, figures / FIGURES["f3"])
+    figure_f4(s.f4_models, example, s.example_id, figures / FIGURES["f4"])
+
+
+def write_report(out_dir: Path, run: Run) -> Path:
+    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md``; return the report's path."""
+    s = statistics(run)
+    write_figures(s, out_dir)
+    findings = findings_table(s)
+    sections = [
+        header(run), rules_section(), summary_section(findings), f1_section(s), f2_section(s), f3_section(s),
+        f4_section(s), unfitted_section(s), files_section(), closing_section(s, findings),
+    ]
     path = out_dir / "report.md"
-    path.write_text(text)
+    path.write_text("\n\n".join(sections) + "\n")
     return path

@@ -1,7 +1,9 @@
-"""Running the sweep: in this process, in a pool of processes (``--jobs N``), or on Ray Tune (``--ray``).
+"""Running the sweep: one model at a time (trained, measured, logged: ``train_and_measure``), in this process, in
+a pool of processes (``--jobs N``), or on Ray Tune (``--ray``).
 
 Whatever runs the models, each finished model becomes one row of one tidy table (``results.csv``), written
 after every model, so that an interrupted sweep keeps its finished models and a re-run trains only the rest.
+Each run writes its training curve and final measurements to TensorBoard.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +23,56 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from examples.paper.data import DataSpec
-from examples.paper.sweep import ModelConfig, train_and_measure
+from examples.paper.data import DataSpec, load_tensors
+from examples.paper.grid import ModelConfig, learning_rate_level
+from examples.paper.measures import measure
+from examples.paper.training import build_network, fit, training_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_and_measure(config: ModelConfig, spec: DataSpec, runs_dir: str, points_dir: str) -> dict[str, Any]:
+    """Train one model (its curve and final measurements logged to TensorBoard under ``runs_dir``), measure it,
+    and return its row of the table: every hyper-parameter and every measurement. Its per-point records are
+    written to ``points_dir/<model_id>.csv``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    x_train, y_true, x_val, y_val = load_tensors(spec)
+    num_classes = int(torch.cat([y_true, y_val]).max()) + 1
+    y_train = training_labels(y_true, num_classes, config.random_label_fraction, config.seed)
+    model = build_network(config, x_train[0].numel(), num_classes)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    folder = Path(runs_dir) / f"reproduce-{spec.name}" / config.model_id
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted earlier try
+    writer = SummaryWriter(str(folder))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    epochs, accuracy = fit(model, x_train, y_train, config, writer)
+    seconds = time.perf_counter() - start
+    summary, points = measure(model, initial, x_train, y_train, x_val, y_val, spec.seed)
+    # CPU time, training and measuring: on a shared machine it grows far less than wall time does.
+    cpu_seconds = time.process_time() - cpu_start
+    for key in ("jacobian_norm", "transition_density"):
+        writer.add_scalar(f"sensitivity/{key}", summary[key], epochs)
+    for key in ("train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"):
+        writer.add_scalar(f"generalization/{key}", summary[key], epochs)
+    writer.close()
+    Path(points_dir).mkdir(parents=True, exist_ok=True)
+    points.to_csv(Path(points_dir) / f"{config.model_id}.csv", index=False)
+    return {
+        "model_id": config.model_id,
+        "dataset": spec.name,
+        **dataclasses.asdict(config),
+        "batch_size": config.batch_size or len(x_train),
+        "full_batch": config.batch_size is None,
+        "lr_level": learning_rate_level(config.optimizer, config.lr),
+        "num_train_points": len(x_train),
+        "num_val_points": len(x_val),
+        "epochs_trained": epochs,
+        "reached_target": accuracy >= 1.0,
+        "train_seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        **summary,
+    }
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -137,7 +137,8 @@ def test_missing_files_say_so(tmp_path: Path) -> None:
 
 def test_a_model_trains_on_mnist_files(tmp_path: Path) -> None:
     """The whole per-model path (data module, 784-input model, monitors, measurement) on the MNIST files."""
-    from examples.paper.sweep import ModelConfig, train_and_measure
+    from examples.paper.grid import ModelConfig
+    from examples.paper.runner import train_and_measure
 
     write_mnist(tmp_path / "data", "MNIST", np.random.default_rng(4))
     config = ModelConfig(16, 1, "relu", "sgd", 0.05, None, "noise", 0.25, seed=0, max_epochs=2)

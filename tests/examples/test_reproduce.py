@@ -1,9 +1,9 @@
-"""``python -m examples.reproduce``: the quick reproduction end to end, its outputs, and the parts it is made of."""
+"""``python -m examples.reproduce``: the quick reproduction end to end (its table, figures, logs and report) and its
+command line."""
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,10 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from examples.paper.analysis import GAPS, HPARAM_COLUMNS, MEASURES
-from examples.paper.data import DataSpec
-from examples.paper.report import FIGURES, SECTIONS, num
-from examples.paper.runner import run_sweep
-from examples.paper.sweep import sweep_grid
-from examples.reproduce import main, parse_args
+from examples.paper.figures import FIGURES
+from examples.paper.grid import sweep_grid
+from examples.paper.report import SECTIONS, num
+from examples.reproduce import parse_args
 
 MEASUREMENTS = [
     "train_loss",
@@ -56,14 +55,6 @@ BOOKKEEPING = [
     "train_seconds",
     "cpu_seconds",
 ]
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run of ``python -m examples.reproduce --quick``; its output folder (runs under ``<tmp>/runs``)."""
-    root = tmp_path_factory.mktemp("reproduce")
-    main(["--quick", "--out", str(root / "out"), "--runs-dir", str(root / "runs")])
-    return root
 
 
 def _section(report: str, title: str) -> str:
@@ -191,21 +182,6 @@ def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) 
         assert f"| {model_id} |" in unfitted
 
 
-@pytest.mark.slow
-def test_rerun_trains_nothing_new(quick: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = pd.read_csv(quick / "out" / "results.csv")
-    configs = sweep_grid(quick=True).configs
-    run_sweep(configs, DataSpec(), quick / "out" / "results.csv", quick / "runs", quick / "out" / "points")
-    assert f"{len(configs)} already in" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(pd.read_csv(quick / "out" / "results.csv"), before)
-
-
-def test_a_table_of_another_data_set_is_not_mixed_in(tmp_path: Path) -> None:
-    pd.DataFrame({"model_id": ["m"], "dataset": ["mnist"]}).to_csv(tmp_path / "results.csv", index=False)
-    with pytest.raises(ValueError, match=r"holds models trained on \['mnist'\], not on 'digits'"):
-        run_sweep(sweep_grid(quick=True).configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
-
-
 def test_command_line_checks() -> None:
     args = parse_args(["--quick", "--jobs", "2", "--dataset", "cifar100", "--data-dir", "d", "--download"])
     assert args.quick and args.jobs == 2 and args.dataset == "cifar100" and args.download
@@ -217,40 +193,3 @@ def test_command_line_checks() -> None:
         parse_args(["--dataset", "imagenet"])
     with pytest.raises(SystemExit):
         parse_args(["--ellipse-points", "100"])
-
-
-@pytest.mark.slow
-def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
-    configs = sweep_grid(quick=True, max_epochs=2).configs[:3]
-    table = run_sweep(
-        configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2
-    )
-    assert list(table.model_id) == [c.model_id for c in configs]
-    serial = run_sweep(
-        configs[:1], DataSpec(), tmp_path / "serial.csv", tmp_path / "runs-serial", tmp_path / "points-serial"
-    )
-    # the same seed gives the same model, whichever process trains it
-    for column in ("jacobian_norm", "gap_loss", "val_accuracy", "sharpness", "transitions"):
-        assert serial[column].iloc[0] == pytest.approx(table[column].iloc[0], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray.tune")
-    configs = sweep_grid(quick=True).configs
-    table = run_sweep(
-        configs,
-        DataSpec(),
-        tmp_path / "results.csv",
-        tmp_path / "runs",
-        tmp_path / "points",
-        jobs=2,
-        use_ray=True,
-    )
-    serial = pd.read_csv(quick / "out" / "results.csv")
-    assert list(table.model_id) == list(serial.model_id)
-    # Ray trials train the same models: the measurements equal those of the serial run
-    for column in ("jacobian_norm", "gap_loss", "gap_accuracy", "f4_spearman_jacobian", "epochs_trained", "sharpness"):
-        np.testing.assert_allclose(table[column].astype(float), serial[column].astype(float), rtol=1e-6)
-    assert (tmp_path / "runs" / "reproduce-digits" / configs[0].model_id).is_dir()
-    assert re.fullmatch(r"[\w.\-]+", configs[0].model_id)

@@ -1,0 +1,42 @@
+"""The sweep's design: the F1 grid varies every axis, and each F3 variant differs from its base in its factor
+alone."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from examples.paper.analysis import FACTORS, HPARAM_COLUMNS
+from examples.paper.grid import AXES, VARIANTS, sweep_grid
+from tests.examples._helpers import table_rows
+
+
+def test_the_default_grid_varies_every_axis() -> None:
+    sweep = sweep_grid()
+    grid = table_rows(list(sweep.grid))
+    assert len(grid) == 144 == grid.model_id.nunique()
+    # every factor on the 12 bases, random labels on the 6 Adam bases
+    assert len({c.model_id for c in sweep.configs}) == len(sweep.configs) == 144 + 12 * (len(VARIANTS) - 2) + 6 * 2
+    counts = pd.Series([factor for factor, _, _ in sweep.variants]).value_counts()
+    assert counts["random labels 100%"] == counts["random labels 25%"] == 6 and counts["full batch"] == 12
+    for column in ("width", "depth", "optimizer", "lr", "batch_size", "seed"):
+        assert grid[column].nunique() >= 2, column
+    assert set(AXES) >= {"width", "depth", "optimizer", "batch_size", "seed"}
+    assert (grid.activation == "relu").all() and (grid.augment == "none").all()
+    assert (grid.random_label_fraction == 0).all()
+    assert sweep.reference.depth >= 3 and sweep.reference.activation == "relu" and sweep.reference in sweep.grid
+
+
+def test_each_variant_differs_from_its_base_in_its_factor_only() -> None:
+    sweep = sweep_grid()
+    factor_columns = {"augmentation": {"augment"}, "random labels 25%": {"random_label_fraction"},
+                      "random labels 100%": {"random_label_fraction"},
+                      "full batch": {"batch_size", "full_batch", "max_epochs"},
+                      "hardtanh": {"activation"}, "hardsigmoid": {"activation"}}
+    assert {f.name for f in FACTORS} == set(VARIANTS) == set(factor_columns)
+    for factor, base, variant in sweep.variants:
+        assert base in sweep.grid
+        b, v = (table_rows([c]).iloc[0] for c in (base, variant))
+        differing = {k for k in HPARAM_COLUMNS if b[k] != v[k]}
+        assert differing == factor_columns[factor], (factor, differing)
+    full = [v for f, _, v in sweep.variants if f == "full batch"]
+    assert all(v.max_epochs == 10 * sweep.grid[0].max_epochs for v in full)
