@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sensitivity.functional.units import _arg
+from lightning_sensitivity.functional._arguments import _arg
 
 
 class _ScaledBackward(torch.autograd.Function):
