@@ -21,3 +21,11 @@ def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
     """A size argument (``kernel_size=2`` or ``(2, 3)``) as a tuple, an integer repeated ``n`` times."""
     return tuple(value) if isinstance(value, Sequence) else (value,) * n
 
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """A 2-d size argument as a pair of integers, or ``None`` for anything else (``padding="same"``, a tensor)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (value[0], value[1])
+    return None
