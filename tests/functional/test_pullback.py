@@ -14,9 +14,8 @@ from lightning_sensitivity.functional._pullback import _no_batching_rule
 from tests.functional.test_jacobian import reference
 
 
-class _Doubled(torch.autograd.Function):
-    """``2 x``, whose backward reads a number off the gradient with ``.item()``: fine one row at a time, and with
-    no batching rule under ``vmap`` (as a user's custom operator may have none)."""
+class _Twice(torch.autograd.Function):
+    """``2 x``, with the backward of each subclass, whose calls it counts."""
 
     calls = 0
 
@@ -27,6 +26,11 @@ class _Doubled(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         pass
+
+
+class _Doubled(_Twice):
+    """A backward that reads a number off the gradient with ``.item()``: fine one row at a time, and with no
+    batching rule under ``vmap`` (as a user's custom operator may have none)."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -34,19 +38,10 @@ class _Doubled(torch.autograd.Function):
         return grad * (2.0 + 0.0 * grad.abs().max().item())
 
 
-class _Raising(torch.autograd.Function):
-    """``2 x``, whose backward raises the error it is given (``_Raising.error``)."""
+class _Raising(_Twice):
+    """A backward that raises the error it is given (``_Raising.error``)."""
 
     error: BaseException = RuntimeError()
-    calls = 0
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return 2 * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
