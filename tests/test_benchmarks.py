@@ -53,11 +53,3 @@ def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone()
     value = float(trainer.callback_metrics["sensitivity/jacobian_norm"])
     assert value > 0 and value == float(plain.callback_metrics["sensitivity/jacobian_norm"])
 
-
-def test_pooling_benchmark_quick_mode_checks_and_prints_every_shape():
-    stdout = _quick_run("pooling", timeout=300)
-    from benchmarks.pooling import SHAPES
-
-    rows = [line for line in stdout.splitlines() if any(line.startswith(name) for name, *_ in SHAPES)]
-    assert len(rows) == 2 * len(SHAPES), stdout  # Gaussian and digits activations for each shape
-    assert rows[0].endswith("views") and rows[-1].endswith("kernel"), stdout

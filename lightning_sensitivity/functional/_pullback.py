@@ -5,18 +5,20 @@ The math of the measurement (which rows are pulled back, and how their squared n
 
 - the forward pass, watched (:class:`_Watcher`) for the input's first use, where the graph is cut when it is a
   linear layer with fewer outputs than inputs, and for a last linear layer that computes the logits;
-  :class:`_Forwards` runs it chunk after chunk and remembers what the first chunk decided; an eval-mode batch
-  norm in it is given the backward of the per-channel scale it applies, and a convolution of the input a backward
-  written as a matrix product and a ``fold`` (:mod:`~lightning_sensitivity.functional._backwards`);
+  :class:`_Forwards` runs it chunk after chunk and remembers what the first chunk decided; the calls that have a
+  cheaper backward go through it (:data:`~lightning_sensitivity.functional._backwards._SHORTCUTS`);
 - the Gram matrix :math:`G = W W^\top` of a first layer (:func:`_gram`), cached while the weight is unchanged;
 - the models whose cut failed (:data:`_NO_CUT`), so that the cut is not tried again;
-- the vectorized backward pass (:func:`_pullback`).
+- the vectorized backward pass (:func:`_pullback`), and its one fallback: one backward pass per row where an
+  operator's backward cannot be batched (:func:`_no_batching_rule`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_sensitivity.functional._backwards import _eval_batch_norm, _input_conv2d
+from lightning_sensitivity.functional._backwards import _through_shortcut
 from lightning_sensitivity.functional.evaluation import _fresh_input, class_logits
 
 # Calls that only read a tensor's metadata, and calls that only reorder or reshape its entries: neither
@@ -38,7 +40,7 @@ _REORDER_CALLS = frozenset(
     {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "to", "float"}
 )
 # Operators whose backward ``is_grads_batched`` runs once per row, where ``torch.func.vmap`` folds the rows into
-# the batch (resnet18 on one thread: 2.2 times faster at 4 points per chunk, about even at 32).
+# the batch (``docs/benchmarks.md`` has the measurement).
 _FOLDED_BY_FUNC_VMAP = frozenset(
     {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.batch_norm}
 )
@@ -53,6 +55,17 @@ class _LastLinear:
 
 
 @dataclass
+class _Batching:
+    """How the rows of one measurement are pulled back: together, through ``torch.func.vmap`` over
+    ``autograd.grad`` (``vmap``: a model with convolutions or batch norms, whose backward it folds into their batch)
+    or through ``is_grads_batched``; or one by one (``per_row``), once an operator's backward could not be batched.
+    """
+
+    vmap: bool = False
+    per_row: bool = False
+
+
+@dataclass
 class _Forward:
     """One forward pass ready for vector-Jacobian products."""
 
@@ -60,7 +73,7 @@ class _Forward:
     wrt: Tensor  # the tensor to differentiate at: the input, or the output of its first linear layer
     gram: Tensor | None  # G = W W^T when ``wrt`` is the output of the input's first linear layer
     last: _LastLinear | None
-    convolutional: bool
+    batching: _Batching
     largest: int  # entries per point of the largest gradient a backward pass to ``wrt`` forms
 
 
@@ -96,11 +109,7 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        result = None
-        if func is F.batch_norm:
-            result = _eval_batch_norm(args, kwargs)
-        elif func is F.conv2d and args and self._is_tracked(args[0]):
-            result = _input_conv2d(args, kwargs)
+        result = _through_shortcut(func, args, kwargs, self._is_tracked)
         if result is None:
             result = func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -124,6 +133,7 @@ class _Watcher(TorchFunctionMode):
         if (
             func is F.linear
             and self.cut is None
+            and torch.is_grad_enabled()  # not where the forward pass builds no graph (a reentrant checkpoint)
             and self._is_tracked(args[0])
             and isinstance(weight, Tensor)
             and not self._is_tracked(weight)
@@ -152,6 +162,7 @@ class _Forwards:
         # cut again: a failed cut costs a second forward pass.
         self.use_shortcut: bool | None = False if _NO_CUT.known(self._key) else None
         self.gram: Tensor | None = None
+        self.batching = _Batching()
 
     def __call__(self, x: Tensor) -> _Forward:
         leaf = _fresh_input(x).requires_grad_(True)
@@ -160,23 +171,23 @@ class _Forwards:
         with watcher:
             z = self.model(leaf)
         _check_output(z, x.shape[0])
+        wrt, gram = leaf, None
         if cut_first:
             if watcher.cut is not None and watcher.valid:
                 self.use_shortcut = True
                 if self.gram is None:
                     self.gram = _gram(watcher.weight)
-                cut = watcher.cut
-                return _Forward(
-                    z, cut, self.gram, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, cut)
-                )
-            self.use_shortcut = False
-            if watcher.cut is not None:  # cut, but the input has other uses too: run the whole graph again
+                wrt, gram = watcher.cut, self.gram
+            else:
+                self.use_shortcut = False
+            if watcher.cut is not None and not watcher.valid:  # the input has other uses: the whole graph again
                 _NO_CUT.add(self._key, self.model)
                 watcher = _Watcher(leaf, cut_first=False)
                 with watcher:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
-        return _Forward(z, leaf, None, watcher.last_linear(z), watcher.convolutional, _per_point(watcher, leaf))
+        self.batching.vmap = watcher.convolutional  # convolutions and batch norms: their rows through vmap
+        return _Forward(z, wrt, gram, watcher.last_linear(z), self.batching, _per_point(watcher, wrt))
 
 
 def _per_point(watcher: _Watcher, wrt: Tensor) -> int:
@@ -246,26 +257,81 @@ class _ModelMemo:
 _NO_CUT = _ModelMemo()
 
 
-def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, convolutional: bool = False) -> Tensor:
-    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass when possible.
+def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching) -> Tensor:
+    """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass unless ``batching`` says
+    otherwise.
 
     ``is_grads_batched`` runs the backward of a convolution or a batch norm once per row; ``torch.func.vmap`` over
-    ``autograd.grad`` folds the rows into their batch instead, and is taken for models that have them (for
-    matrix products ``is_grads_batched`` is a little faster)."""
-    if convolutional:
-        try:
-            return torch.func.vmap(
-                lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
-            )(cotangents)
-        except RuntimeError:
-            pass
-    try:
-        (rows,) = torch.autograd.grad(
-            out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-        )
-    except RuntimeError:
-        # Some operators have no batching rule for their backward; fall back to one pass per row.
-        rows = torch.stack(
+    ``autograd.grad`` folds the rows into their batch instead, and is taken for models that have them (for matrix
+    products ``is_grads_batched`` is a little faster). Where an operator's backward cannot be batched (the error
+    :func:`_no_batching_rule` recognizes), the rows are pulled back one by one, for the rest of the measurement,
+    with a warning; every other error, out-of-memory included, propagates as it is."""
+    with _checkpoint_explained():
+        if not batching.per_row:
+            try:
+                if batching.vmap:
+                    return torch.func.vmap(
+                        lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
+                    )(cotangents)
+                (rows,) = torch.autograd.grad(
+                    out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+                )
+                return rows
+            except RuntimeError as error:
+                if not _no_batching_rule(error):
+                    raise
+                batching.per_row = True
+                _warn_per_row(error)
+        return torch.stack(
             [torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
         )
-    return rows
+
+
+def _no_batching_rule(error: RuntimeError) -> bool:
+    """Whether ``error`` is the one a vectorized backward pass raises on an operator it cannot batch: in torch
+    2.14, a plain ``RuntimeError`` whose message starts with ``vmap:`` (``.item()``, an in-place write into an
+    unbatched tensor, data-dependent shapes) or names a missing batching rule (``Batching rule not implemented for
+    aten::item. We could not generate a fallback.``). Operators without a rule that can be run row by row are
+    already run so by torch itself, with its own performance warning."""
+    message = str(error)
+    return type(error) is RuntimeError and (
+        message.startswith("vmap:") or "Batching rule not implemented" in message
+    )
+
+
+#: The errors already warned about (their first line): a model measured again does not warn again.
+_WARNED_PER_ROW: set[str] = set()
+
+
+def _warn_per_row(error: RuntimeError) -> None:
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if cause in _WARNED_PER_ROW:
+        return
+    _WARNED_PER_ROW.add(cause)
+    warnings.warn(
+        "jacobian_norm: an operator's backward in this model cannot be vectorized over the rows of the Jacobian "
+        f"({cause}), so the rows are pulled back one at a time: the same values, at the cost of one backward "
+        "pass per row.",
+        stacklevel=2,
+    )
+
+
+#: What PyTorch's reentrant checkpoint says when it is differentiated with ``torch.autograd.grad``.
+_REENTRANT_CHECKPOINT = "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
+
+
+@contextlib.contextmanager
+def _checkpoint_explained() -> Iterator[None]:
+    """Re-raise PyTorch's reentrant-checkpoint error with what to change; every other error as it is."""
+    try:
+        yield
+    except RuntimeError as error:
+        if _REENTRANT_CHECKPOINT not in str(error):
+            raise
+        raise RuntimeError(
+            "The model runs part of its forward pass through torch.utils.checkpoint with use_reentrant=True, "
+            "which PyTorch cannot differentiate with torch.autograd.grad, as a measurement must (its backward "
+            "would also accumulate the checkpointed parameters' .grad). Checkpoint with use_reentrant=False "
+            "(PyTorch's recommended form, which is measured exactly), or only while training "
+            "(`if self.training:`): the measurements run the model in eval mode."
+        ) from error

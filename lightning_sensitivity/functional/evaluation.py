@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
 
-from lightning_sensitivity.functional._pooling import _fast_pooling
-
 __all__ = ["class_logits", "measuring"]
 
 Model = TypeVar("Model", bound=Callable[..., Any])
@@ -130,13 +128,10 @@ def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -
       in eval mode on purpose stays so;
     - ``autocast`` is off on ``device`` (half precision would change Jacobians and activation codes);
     - autograd is on with ``grad=True`` (for a Jacobian, even under ``torch.no_grad()`` or
-      ``torch.inference_mode()``), and off otherwise;
-    - on the CPU with autograd off, the model's ``nn.MaxPool1d/2d/3d`` modules (PyTorch's, not a subclass with its
-      own ``forward``) pool a contiguous batched tensor of 65,536 elements or more, in floor mode and without
-      ``return_indices``, as maxima of strided views of its input: the same values as PyTorch's kernel, whose
-      element-by-element scan of each window was 70% of a small CNN's forward pass on a CPU core (the views: 2.6
-      to 5.4 times faster at 2 x 2, ``python -m benchmarks.pooling``). Other calls, a functional ``F.max_pool2d``
-      in a ``forward``, and every call on another device run PyTorch's kernel.
+      ``torch.inference_mode()``), and off otherwise.
+
+    Nothing else is changed on the modules for the measurement: each runs its own ``forward``, and only the modes
+    and the compiled forms above are set for the block and put back after it.
 
     Args:
         model: an ``nn.Module`` or a callable over modules.
@@ -156,11 +151,8 @@ def measuring(model: Model, device: torch.device | str, *, grad: bool = False) -
     device = torch.device(device)
     autograd = _grad_enabled() if grad else torch.no_grad()
     with _eager(model) as eager, contextlib.ExitStack() as modes:
-        held = _held_modules(eager)
-        for module in held:
+        for module in _held_modules(eager):
             modes.enter_context(_eval_mode(module))
-        if not grad and device.type == "cpu":
-            modes.enter_context(_fast_pooling(held))
         with autograd, torch.autocast(device.type, enabled=False):
             yield eager
 

@@ -89,14 +89,15 @@ def jacobian_norm(
     :math:`A = \partial p / \partial h`. When the logits come out of a last linear layer :math:`z = V u + b` with
     fewer features :math:`H` than rows (``resnet18`` at :math:`C = 1000`: :math:`H = 512`), :math:`H` rows
     :math:`L^\top` with :math:`L L^\top = V^\top A^\top A V` (float64) are pulled back from :math:`u` instead.
-    A batch norm in eval mode (running statistics) is the per-channel affine map :math:`s \odot h + t`, and its
-    rows are pulled back as :math:`s \odot v` (autograd's general batch-norm backward, with the copies ``vmap``
-    makes of its inputs, was about 40% of a batched backward pass through ``resnet18``). On the CPU, a 2-d
-    convolution of the input itself is pulled back as a matrix product with its kernel and a ``fold``, faster there
-    than the transposed convolution into few channels (a quarter less time for a digits CNN, 15% for ``resnet18``).
-    Both keep the model's own forward pass. Any other model takes the general path; all are exact. No probe pass
-    runs: the number of classes comes from the first chunk's forward pass. Measured in ``benchmarks/jacobian.py`` (2 CPU threads): torchvision
-    ``resnet18`` at 3x32x32, batch 32, against ``vmap(jacrev)`` and the per-class loop, in ``docs/benchmarks.md``.
+    On the CPU, a batch norm in eval mode (running statistics), the per-channel affine map
+    :math:`s \odot h + t`, pulls its rows back as :math:`s \odot v` instead of through autograd's general
+    batch-norm backward, and a 2-d convolution of the input itself as one matrix product with its kernel and a
+    ``fold`` instead of a transposed convolution. Both keep the model's own forward pass, and neither is taken inside
+    a region that activation checkpointing recomputes. Any other model takes the general path; all are exact. Where
+    an operator's backward has no batching rule, the rows are pulled back one backward pass each, with a warning.
+    No probe pass runs: the number of classes comes from the first chunk's forward pass. The measured times
+    (``benchmarks/jacobian.py``: torchvision ``resnet18`` and MLPs against ``vmap(jacrev)`` and the per-class loop)
+    are in ``docs/benchmarks.md``.
 
     ``method="projection"`` is the estimator of Hoffman, Roberts and Yaida (2019),
     :math:`\lVert J\rVert_F^2 = n\, \mathbb{E}\,\lVert v^\top J \rVert^2` for :math:`v` uniform on the unit
@@ -307,7 +308,7 @@ class _Plan:
                 directions, scale = rows(j0, min(j0 + per_pass, num_rows))
                 unit = directions.to(device=z.device, dtype=z.dtype)
                 with torch.enable_grad():
-                    pulled = _pullback(target, fwd.wrt, unit, fwd.convolutional).flatten(2)
+                    pulled = _pullback(target, fwd.wrt, unit, fwd.batching).flatten(2)
                 # The squared norm of a row r at the input is r . (G r) when the rows stop at the first layer.
                 metric = pulled if fwd.gram is None else pulled @ fwd.gram
                 if add_left_out:

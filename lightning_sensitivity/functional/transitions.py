@@ -134,10 +134,10 @@ def count_transitions(
 
     ``method="sampled"`` evaluates the activation codes at the :math:`k` points in chunks of ``chunk_size``
     points, so memory is bounded by one chunk for any :math:`k`. It costs a forward pass over the points, plus one
-    byte per unit boundary per point and two comparisons of neighbouring codes per 1 MiB of codes: 1.1 to 1.9
-    times the plain forward pass on a CPU core, the most for the smallest models
-    (``python -m benchmarks.transitions``). It also reports :math:`T_{k/2}` as its convergence evidence. The arc
-    length of a :class:`Trajectory` comes from its coefficients; that of a tensor of points, from the points.
+    byte per unit boundary per point and two comparisons of neighbouring codes per 1 MiB of codes (its time against
+    the plain forward pass, ``python -m benchmarks.transitions``, is in ``docs/benchmarks.md``). It also reports
+    :math:`T_{k/2}` as its convergence evidence. The arc length of a :class:`Trajectory` comes from its
+    coefficients; that of a tensor of points, from the points.
 
     ``method="exact"`` needs an ellipse (a :class:`Trajectory` through 3 anchors) and a piecewise-linear network
     (:mod:`~lightning_sensitivity.functional.exact_transitions`): one forward pass of 5 points per linear region

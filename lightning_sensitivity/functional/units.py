@@ -23,15 +23,18 @@ unit (a softmax on the logits does not move a boundary).
 
 from __future__ import annotations
 
+import inspect
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sensitivity.functional._pooling import _MAX_POOL, _parse_pool, _Pool
+from lightning_sensitivity.functional._arguments import _arg, _tuple
 
 Threshold = float | Tensor
 
@@ -42,6 +45,15 @@ _CLAMP_MIN = frozenset({"clamp_min", "clamp_min_"})
 _CLAMP_MAX = frozenset({"clamp_max", "clamp_max_"})
 _HARDTANH = frozenset({"hardtanh", "hardtanh_"})
 _HARDSIGMOID = frozenset({"hardsigmoid", "hardsigmoid_"})
+#: Max-pooling calls by the name of the torch function, and their number of spatial dimensions.
+_MAX_POOL = {
+    "max_pool1d": 1,
+    "max_pool2d": 2,
+    "max_pool3d": 3,
+    "max_pool1d_with_indices": 1,
+    "max_pool2d_with_indices": 2,
+    "max_pool3d_with_indices": 3,
+}
 # Every call that _parse_unit may read as a unit.
 _PIECEWISE_LINEAR = (
     _RELU
@@ -100,10 +112,6 @@ def _operation(name: str) -> str:
     return base
 
 
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, key: str, default: Any) -> Any:
-    return args[index] if len(args) > index else kwargs.get(key, default)
-
-
 def _above(u: Tensor, threshold: Threshold) -> Tensor:
     """:math:`[u > \\theta]` as ``bool``, computed as ``relu(u - theta) != 0``: on CPU a float comparison is several
     times slower than these two vectorized passes. Exact: in floating point, ``u - theta`` is 0 only if
@@ -140,6 +148,88 @@ class _Unit:
                 pieces == index, torch.as_tensor(value, dtype=like.dtype, device=like.device), slope
             )
         return slope
+
+
+_POOL_WITH_INDICES = {
+    1: F.max_pool1d_with_indices,
+    2: F.max_pool2d_with_indices,
+    3: F.max_pool3d_with_indices,
+}
+_POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
+
+
+@dataclass
+class _Pool:
+    """A max-pooling call, with its window geometry. Its piece index is the winner of each window: the position,
+    in its pooled plane, of the window's maximum, the first one in scan order where several tie, as PyTorch's
+    kernel returns it with ``return_indices=True``."""
+
+    input: Tensor
+    dims: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+    return_indices: bool
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The smallest integer type that holds an index into one pooled plane."""
+        plane = math.prod(self.input.shape[2:])
+        return torch.uint8 if plane <= 256 else torch.int16 if plane <= 2**15 else torch.int32
+
+    def pool(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """PyTorch's pooling of ``u`` with this call's geometry: the values and the winners (``int64``)."""
+        return _POOL_WITH_INDICES[self.dims](
+            u, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
+        )
+
+    def window_table(self, out_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Flat input position of every (output position, window position) pair, ``[O, K]``, and its validity."""
+        device = self.input.device
+        flat = torch.zeros(1, 1, dtype=torch.long, device=device)
+        valid = torch.ones(1, 1, dtype=torch.bool, device=device)
+        for d, size in enumerate(self.input.shape[2:]):
+            out = torch.arange(out_shape[d], device=device)[:, None]
+            pos = (
+                out * self.stride[d]
+                - self.padding[d]
+                + torch.arange(self.kernel[d], device=device) * self.dilation[d]
+            )
+            inside = (pos >= 0) & (pos < size)
+            shape = (flat.shape[0] * pos.shape[0], flat.shape[1] * pos.shape[1])
+            flat = (flat[:, None, :, None] * size + pos.clamp(0, size - 1)[None, :, None, :]).reshape(shape)
+            valid = (valid[:, None, :, None] & inside[None, :, None, :]).reshape(shape)
+        return flat, valid
+
+
+def _parse_pool(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> _Pool | None:
+    """The max-pooling call that a torch-function call is, or ``None``."""
+    dims = _MAX_POOL.get(name)
+    if dims is None or not args or not isinstance(args[0], Tensor):
+        return None
+    u = args[0]
+    if u.ndim != dims + 2 or not u.is_floating_point():
+        return None
+    try:
+        bound = _POOL_SIGNATURE.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    options = bound.arguments
+    kernel = _tuple(options["kernel_size"], dims)
+    stride = _tuple(options["stride"], dims) if options["stride"] not in (None, []) else kernel
+    return _Pool(
+        u,
+        dims,
+        kernel,
+        stride,
+        _tuple(options["padding"], dims),
+        _tuple(options["dilation"], dims),
+        bool(options["ceil_mode"]),
+        bool(options["return_indices"]) or name.endswith("_with_indices"),
+    )
 
 
 def _parse_unit(

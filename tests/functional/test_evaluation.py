@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,3 +79,33 @@ def test_measuring_runs_a_compiled_module_through_its_eager_original():
         assert net is model
         out = net(torch.ones(2, 4))
     torch.testing.assert_close(out, model.linear(torch.ones(2, 4)).detach())
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)
+    )
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_measuring_sets_nothing_on_the_users_modules_but_their_mode(grad, tmp_path):
+    """Inside the block every module keeps its own attributes (no ``forward`` put in its place, as a speed trick
+    would): a copy or a ``torch.save`` made there is the model as built, and computes what it computes outside."""
+    model = _cnn()
+    x = torch.randn(256, 1, 16, 16)  # a pooled input large enough for any size-gated fast path
+    before = {name: set(vars(module)) for name, module in model.named_modules()}
+    with torch.no_grad():
+        expected = model(x)
+    with measuring(model, "cpu", grad=grad) as net:
+        inside = {name: set(vars(module)) for name, module in model.named_modules()}
+        own_forward = all(type(module).forward is module.forward.__func__ for module in model.modules())
+        out = net(x)
+        torch.save(model, tmp_path / "model.pt")
+        copied = copy.deepcopy(model)
+    assert inside == before and own_forward
+    assert torch.equal(out.detach(), expected)
+    for saved in (torch.load(tmp_path / "model.pt", weights_only=False), copied):
+        assert {name: set(vars(module)) for name, module in saved.named_modules()} == before
+        with torch.no_grad():
+            assert torch.equal(saved.eval()(x), expected)

@@ -178,10 +178,10 @@ def test_the_cpu_bound_at_a_cut_counts_the_gradients_after_it(monkeypatch):
     passes: list[int] = []
     pullback = jacobian_module._pullback
 
-    def recorded(out, wrt, cotangents, convolutional=False):
+    def recorded(out, wrt, cotangents, batching):
         passes.append(cotangents.shape[0])
         assert wrt.shape[1:] == (64,)  # the cut
-        return pullback(out, wrt, cotangents, convolutional)
+        return pullback(out, wrt, cotangents, batching)
 
     monkeypatch.setattr(jacobian_module, "_pullback", recorded)
     norms = jacobian_norm(model, x)
