@@ -9,6 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import TransitionMonitor
 from lightning_sensitivity.functional import count_transitions, gaussian_anchors, trajectory_through
+from tests import _synthetic
+from tests._logged import check_logged, fit
+from tests._synthetic import ImageClassifier, SyntheticImages
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -211,3 +214,29 @@ def test_token_ids_fail_at_the_first_batch_with_a_hint():
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(TypeError, match="embeddings"):
         trainer.fit(Tokens(), torch.utils.data.DataLoader(data, batch_size=8))
+
+
+# --- the exact count ---------------------------------------------------------------------------------------------
+
+
+def test_transition_monitor_exact_count_on_a_float32_relu_model(tmp_path):
+    pl.seed_everything(0)
+    model, dm = ImageClassifier("mlp", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(
+            num_trajectories=2, num_points=_synthetic.NUM_POINTS, every_n_epochs=1, method="exact", log_figure=False
+        )
+    ]
+    trainer, capture = fit(model, dm, callbacks, tmp_path)
+    check_logged(capture, callbacks, _synthetic.reference(model, dm), trainer=trainer)
+
+
+def test_exact_count_refuses_a_model_with_smooth_units_before_training(tmp_path):
+    pl.seed_everything(0)
+    model, dm = ImageClassifier("gelu_layernorm_relu", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(num_trajectories=1, num_points=_synthetic.NUM_POINTS, every_n_epochs=1, method="exact")
+    ]
+    with pytest.raises(ValueError, match="(?i)piecewise.linear|gelu|layer.?norm"):
+        fit(model, dm, callbacks, tmp_path)
+    assert model.trainer.global_step == 0
