@@ -1,12 +1,11 @@
 """The TensorBoard dashboard layout and the hparam metrics, read back from the event files."""
 
 import glob
-import logging
 import re
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -165,19 +164,6 @@ def test_no_hparam_metrics_without_hyperparameters(tmp_path):
     )
     logger.experiment.flush()
     assert _tag_count(logger.log_dir, "_hparams_/experiment") == 0
-
-
-def test_without_tensorboard_one_info_line_and_nothing_else(tmp_path, caplog):
-    logger = CSVLogger(tmp_path, name="csv")
-    monitors = [
-        JacobianNormMonitor(max_points=16),
-        GeneralizationGapMonitor(max_train_points=16),
-        TransitionMonitor(num_trajectories=1, num_points=16),
-    ]
-    with caplog.at_level(logging.INFO):
-        train(monitors, logger=logger, **FAST)  # three monitors, each of which says it at fit start if first
-    messages = [r.getMessage() for r in caplog.records if "TensorBoardLogger" in r.getMessage()]
-    assert len(messages) == 1 and "CSVLogger" in messages[0]
 
 
 def _layout_regexes(events: EventAccumulator) -> list[str]:

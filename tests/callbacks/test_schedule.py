@@ -104,6 +104,23 @@ def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
     )
 
 
+def test_every_n_epochs_skips_the_sanity_check_and_measures_the_last_epoch(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer, _ = train(
+        [JacobianNormMonitor(every_n_epochs=2, max_points=32)],
+        max_epochs=5,
+        logger=logger,
+        num_sanity_val_steps=2,
+    )
+    steps = [step for step, _ in scalar_series(logger.log_dir)["sensitivity/jacobian_norm"]]
+    per_epoch = trainer.global_step // 5
+    assert steps == [
+        2 * per_epoch - 1,
+        4 * per_epoch - 1,
+        5 * per_epoch - 1,
+    ]  # epochs 2, 4 and the last; no sanity check
+
+
 def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     trainer, model = train(

@@ -4,7 +4,8 @@ module's train/eval mode are bit-identical.
 
 The set-ups: every monitor on a CNN with dropout and batch norm on augmented digits, logged to TensorBoard (figures
 included); every monitor on torchvision's ``resnet18``; every monitor on compiled modules (a compiled submodule, and
-``fit(torch.compile(module))``).
+``fit(torch.compile(module))``); and each monitor alone in a configuration of its own (the gap's training subset on
+augmented data, the Jacobian norm projected and over every point, transitions with shuffled off-manifold anchors).
 """
 
 from __future__ import annotations
@@ -96,6 +97,31 @@ SETUPS = [
         ),
         id="fit_compiled_mlp",
         marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Setup(
+            MLPClassifier,
+            lambda: DigitsDataModule(augment=True, batch_size=32),
+            lambda: [GeneralizationGapMonitor(every_n_epochs=1)],
+            {"limit_train_batches": 3},
+        ),
+        id="gap_monitor_augmented",
+    ),
+    pytest.param(
+        Setup(
+            MLPClassifier,
+            DigitsDataModule,
+            lambda: [JacobianNormMonitor(method="projection"), JacobianNormMonitor(max_points=None)],
+        ),
+        id="jacobian_monitors_projected_and_every_point",
+    ),
+    pytest.param(
+        Setup(
+            MLPClassifier,
+            DigitsDataModule,
+            lambda: [TransitionMonitor(num_trajectories=2, num_points=128, every_n_epochs=1, off_manifold="shuffled")],
+        ),
+        id="transition_monitor_shuffled",
     ),
 ]
 
