@@ -92,7 +92,7 @@ def fit(
     callbacks: list[pl.Callback],
     tmp_path: Any,
     fit_target: Any = None,
-    loggers: list[Any] = (),
+    loggers: Sequence[Any] = (),
     **trainer_kwargs: Any,
 ) -> tuple[pl.Trainer, CapturingLogger]:
     """A CPU fit of ``model`` (or ``fit_target``, a wrapped ``model``) with a capturing logger beside ``loggers``;
