@@ -1,11 +1,11 @@
 """The TensorBoard dashboard layout and the hparam metrics, read back from the event files."""
 
 import glob
-import logging
+import re
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -166,14 +166,26 @@ def test_no_hparam_metrics_without_hyperparameters(tmp_path):
     assert _tag_count(logger.log_dir, "_hparams_/experiment") == 0
 
 
-def test_without_tensorboard_one_info_line_and_nothing_else(tmp_path, caplog):
-    logger = CSVLogger(tmp_path, name="csv")
-    monitors = [
-        JacobianNormMonitor(max_points=16),
-        GeneralizationGapMonitor(max_train_points=16),
-        TransitionMonitor(num_trajectories=1, num_points=16),
-    ]
-    with caplog.at_level(logging.INFO):
-        train(monitors, logger=logger, **FAST)  # three monitors, each of which says it at fit start if first
-    messages = [r.getMessage() for r in caplog.records if "TensorBoardLogger" in r.getMessage()]
-    assert len(messages) == 1 and "CSVLogger" in messages[0]
+def _layout_regexes(events: EventAccumulator) -> list[str]:
+    (config,) = events.Tensors("custom_scalars__config__")[-1:]
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    return [tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag]
+
+
+def test_dashboard_charts_only_logged_keys(prefixed_run):
+    events = prefixed_run.events
+    scalars = events.Tags()["scalars"]
+    regexes = _layout_regexes(events)
+    assert regexes, "no custom-scalars chart"
+    # TensorBoard's custom-scalars plugin selects tags with `re.match`
+    unmatched = [regex for regex in regexes if not any(re.match(regex, tag) for tag in scalars)]
+    assert not unmatched, f"charted but never logged: {unmatched}"
+
+
+def test_hparams_metrics_hold_every_logged_key(prefixed_run):
+    events = prefixed_run.events
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    logged = {tag for tag in events.Tags()["scalars"] if tag.startswith(("sens/", "gen/"))}
+    assert logged <= metrics, f"logged but not an hparams metric: {sorted(logged - metrics)}"

@@ -1,41 +1,27 @@
-"""GeneralizationGapMonitor: the gap against a direct evaluation, a fixed subset, training left unchanged."""
+"""GeneralizationGapMonitor: the gap against a direct evaluation, a fixed and seeded training subset, its loss
+function, iterable training data, and the validation step's own logits taken only when they are the monitor's."""
 
-import logging
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor
+from tests._logged import gap_values, loss_and_accuracy
 
 KEYS = ["train_loss", "val_loss", "gap_loss", "train_accuracy", "val_accuracy", "gap_accuracy"]
 FAST = dict(limit_train_batches=3, max_epochs=2)
 
 
-def _direct(model: pl.LightningModule, x: Tensor, y: Tensor) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
-
-
 def _expected(model: pl.LightningModule, dm: DigitsDataModule, indices: Tensor) -> dict[str, float]:
-    train_loss, train_acc = _direct(model, dm.x_train[indices], dm.y_train[indices])
-    val_loss, val_acc = _direct(model, dm.x_val, dm.y_val)
-    return {
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "gap_loss": val_loss - train_loss,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "gap_accuracy": train_acc - val_acc,
-    }
+    """The six values, measured directly on ``model`` in eval mode."""
+    train, val = (dm.x_train[indices], dm.y_train[indices]), (dm.x_val, dm.y_val)
+    return gap_values(model.eval(), train, val)
 
 
 def _logged(trainer: pl.Trainer, prefix: str = "generalization") -> dict[str, float]:
@@ -96,19 +82,6 @@ def test_shuffle_and_augmentation_keep_the_same_training_points():
     assert matches.all()
 
 
-def _weights_after(callbacks: list[pl.Callback]) -> tuple[dict[str, Tensor], Tensor]:
-    _, model = train(callbacks, datamodule=DigitsDataModule(augment=True, batch_size=32), **FAST)
-    return model.state_dict(), torch.get_rng_state()
-
-
-def test_training_is_bit_identical_with_and_without_the_monitor():
-    reference, rng_reference = _weights_after([])
-    weights, rng = _weights_after([GeneralizationGapMonitor(every_n_epochs=1)])
-    assert reference.keys() == weights.keys()
-    assert all(torch.equal(reference[k], weights[k]) for k in reference)
-    assert torch.equal(rng_reference, rng)
-
-
 def test_state_dict_restores_the_subset():
     dm = DigitsDataModule()
     monitor = GeneralizationGapMonitor(max_train_points=50, seed=3)
@@ -135,37 +108,6 @@ def test_loss_fn_per_point_or_mean_and_another_loss():
     assert float(trainer.callback_metrics["b/val_loss"]) == pytest.approx(val_margin, abs=1e-6)
 
 
-def test_every_n_epochs_and_the_last_epoch_with_csv_logger_only(tmp_path, caplog):
-    with caplog.at_level(logging.INFO):
-        train(
-            [GeneralizationGapMonitor(every_n_epochs=2)],
-            logger=CSVLogger(tmp_path, name="csv"),
-            limit_train_batches=1,
-            max_epochs=3,
-        )
-    lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    assert {f"generalization/{k}" for k in KEYS} <= set(header)
-    column = header.index("generalization/gap_loss")
-    epochs = [row.split(",")[header.index("epoch")] for row in lines[1:] if row.split(",")[column]]
-    assert epochs == ["1", "2"]  # every second epoch, and the last; never the sanity check
-    assert sum("no TensorBoardLogger" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_several_loggers_receive_the_scalars(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb, csv = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
-    train([GeneralizationGapMonitor(every_n_epochs=1)], logger=[tb, csv], **FAST)
-    events = EventAccumulator(tb.log_dir)
-    events.Reload()
-    for key in KEYS:
-        assert len(events.Scalars(f"generalization/{key}")) == 2
-    assert {f"generalization/{k}" for k in KEYS} <= set(
-        (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    )
-
-
 class _Stream(IterableDataset):
     def __init__(self, x: Tensor, y: Tensor) -> None:
         self.x, self.y = x, y
@@ -187,7 +129,8 @@ def test_iterable_dataset_uses_the_first_batches():
     assert torch.equal(monitor.train_indices, torch.arange(128))  # two whole batches of 64 hold 100 points
     torch.manual_seed(monitor.seed)  # the monitor reads the stream with the global RNG seeded by `seed`
     x, y = next(iter(DataLoader(_Stream(dm.x_train, dm.y_train), batch_size=128)))
-    train_loss, train_acc = _direct(model, x, y)
+    with torch.no_grad():
+        train_loss, train_acc = loss_and_accuracy(model.eval()(x), y)
     assert float(trainer.callback_metrics["generalization/train_loss"]) == pytest.approx(train_loss, abs=1e-5)
     assert float(trainer.callback_metrics["generalization/train_accuracy"]) == pytest.approx(
         train_acc, abs=1e-6
@@ -207,18 +150,6 @@ def test_misconfiguration_fails_early():
         train([GeneralizationGapMonitor()], model=_NoValidation(), max_epochs=1)
     with pytest.raises(MisconfigurationException, match="limit_val_batches"):
         train([GeneralizationGapMonitor()], max_epochs=1, limit_val_batches=0)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_ddp_ranks_combine_into_the_one_process_result():
-    dm = DigitsDataModule()  # 539 validation points: the sampler pads the second rank's share with a repeat
-    monitor = GeneralizationGapMonitor(max_train_points=101, seed=5)  # unequal shares of the training subset
-    trainer, model = train(
-        [monitor], datamodule=dm, strategy="ddp_spawn", devices=2, limit_train_batches=2, max_epochs=1
-    )
-    indices = torch.randperm(len(dm.x_train), generator=torch.Generator().manual_seed(5))[:101]
-    assert _logged(trainer) == pytest.approx(_expected(model, dm, indices), abs=1e-5)
 
 
 class _CountingForward(MLPClassifier):

@@ -51,22 +51,6 @@ def test_logs_scalar_and_histogram_equal_to_direct_measurement(tmp_path):
     )
 
 
-def test_training_is_bit_identical_with_the_monitor():
-    def run(callbacks):
-        trainer, model = train(callbacks, max_epochs=2)
-        optimizer = trainer.optimizers[0].state_dict()
-        return model.state_dict(), optimizer, torch.get_rng_state()
-
-    weights_a, optim_a, rng_a = run([])
-    weights_b, optim_b, rng_b = run(
-        [JacobianNormMonitor(method="projection"), JacobianNormMonitor(max_points=None)]
-    )
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    for state_a, state_b in zip(optim_a["state"].values(), optim_b["state"].values(), strict=True):
-        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert torch.equal(rng_a, rng_b)
-
-
 def test_validate_under_inference_mode_gives_the_no_grad_values():
     pl.seed_everything(0)
     model = MLPClassifier().eval()
@@ -217,23 +201,6 @@ def test_empty_batches_no_logger_and_no_validation_data(tmp_path):
     )
     with pytest.warns(UserWarning, match="no validation point"):
         trainer.fit(NoValidation(), DataLoader(x, batch_size=4), DataLoader(x, batch_size=4))
-
-
-def test_every_n_epochs_and_sanity_check(tmp_path):
-    logger = TensorBoardLogger(tmp_path)
-    trainer, _ = train(
-        [JacobianNormMonitor(every_n_epochs=2, max_points=32)],
-        max_epochs=5,
-        logger=logger,
-        num_sanity_val_steps=2,
-    )
-    steps = [s.step for s in events(logger.log_dir).Scalars("sensitivity/jacobian_norm")]
-    per_epoch = trainer.global_step // 5
-    assert steps == [
-        2 * per_epoch - 1,
-        4 * per_epoch - 1,
-        5 * per_epoch - 1,
-    ]  # epochs 2, 4 and the last; no sanity check
 
 
 def test_several_validation_dataloaders_are_logged_separately():

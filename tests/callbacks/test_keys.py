@@ -1,4 +1,5 @@
-"""Each monitor's registry of logged keys is what its docs list, and what a run logs."""
+"""Each monitor's registry of logged keys is what its docs list, and what a run logs; prefixes name every key, and
+the values under them are the direct measurements (``tests/_logged.py``)."""
 
 from pathlib import Path
 
@@ -8,9 +9,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from examples.digits import train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from tests import _synthetic
+from tests._logged import check_logged
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORS = [JacobianNormMonitor, GeneralizationGapMonitor, TransitionMonitor]
+PREFIXED_KEYS = {
+    "sens/jacobian_norm",
+    "sens/transition_density_on_manifold",
+    "sens/transition_density_off_manifold",
+    *(f"gen/{side}_{what}" for side in ("train", "val", "gap") for what in ("loss", "accuracy")),
+}
 
 
 @pytest.mark.parametrize("monitor", MONITORS, ids=lambda m: m.__name__)
@@ -68,3 +77,13 @@ def test_log_seconds_logs_each_measurements_wall_time_and_only_then(tmp_path):
         total += sum(p.value for p in points)
     assert total < elapsed
     assert not any(k.endswith("_seconds") for m in MONITORS for k in m().logged_keys())  # off by default
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefixes_name_every_logged_key(prefixed_run):
+    run = prefixed_run
+    logged = run.capture.keys()
+    assert PREFIXED_KEYS <= logged, sorted(PREFIXED_KEYS - logged)
+    assert not [k for k in logged if k.startswith(("sensitivity/", "generalization/"))]
+    assert PREFIXED_KEYS <= set(run.events.Tags()["scalars"])
+    check_logged(run.capture, run.callbacks, _synthetic.reference(run.model, run.dm), trainer=run.trainer)

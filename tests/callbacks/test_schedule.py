@@ -1,19 +1,30 @@
 """When the monitors measure: every n-th validation pass that runs, and always the last one of the fit, whatever ends
-the fit. Each logged value is checked against a direct measurement of the weights it must have measured."""
+the fit (``max_steps``, ``max_time``, early stopping, the validation schedule); and every pass under the ``Trainer``
+options that change what a pass sees. Each logged value is checked against a direct measurement of the weights it
+must have measured (``tests/_logged.py``)."""
+
+from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from examples.digits import DigitsDataModule, train
+from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
 from lightning_sensitivity.functional import jacobian_norm
+from tests import _synthetic
+from tests._logged import CapturingLogger, Reference, check_last_pass_measured, check_logged, fit
+from tests._synthetic import ALL_KEYS, ImageClassifier, SyntheticImages
 from tests.integration._helpers import scalar_series
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
+    pytest.mark.filterwarnings("ignore:.*sampled count has not converged.*"),
+]
 
 MAX_POINTS = 40
 
@@ -54,21 +65,30 @@ CASES = {
     # the last validation pass is known (the next one would be past max_epochs), and the fit trains on after it
     "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "last pass"),
     "num_sanity_val_steps=0, max_epochs=2": (dict(max_epochs=2, num_sanity_val_steps=0), "last pass"),
+    # the fit ends at the end of an epoch (20 steps each), right after the last validation pass
+    "max_steps at an epoch's end, max_epochs unset": (dict(max_epochs=-1, max_steps=40), "last pass"),
 }
+TRANSITIONS = "sensitivity/transition_density_on_manifold"
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_last_validation_pass_is_always_measured(case):
     options, expected_weights = CASES[case]
     options = dict(options)
-    snapshots = Snapshots()
-    trainer, model = train(_monitors() + [snapshots] + options.pop("extra", []), **options)
+    snapshots, monitors, model = Snapshots(), _monitors(), MLPClassifier()
+    capture = CapturingLogger(model)
+    trainer, model = train(
+        monitors + [snapshots] + options.pop("extra", []), model=model, logger=capture, **options
+    )
     assert snapshots.weights, "the fit ran at least one validation pass"
     weights = None if expected_weights == "final" else snapshots.weights[-1]
     logged = trainer.callback_metrics
     assert logged["sensitivity/jacobian_norm"].item() == pytest.approx(_jacobian_of(model, weights), rel=1e-5)
-    for key in ("generalization/gap_loss", "sensitivity/transition_density_on_manifold"):
+    for key in ("generalization/gap_loss", TRANSITIONS):
         assert torch.isfinite(logged[key])
+    check_last_pass_measured(capture, ALL_KEYS)
+    assert capture.steps(TRANSITIONS), "the TransitionMonitor never measured"
+    check_logged(capture, monitors, Reference.of(model, DigitsDataModule()), rel=1e-5, trainer=trainer)
 
 
 def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
@@ -84,6 +104,23 @@ def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
     )
 
 
+def test_every_n_epochs_skips_the_sanity_check_and_measures_the_last_epoch(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer, _ = train(
+        [JacobianNormMonitor(every_n_epochs=2, max_points=32)],
+        max_epochs=5,
+        logger=logger,
+        num_sanity_val_steps=2,
+    )
+    steps = [step for step, _ in scalar_series(logger.log_dir)["sensitivity/jacobian_norm"]]
+    per_epoch = trainer.global_step // 5
+    assert steps == [
+        2 * per_epoch - 1,
+        4 * per_epoch - 1,
+        5 * per_epoch - 1,
+    ]  # epochs 2, 4 and the last; no sanity check
+
+
 def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     trainer, model = train(
@@ -97,3 +134,36 @@ def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_pat
     assert step == trainer.global_step - 1
     assert value == pytest.approx(_jacobian_of(model), rel=1e-5)
     assert [s for s, _ in series["generalization/gap_loss"]] == [step]
+
+
+# --- every pass measured, whatever the Trainer options ------------------------------------------------------------
+
+
+def test_val_check_interval_measures_every_validation_pass(tmp_path):
+    pl.seed_everything(0)
+    model, dm = ImageClassifier("cnn", size=16), SyntheticImages(num_train=64, size=16)  # 4 batches an epoch
+    callbacks = _synthetic.monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2, val_check_interval=0.5)
+    passes = capture.steps("val_loss")
+    assert len(passes) == 4
+    for key in ALL_KEYS:
+        assert capture.steps(key) == passes, key
+    check_logged(capture, callbacks, _synthetic.reference(model, dm), trainer=trainer)
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "num_val"),
+    [
+        pytest.param({"limit_val_batches": 2}, 2 * 8, id="limit_val_batches_2"),
+        pytest.param({"accumulate_grad_batches": 2}, None, id="accumulate_grad_batches_2"),
+        pytest.param({"num_sanity_val_steps": 0}, None, id="num_sanity_val_steps_0"),
+    ],
+)
+def test_trainer_option(trainer_kwargs, num_val, tmp_path):
+    pl.seed_everything(0)
+    model = ImageClassifier("cnn", size=16)
+    dm = SyntheticImages(size=16, batch_size=8)  # 4 validation batches
+    callbacks = _synthetic.monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2, **trainer_kwargs)
+    check_last_pass_measured(capture, ALL_KEYS)
+    check_logged(capture, callbacks, _synthetic.reference(model, dm, num_val=num_val), trainer=trainer)

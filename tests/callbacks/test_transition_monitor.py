@@ -1,4 +1,5 @@
-"""``TransitionMonitor`` inside real ``Trainer`` runs on digits."""
+"""``TransitionMonitor`` inside real ``Trainer`` runs: the logged counts along its fixed trajectories, the anchors,
+the curves, its figure, the exact count, and the models it cannot count."""
 
 import lightning.pytorch as pl
 import pytest
@@ -8,7 +9,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import TransitionMonitor
-from lightning_sensitivity.functional import count_transitions, gaussian_anchors, trajectory_through
+from lightning_sensitivity.functional import gaussian_anchors, trajectory_through
+from tests import _synthetic
+from tests._logged import check_logged, fit, transition_counts
+from tests._synthetic import ImageClassifier, SyntheticImages
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -41,47 +45,14 @@ def test_scalars_and_figure_are_read_back_from_the_event_files(tmp_path, log_fig
     anchors = monitor.anchors
     assert anchors["on_manifold"].shape == anchors["off_manifold"].shape == (2, 3, 1, 8, 8)
     for kind in ("on_manifold", "off_manifold"):
-        counts = [count_transitions(model, trajectory_through(a, 128)) for a in anchors[kind]]
-        density = sum(c.density for c in counts) / 2
+        density, count = transition_counts(model, anchors[kind], 128)
         assert events.Scalars(f"sensitivity/transition_density_{kind}")[-1].value == pytest.approx(
             density, rel=1e-5
         )
-        assert (
-            events.Scalars(f"sensitivity/transitions_{kind}")[-1].value
-            == sum(c.transitions for c in counts) / 2
-        )
+        assert events.Scalars(f"sensitivity/transitions_{kind}")[-1].value == count
     on_manifold = {tuple(p.flatten().tolist()) for p in anchors["on_manifold"].flatten(0, 1)}
     training_points = {tuple(p.flatten().tolist()) for p in DigitsDataModule().x_train}
     assert on_manifold <= training_points
-
-
-def test_training_is_unchanged_by_the_monitor():
-    _, plain = train([], max_epochs=2)
-    rng = torch.get_rng_state()
-    _, monitored = train([small_monitor(off_manifold="shuffled")], max_epochs=2)
-    assert torch.equal(torch.get_rng_state(), rng)
-    for (name, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    assert monitored.training
-
-
-def test_resume_from_a_checkpoint_measures_the_same_trajectories(tmp_path):
-    first = small_monitor()
-    trainer, _ = train([first], max_epochs=2)
-    path = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(path)
-
-    second = small_monitor()
-    resumed = pl.Trainer(
-        max_epochs=3, accelerator="cpu", callbacks=[second], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    resumed.fit(MLPClassifier(), datamodule=DigitsDataModule(), ckpt_path=path)
-    assert resumed.current_epoch == 3
-    for kind in ("on_manifold", "off_manifold"):
-        assert torch.equal(second.anchors[kind], first.anchors[kind])
-    assert torch.equal(second.state_dict()["generator_state"], first.state_dict()["generator_state"])
-    assert "sensitivity/transition_density_on_manifold" in resumed.callback_metrics
 
 
 def test_the_anchors_are_algorithm_r_with_the_monitors_generator():
@@ -115,8 +86,7 @@ def test_the_anchors_are_algorithm_r_with_the_monitors_generator():
 
 def _expected_density(model, anchors, dtype=torch.float32):
     """The mean density along the closed curves through ``anchors`` ``[N, 3, ...]``, counted directly."""
-    counts = [count_transitions(model, trajectory_through(a.to(dtype), 128)) for a in anchors]
-    return pytest.approx(sum(c.density for c in counts) / len(counts), rel=1e-5)
+    return pytest.approx(transition_counts(model, anchors, 128, dtype=dtype)[0], rel=1e-5)
 
 
 def test_the_curves_are_built_once_and_again_when_dtype_or_anchors_change(monkeypatch):
@@ -211,3 +181,29 @@ def test_token_ids_fail_at_the_first_batch_with_a_hint():
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(TypeError, match="embeddings"):
         trainer.fit(Tokens(), torch.utils.data.DataLoader(data, batch_size=8))
+
+
+# --- the exact count ---------------------------------------------------------------------------------------------
+
+
+def test_transition_monitor_exact_count_on_a_float32_relu_model(tmp_path):
+    pl.seed_everything(0)
+    model, dm = ImageClassifier("mlp", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(
+            num_trajectories=2, num_points=_synthetic.NUM_POINTS, every_n_epochs=1, method="exact", log_figure=False
+        )
+    ]
+    trainer, capture = fit(model, dm, callbacks, tmp_path)
+    check_logged(capture, callbacks, _synthetic.reference(model, dm), trainer=trainer)
+
+
+def test_exact_count_refuses_a_model_with_smooth_units_before_training(tmp_path):
+    pl.seed_everything(0)
+    model, dm = ImageClassifier("gelu_layernorm_relu", size=8), SyntheticImages(size=8)
+    callbacks = [
+        TransitionMonitor(num_trajectories=1, num_points=_synthetic.NUM_POINTS, every_n_epochs=1, method="exact")
+    ]
+    with pytest.raises(ValueError, match="(?i)piecewise.linear|gelu|layer.?norm"):
+        fit(model, dm, callbacks, tmp_path)
+    assert model.trainer.global_step == 0

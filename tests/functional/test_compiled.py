@@ -111,6 +111,14 @@ def test_the_default_backend_whose_graph_cannot_take_the_jacobians_backward_pass
     torch.testing.assert_close(jacobian_norm(model, x), jacobian_norm(eager, x), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_the_default_backend_counts_the_transitions_of_the_eager_original():
+    torch._dynamo.reset()
+    eager, model = compiled("torch.compile(net)", "inductor")
+    curve = ellipse_through(*torch.randn(3, 1, 8, 8), num_points=64)
+    assert int(count_transitions(model.eval(), curve)) == int(count_transitions(eager, curve)) > 0
+
+
 def test_the_compiled_forms_are_restored_when_the_model_raises():
     class Failing(nn.Module):
         def __init__(self) -> None:

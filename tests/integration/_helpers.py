@@ -35,6 +35,16 @@ def all_monitors(**overrides: dict[str, Any]) -> list[Callback]:
     ]
 
 
+class CountSteps(Callback):
+    """Counts the training steps that started."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.steps += 1
+
+
 def assert_same_training_state(plain: dict[str, Any], monitored: dict[str, Any]) -> None:
     """The states two training runs ended in are bit-identical: weights and buffers (``"model"``), optimizer state
     (``"optimizer"``), and the torch, NumPy and Python random streams (``"torch"``, ``"numpy"``, ``"python"``)."""

@@ -1,4 +1,5 @@
-"""Models of the shapes real projects have, each a ``LightningModule`` small enough for a seconds-long test."""
+"""Models of the shapes projects train on digits, each a ``LightningModule`` small enough for a seconds-long test,
+and the monitors configured to read them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from examples.digits import DigitsDataModule, MLPClassifier
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+
+MAX_POINTS = 50
+NUM_POINTS = 32
+
+
+def monitors(reading: dict[str, Any]) -> list[pl.Callback]:
+    """Every monitor, measuring at least each epoch's end, told how to read the batches (``reading``: ``input_key``,
+    ``get_input``, ``forward_fn``); the gap is measured on the batches' own inputs (token ids, not embeddings)."""
+    target = {"target_key": "label"} if reading.get("input_key") == "image" else {}
+    gap_reading = {k: v for k, v in reading.items() if k != "get_input"}
+    if "get_input" in reading:
+        gap_reading.pop("forward_fn")
+    return [
+        JacobianNormMonitor(max_points=MAX_POINTS, **reading, **target),
+        TransitionMonitor(
+            num_trajectories=2, num_points=NUM_POINTS, every_n_epochs=1, log_figure=False, **reading
+        ),
+        GeneralizationGapMonitor(max_train_points=64, **gap_reading, **target),
+    ]
 
 
 class _Classifier(pl.LightningModule):
@@ -138,8 +159,10 @@ class TextData(pl.LightningDataModule):
         tokens = torch.randint(0, vocabulary, (num_train + num_val, length), generator=generator)
         counts = torch.stack([(tokens == c).sum(1) for c in range(4)], dim=1).float()
         labels = (counts + 1e-3 * torch.arange(4)).argmax(1)
-        self.train_set = TensorDataset(tokens[:num_train], labels[:num_train])
-        self.val_set = TensorDataset(tokens[num_train:], labels[num_train:])
+        self.x_train, self.y_train = tokens[:num_train], labels[:num_train]
+        self.x_val, self.y_val = tokens[num_train:], labels[num_train:]
+        self.train_set = TensorDataset(self.x_train, self.y_train)
+        self.val_set = TensorDataset(self.x_val, self.y_val)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=32, shuffle=True)

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) log what one process logs: ``ddp`` and ``ddp_spawn``, every monitor attached.
+"""Two CPU processes (gloo) log what one process logs: ``ddp`` and ``ddp_spawn``, every monitor attached; and the
+gap monitor alone under ``ddp_spawn`` started from the test's own process.
 
 The DDP run trains in a subprocess (``_ddp_script.py``) under a timeout, so a deadlock fails the test instead of
 hanging it. The reference is one process measuring the DDP run's final weights with the DDP run's trajectory
@@ -22,6 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import GeneralizationGapMonitor
+from tests._logged import gap_values
 from tests.integration._ddp_script import GAP_MAX_TRAIN_POINTS, JACOBIAN_MAX_POINTS, monitors
 
 pytestmark = [
@@ -137,6 +140,20 @@ def test_two_processes_log_the_one_process_values(tmp_path, strategy, without):
         ddp, one = (last_histogram(directory, tag) for directory in (log_dir, reference_dir))
         assert ddp.num == one.num == num_points, key
         assert (ddp.sum, ddp.min, ddp.max) == pytest.approx((one.sum, one.min, one.max), rel=1e-5), key
+
+
+def test_the_gap_monitor_combines_the_ranks_into_the_one_process_result():
+    """``ddp_spawn`` in the test's own process: each rank evaluates its share of the training subset (unequal shares
+    of 101 points) and of the validation set (padded by the sampler); the combined values are the one-process ones."""
+    dm = DigitsDataModule()
+    monitor = GeneralizationGapMonitor(max_train_points=101, seed=5)
+    trainer, model = train(
+        [monitor], datamodule=dm, strategy="ddp_spawn", devices=2, limit_train_batches=2, max_epochs=1
+    )
+    indices = torch.randperm(len(dm.x_train), generator=torch.Generator().manual_seed(5))[:101]
+    expected = gap_values(model.eval(), (dm.x_train[indices], dm.y_train[indices]), (dm.x_val, dm.y_val))
+    logged = {key: float(trainer.callback_metrics[f"generalization/{key}"]) for key in expected}
+    assert logged == pytest.approx(expected, abs=1e-5)
 
 
 def read_records(path: str) -> dict[str, list]:

@@ -1,22 +1,20 @@
-"""What the set-up matrix trains and how it reads the monitors back: synthetic images, a module around any
-network, an in-memory logger that keeps the weights each logged value was measured on, and the direct
-measurements a logged value must equal."""
+"""A world of synthetic images for the tests that run the monitors on many set-ups: learnable random images, a
+module around any network (torchvision's or a tiny one), the monitors in a small configuration, a seeded CPU fit that
+captures what is logged, and the reference that measures it again (``tests/_logged.py``)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
+from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from tests._logged import Reference
 
 NUM_CLASSES = 10
 TORCHVISION = ("resnet18", "vgg11_bn", "mobilenet_v3_small", "googlenet", "efficientnet_b0")
@@ -60,7 +58,7 @@ def build_net(name: str, num_outputs: int = NUM_CLASSES, size: int = 32) -> nn.M
     raise ValueError(f"unknown network {name!r}")
 
 
-class MatrixClassifier(pl.LightningModule):
+class ImageClassifier(pl.LightningModule):
     """SGD training of ``build_net(net)``.
 
     Args:
@@ -189,104 +187,44 @@ class SyntheticImages(pl.LightningDataModule):
         return DataLoader(self._dataset(self.x_val, self.y_val), batch_size=self.batch_size)
 
 
-@dataclass
-class Logged:
-    """One ``log_metrics`` call: the step, the values, and the module's weights at that moment."""
-
-    step: int
-    metrics: dict[str, float]
-    weights: dict[str, Tensor]
+MAX_POINTS = 12
+NUM_POINTS = 16
+MAX_TRAIN = 16
+#: A key of each monitor measured on validation passes.
+ALL_KEYS = ("sensitivity/jacobian_norm", "generalization/gap_loss")
 
 
-class CapturingLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory, with a copy of the weights of ``module`` at that moment: a monitor
-    logs right after it measures, so these are the weights the values were measured on (whatever the schedule, the
-    last logged value need not be on the final weights)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        self.history: list[Logged] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        previous = self.history[-1].weights if self.history else None
-        if previous is not None and all(torch.equal(v, previous[k]) for k, v in weights.items()):
-            weights = previous  # the same weights: one copy (vgg11_bn has 129M parameters)
-        self.history.append(
-            Logged(-1 if step is None else step, {k: float(v) for k, v in metrics.items()}, weights)
+def monitors(
+    every_n_epochs: int | None = 1,
+    jacobian: bool = True,
+    transitions: bool = True,
+    gap: bool = True,
+    gap_options: dict[str, Any] | None = None,
+    **reading: Any,
+) -> list[pl.Callback]:
+    """The monitors, small: ``every_n_epochs=None`` keeps each monitor's default schedule; ``reading``
+    (``forward_fn``, ...) goes to every monitor, ``gap_options`` to the gap monitor only."""
+    schedule = {} if every_n_epochs is None else {"every_n_epochs": every_n_epochs}
+    chosen: list[pl.Callback] = []
+    if jacobian:
+        chosen.append(JacobianNormMonitor(max_points=MAX_POINTS, **schedule, **reading))
+    if transitions:
+        transition_reading = {
+            k: v for k, v in reading.items() if k in ("forward_fn", "get_input", "input_key")
+        }
+        chosen.append(
+            TransitionMonitor(
+                num_trajectories=1, num_points=NUM_POINTS, log_figure=False, **schedule, **transition_reading
+            )
         )
-
-    def steps(self, key: str) -> list[int]:
-        """The steps at which ``key`` was logged."""
-        return [r.step for r in self.history if key in r.metrics]
-
-    def last(self, key: str) -> Logged:
-        """The last call that logged ``key``."""
-        records = [r for r in self.history if key in r.metrics]
-        assert records, (
-            f"{key!r} was never logged; logged keys: {sorted({k for r in self.history for k in r.metrics})}"
+    if gap:
+        chosen.append(
+            GeneralizationGapMonitor(max_train_points=MAX_TRAIN, **schedule, **reading, **(gap_options or {}))
         )
-        return records[-1]
+    return chosen
 
 
-def eager_copy(
-    module: MatrixClassifier, weights: dict[str, Tensor], dtype: torch.dtype = torch.float32
-) -> nn.Module:
-    """A fresh, uncompiled network with ``weights`` (a compiled network's ``_orig_mod.`` names undone), in ``dtype``,
-    in eval mode; it returns the logits whatever ``module.forward`` returns."""
-    options = {**module.hparams, "compile_net": False, "dict_output": False}
-    fresh = MatrixClassifier(**options).to(dtype)  # before loading: float64 weights stay float64
-    fresh.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in weights.items()})
-    return fresh.net.eval()
-
-
-def expected_jacobian(net: nn.Module, x: Tensor) -> float:
-    """The mean Jacobian norm of ``net`` over the points ``x``, measured directly."""
-    return jacobian_norm(net, x.to(next(net.parameters()).dtype)).mean().item()
-
-
-def expected_loss_accuracy(net: nn.Module, x: Tensor, y: Tensor, binary: bool = False) -> tuple[float, float]:
-    """Eval-mode mean loss (cross-entropy, or binary cross-entropy on one logit) and accuracy (argmax, or the sign
-    of the one logit), measured directly."""
-    with torch.no_grad():
-        logits = net(x.to(next(net.parameters()).dtype)).double()
-    if binary:
-        loss = F.binary_cross_entropy_with_logits(logits.squeeze(1), y.double())
-        predictions = (logits.squeeze(1) > 0).long()
-    else:
-        loss, predictions = F.cross_entropy(logits, y), logits.argmax(1)
-    return loss.item(), (predictions == y).double().mean().item()
-
-
-def expected_densities(
-    net: nn.Module, anchors: dict[str, Tensor], num_points: int, method: str = "sampled"
-) -> dict[str, tuple[float, float]]:
-    """``{kind: (mean transition density, mean count)}`` recounted along the curves through ``anchors``, in the
-    dtype of ``net``."""
-    dtype = next(net.parameters()).dtype
-    result = {}
-    for kind, per_curve in anchors.items():
-        curves = [trajectory_through(a.to(dtype), num_points) for a in per_curve]
-        counts = count_transitions(net, curves, method=method)
-        result[kind] = (
-            sum(c.density for c in counts) / len(counts),
-            sum(c.transitions for c in counts) / len(counts),
-        )
-    return result
-
-
-def weights_of(module: nn.Module) -> dict[str, Tensor]:
-    """A copy of ``module``'s state."""
-    return copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
+def reference(model: ImageClassifier, dm: SyntheticImages, **options: Any) -> Reference:
+    """What the monitors on ``model`` are checked against: a fresh, uncompiled copy that returns the logits."""
+    fresh = {**model.hparams, "compile_net": False, "dict_output": False}
+    return Reference(lambda: ImageClassifier(**fresh), dm, binary=model.hparams.binary, **options)
