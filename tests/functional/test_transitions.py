@@ -69,7 +69,29 @@ def test_three_piece_jump_counts_two_and_the_half_count_is_the_evidence():
     result = count_transitions(nn.ReLU6(), points)
     assert int(result) == 12
     assert result.transitions_half == 0  # every other point: always piece 0
-    assert not result.converged
+    assert not result.converged and result.resolution == 1.0
+
+
+def test_the_resolution_is_the_share_of_the_count_that_every_other_point_misses():
+    # Along the unit circle z(t) = (cos t, sin t), at 2k = 16 points (every 22.5 degrees) and k = 8 (every 45):
+    # unit A is on only within 10 degrees of its normal at 22.5 degrees, an odd point, so it flips on and off
+    # between two of the 8 points (missed) and around one of the 16 (found, 2 transitions); unit B's line passes
+    # through the centre, crossed at 10 and 190 degrees, found at both.
+    normals, distances = torch.tensor([22.5, 100.0]).deg2rad(), torch.tensor([math.cos(math.radians(10)), 0.0])
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.stack([normals.cos(), normals.sin()], dim=1))
+        layer.bias.copy_(-distances)
+    model = nn.Sequential(layer, nn.ReLU())
+    fine = count_transitions(model, unit_circle(16))
+    coarse = count_transitions(model, unit_circle(8))
+    exact = count_transitions(model, unit_circle(16), method="exact")
+    assert (fine.transitions, fine.transitions_half, coarse.transitions) == (4, 2, 2)
+    assert fine.resolution == (4 - 2) / 4  # (T_k - T_{k/2}) / T_k
+    assert coarse.resolution == 0.0 and coarse.converged  # A is missed at 8 and at 4 alike: no evidence of it
+    assert int(exact) == 4 and exact.resolution == 0.0
+    # no transition at all: 0, not a division by zero
+    assert count_transitions(nn.ReLU(), torch.ones(6, 1)).resolution == 0.0
 
 
 def random_mlp():
