@@ -28,7 +28,12 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
-from lightning_sensitivity.functional import count_transitions, jacobian_norm, trajectory_through
+from lightning_sensitivity.functional import (
+    TransitionCount,
+    count_transitions,
+    jacobian_norm,
+    trajectory_through,
+)
 
 REL = 1e-4
 EXACT = 1e-6
@@ -220,6 +225,19 @@ def gap_values(
     }
 
 
+def count_along(
+    forward: Callable[[Tensor], Tensor],
+    anchors: Tensor,
+    num_points: int,
+    method: str = "sampled",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> list[TransitionCount]:
+    """The counts along the closed curves through ``anchors`` ``[N, 3, ...]``."""
+    curves = [trajectory_through(a.to(device, dtype), num_points) for a in anchors]
+    return count_transitions(forward, curves, method=method, warn_smooth=False)  # the monitor warns, not this
+
+
 def transition_counts(
     forward: Callable[[Tensor], Tensor],
     anchors: Tensor,
@@ -229,9 +247,20 @@ def transition_counts(
     device: str | torch.device = "cpu",
 ) -> tuple[float, float]:
     """``(mean transition density, mean count)`` along the closed curves through ``anchors`` ``[N, 3, ...]``."""
-    curves = [trajectory_through(a.to(device, dtype), num_points) for a in anchors]
-    counts = count_transitions(forward, curves, method=method, warn_smooth=False)  # the monitor warns, not this
+    return mean_density_and_count(count_along(forward, anchors, num_points, method, dtype, device))
+
+
+def mean_density_and_count(counts: Sequence[TransitionCount]) -> tuple[float, float]:
+    """The mean density and the mean count of ``counts``."""
     return sum(c.density for c in counts) / len(counts), sum(c.transitions for c in counts) / len(counts)
+
+
+def resolution_of_mean_density(counts: Sequence[TransitionCount]) -> float:
+    """The relative difference between the mean density of ``counts`` and the mean density counted on every other
+    point of each curve (0 when the density is 0)."""
+    density = sum(c.transitions / c.arc_length for c in counts) / len(counts)
+    half = sum(c.transitions_half / c.arc_length for c in counts) / len(counts)
+    return (density - half) / density if density > 0 else 0.0
 
 
 def of_type(callbacks: Sequence[pl.Callback], kind: type) -> Any:
@@ -302,7 +331,7 @@ def check_logged(
         record = capture.last(f"{p}/transition_density_on_manifold")
         net = reference.network(record.weights)
         for kind, anchors in transitions.state_dict()["anchors"].items():
-            density, count = transition_counts(
+            counts = count_along(
                 partial(reference.forward, net),
                 anchors,
                 transitions.num_points,
@@ -310,8 +339,12 @@ def check_logged(
                 reference.dtype,
                 reference.device,
             )
+            density, count = mean_density_and_count(counts)
             assert record.metrics[f"{p}/transition_density_{kind}"] == pytest.approx(density, rel=EXACT), kind
             assert record.metrics[f"{p}/transitions_{kind}"] == pytest.approx(count, rel=EXACT), kind
+            resolution = resolution_of_mean_density(counts)
+            logged = record.metrics[f"{p}/transitions_resolution_{kind}"]
+            assert logged == pytest.approx(resolution, rel=1e-5, abs=EXACT), kind  # float32 of a float64 ratio
 
 
 def check_last_pass_measured(capture: CapturingLogger, keys: Sequence[str]) -> None:

@@ -98,7 +98,11 @@ def test_layout_and_hparam_metrics_follow_each_monitors_prefix(tmp_path):
     metric_tags = {info.name.tag for info in experiment.metric_infos}
     assert metric_tags == {"hp_metric", "sens/jacobian_norm", "sens/jacobian_loss_spearman"} | {
         f"gen/{k}" for k in KEYS
-    } | {f"tr/{k}_{side}_manifold" for k in ("transition_density", "transitions") for side in ("on", "off")}
+    } | {
+        f"tr/{k}_{side}_manifold"
+        for k in ("transition_density", "transitions", "transitions_resolution")
+        for side in ("on", "off")
+    }
     # every scalar in the hparams is one the run logged
     logged = set(_events(logger.log_dir).Tags()["scalars"])
     assert metric_tags - {"hp_metric"} <= logged

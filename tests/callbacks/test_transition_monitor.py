@@ -1,6 +1,9 @@
 """``TransitionMonitor`` inside real ``Trainer`` runs: the logged counts along its fixed trajectories, the anchors,
 the curves, its figure, the exact count, and the models it cannot count."""
 
+import math
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -9,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import TransitionMonitor
-from lightning_sensitivity.functional import gaussian_anchors, trajectory_through
+from lightning_sensitivity.functional import count_transitions, gaussian_anchors, trajectory_through
 from tests import _synthetic
 from tests._logged import check_logged, fit, transition_counts
 from tests._synthetic import ImageClassifier, SyntheticImages
@@ -181,6 +184,74 @@ def test_token_ids_fail_at_the_first_batch_with_a_hint():
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(TypeError, match="embeddings"):
         trainer.fit(Tokens(), torch.utils.data.DataLoader(data, batch_size=8))
+
+
+# --- the resolution evidence ---------------------------------------------------------------------------------------
+
+
+class Lines(pl.LightningModule):
+    """Three fixed ReLU units on 2-D inputs, each on only within 20 degrees of its normal (at 60, 180 and 300
+    degrees) along the unit circle; the one trained parameter, added to the logits, leaves them alone."""
+
+    def __init__(self):
+        super().__init__()
+        normals = torch.tensor([60.0, 180.0, 300.0]).deg2rad()
+        self.lines = torch.nn.Linear(2, 3).requires_grad_(False)
+        with torch.no_grad():
+            self.lines.weight.copy_(torch.stack([normals.cos(), normals.sin()], dim=1))
+            self.lines.bias.fill_(-math.cos(math.radians(20)))
+        self.head = torch.nn.Linear(3, 2).requires_grad_(False)
+        self.offset = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lines(x))) + self.offset
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_lines(num_points):
+    """The monitor on ``Lines``, whose only 3 training points, at 0, 120 and 240 degrees on the unit circle, are the
+    on-manifold anchors: the ellipse through them (in any order) is the unit circle, its points at 6 points per curve
+    are every 60 degrees, and every other one is an anchor. So each unit is on around one of the 6 points and off at
+    the 3 anchors: 6 transitions, none on every other point, a resolution of 1."""
+    angles = torch.tensor([0.0, 120.0, 240.0]).deg2rad()
+    data = torch.utils.data.TensorDataset(torch.stack([angles.cos(), angles.sin()], dim=1), torch.tensor([0, 1, 0]))
+    monitor = TransitionMonitor(num_trajectories=1, num_points=num_points, every_n_epochs=1, log_figure=False)
+    model = Lines()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=3))
+    return trainer, model, monitor
+
+
+def test_an_unresolved_count_is_logged_and_warned_of_once_naming_the_model_and_what_to_set():
+    with pytest.warns(UserWarning) as warned:
+        trainer, model, monitor = fit_lines(num_points=6)
+    messages = [str(w.message) for w in warned if "has not converged" in str(w.message)]
+    assert len(messages) == 1
+    for part in ("Lines", "on-manifold", "100.0%", "num_points=24", "method='exact'", "fewer units"):
+        assert part in messages[0], part
+    curve = trajectory_through(monitor.anchors["on_manifold"][0], 6)
+    direct = count_transitions(model, curve)
+    assert (direct.transitions, direct.transitions_half, direct.resolution) == (6, 0, 1.0)
+    assert float(trainer.callback_metrics["sensitivity/transitions_resolution_on_manifold"]) == direct.resolution
+    assert float(trainer.callback_metrics["sensitivity/transitions_on_manifold"]) == 6
+
+
+def test_a_resolved_count_is_not_warned_of():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*has not converged.*")
+        trainer, model, monitor = fit_lines(num_points=600)
+    for kind in ("on_manifold", "off_manifold"):
+        curve = trajectory_through(monitor.anchors[kind][0], 600)
+        direct = count_transitions(model, curve)
+        logged = float(trainer.callback_metrics[f"sensitivity/transitions_resolution_{kind}"])
+        assert logged == pytest.approx(direct.resolution, abs=1e-7) and logged <= monitor.convergence_tolerance
+    assert float(trainer.callback_metrics["sensitivity/transitions_on_manifold"]) == 6
 
 
 # --- the exact count ---------------------------------------------------------------------------------------------
