@@ -2,6 +2,8 @@
 
     python -m benchmarks.transitions            # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.transitions --quick    # fewer points and repeats
+    python -m benchmarks.transitions --resolution [--data-file F.npz]   # the count's resolution against the
+                                                # points per curve (benchmarks/transition_resolution.py)
 
 Every figure is measured in this run, on this machine. Ratios compare timings taken interleaved, as the median
 of repeats, so that load from other processes affects both sides alike. ``--threads`` (default 1) sets torch's
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from typing import Any
 
 import torch
@@ -106,6 +109,12 @@ def exact_against_sampled(model: nn.Module, curves: list[Any], repeats: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--resolution" in argv:
+        from benchmarks.transition_resolution import main as resolution  # it imports this module
+
+        resolution(argv)
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
