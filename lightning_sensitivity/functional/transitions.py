@@ -91,14 +91,17 @@ class TransitionCount:
     def resolution(self) -> float:
         r"""The resolution evidence of the count: :math:`(T_k - T_{k/2}) / \max(T_k, 1)`, 0 for an exact count.
 
-        The share of the count on all :math:`k` points that the count on every other point misses: an estimate
-        of how much :math:`T_{k/2}` is below the true count (a lower bound of it). :math:`T_k` misses less: halving
-        the step between points divides the missed crossings by 2 to 4 (by 4 where the units' inputs are smooth
-        along the curve, a unit that turns back between two points doing so within a step that shrinks with it; by
-        2 where they have kinks from upstream units), so :math:`T_k` misses about ``resolution / 3`` to
-        ``resolution`` of the true count. A count is taken as resolved when ``resolution`` is at most 0.05, the
-        threshold ``TransitionMonitor`` warns above (``convergence_tolerance``); measured values against the points
-        per curve, for an MLP, a small CNN and ``resnet18``, are in the transitions guide.
+        The share of the count on all :math:`k` points that the count on every other point misses, so a lower bound
+        of how far :math:`T_{k/2}` is below the true count. :math:`T_k` misses less: each doubling of :math:`k`
+        divides the missed crossings by 2 (where a unit's input has kinks from upstream units between two points, as
+        in deep and convolutional networks) to 4 (where it is smooth), so :math:`T_k` misses about ``resolution``
+        (as measured on a small CNN and ``resnet18``) down to ``resolution / 3`` of the true count. It is evidence,
+        not proof: a unit that flips and flips back between two neighbouring points of the :math:`k` is missed by
+        both counts and shows in neither.
+
+        A count is taken as resolved when ``resolution`` is at most 0.02 (it then misses at most about 2%), the
+        threshold above which ``TransitionMonitor`` warns (``convergence_tolerance``). Values measured against the
+        points per curve, for an MLP, a small CNN and ``resnet18``, are in the transitions guide.
         """
         return (self.transitions - self.transitions_half) / max(self.transitions, 1)
 
