@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_sensitivity.functional._pullback import _Forwards, _pullback
+from lightning_sensitivity.functional._pullback import _Forwards, _pullback, _rows_per_pass
 from lightning_sensitivity.functional.evaluation import (
     _check_continuous,
     _per_pass_on_device,
@@ -95,6 +95,10 @@ def jacobian_norm(
     ``fold`` instead of a transposed convolution. Both keep the model's own forward pass, and neither is taken inside
     a region that activation checkpointing recomputes. Any other model takes the general path; all are exact. Where
     an operator's backward has no batching rule, the rows are pulled back one backward pass each, with a warning.
+    A model that checkpoints part of its forward pass with ``torch.utils.checkpoint(..., use_reentrant=True)``, which
+    ``torch.autograd.grad`` cannot differentiate, is measured by running its forward pass again on the points
+    repeated once per row and one ``backward`` of that output, with the parameters not requiring grad meanwhile
+    (no ``.grad`` is touched): the same values, at the cost of a forward pass per group of rows.
     No probe pass runs: the number of classes comes from the first chunk's forward pass. The measured times
     (``benchmarks/jacobian.py``: torchvision ``resnet18`` and MLPs against ``vmap(jacrev)`` and the per-class loop)
     are in ``docs/benchmarks.md``.
@@ -290,6 +294,7 @@ class _Plan:
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
             # The gradient of the largest activation for all the rows of a pass (see _per_pass_on_device).
             per_pass = _per_pass_on_device(per_pass, batch * fwd.largest * z.element_size(), z.device)
+            per_pass = _rows_per_pass(fwd, per_pass)
             last = fwd.last
             if last is not None and last.weight.shape[1] < num_rows + add_left_out:
                 # Fewer features than rows: pull back a square root of the rows' Gram matrix at the features.
@@ -308,7 +313,11 @@ class _Plan:
                 directions, scale = rows(j0, min(j0 + per_pass, num_rows))
                 unit = directions.to(device=z.device, dtype=z.dtype)
                 with torch.enable_grad():
-                    pulled = _pullback(target, fwd.wrt, unit, fwd.batching).flatten(2)
+                    if fwd.batching.reentrant:
+                        pulled = self._forwards.repeated_pullback(x, unit, target is not z)
+                    else:
+                        pulled = _pullback(target, fwd.wrt, unit, fwd.batching)
+                pulled = pulled.flatten(2)
                 # The squared norm of a row r at the input is r . (G r) when the rows stop at the first layer.
                 metric = pulled if fwd.gram is None else pulled @ fwd.gram
                 if add_left_out:

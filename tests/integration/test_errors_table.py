@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -225,15 +224,6 @@ class _ItemInBackward(nn.Module):
         return self.last(_ItemBackward.apply(self.first(x)).relu())
 
 
-class _ReentrantCheckpoint(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=True)
-
-
 def _model_and_x() -> tuple[nn.Module, torch.Tensor]:
     return MLPClassifier().eval(), DigitsDataModule().x_val[:4]
 
@@ -408,7 +398,6 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     ),
     "jacobian-chunk-size": lambda: jacobian_norm(*_model_and_x(), chunk_size=0),
     "jacobian-rows-one-at-a-time": lambda: jacobian_norm(_ItemInBackward(), torch.randn(3, 8)),
-    "jacobian-reentrant-checkpoint": lambda: jacobian_norm(_ReentrantCheckpoint(), torch.randn(3, 8)),
     # functional/trajectories.py
     "trajectory-anchors": lambda: trajectory_through(torch.zeros(2, 4), 16),
     "trajectory-anchors-dtype": lambda: trajectory_through(torch.zeros(3, 4, dtype=torch.long), 16),
