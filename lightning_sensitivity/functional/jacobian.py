@@ -45,7 +45,7 @@ def jacobian_norm(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
     *,
-    output: Literal["softmax", "logits"] = "softmax",
+    output: Literal["softmax", "logits", "probabilities"] = "softmax",
     method: Literal["exact", "projection"] = "exact",
     num_projections: int | None = None,
     chunk_size: int | None = None,
@@ -68,6 +68,14 @@ def jacobian_norm(
 
     A model whose output has a single column (``[B, 1]``) is read as a binary classifier with probabilities
     :math:`(1 - \sigma(z), \sigma(z))`, the softmax of the logits :math:`(0, z)`.
+
+    **Models that return probabilities.** With ``output="probabilities"`` the model's output is taken as the
+    classes' probabilities :math:`p = f(x)` (a ``forward`` that ends in ``nn.Softmax``), and the norm is that of
+    :math:`\partial p / \partial x^\top` itself, the same quantity as the default's for a model that returns logits;
+    a single column is the probability of class 1, read as :math:`(1 - p, p)` (a norm :math:`\sqrt 2` times that of
+    :math:`\partial p / \partial x^\top`). The default would take the softmax of the probabilities, a different and
+    much smaller number. A model that returns log-probabilities (``log_softmax``) needs nothing: their softmax is
+    the probabilities, so the default measures :math:`\partial p / \partial x^\top`.
 
     **Accuracy.** The softmax's own factor :math:`J_p = (\operatorname{diag}(p) - p p^\top) J_z` is formed in
     float64 from the logits, and only the logits are pulled back: at a confident point :math:`p_c = 1 - \epsilon`
@@ -117,7 +125,9 @@ def jacobian_norm(
     Args:
         model: an ``nn.Module`` or any callable mapping a batch ``[B, ...]`` to logits ``[B, C]``.
         x: the points, ``[B, ...]``, floating point. Labels are not needed.
-        output: ``"softmax"`` (the paper's measure) or ``"logits"``.
+        output: ``"softmax"`` (the paper's measure, for a model that returns logits or log-probabilities),
+            ``"logits"`` (the Jacobian of the output itself), or ``"probabilities"`` (the model returns probabilities:
+            the Jacobian of its output, a single column read as :math:`(1 - p, p)`).
         method: ``"exact"`` or ``"projection"``.
         num_projections: vector-Jacobian products per point for ``method="projection"``; default
             ``max(4, ceil(sqrt(C)))`` (32 at :math:`C = 1000`), at most :math:`C`.
@@ -155,8 +165,8 @@ def jacobian_norm(
         >>> torch.allclose(norms, reference.flatten(1).norm(dim=1), atol=1e-6)
         True
     """
-    if output not in ("softmax", "logits"):
-        raise ValueError(f"`output` must be 'softmax' or 'logits', got {output!r}.")
+    if output not in ("softmax", "logits", "probabilities"):
+        raise ValueError(f"`output` must be 'softmax', 'logits' or 'probabilities', got {output!r}.")
     if method not in ("exact", "projection"):
         raise ValueError(f"`method` must be 'exact' or 'projection', got {method!r}.")
     if num_projections is not None and num_projections < 1:
@@ -208,6 +218,7 @@ class _Plan:
         x: Tensor,
     ) -> None:
         self.softmax = output == "softmax"
+        self.probabilities = output == "probabilities"
         self.projection = method == "projection"
         self.num_projections = num_projections
         self.generator = generator
@@ -247,6 +258,12 @@ class _Plan:
         their number, a function that forms rows ``[j0, j1)`` (see :data:`_Rows`), and whether the row left out
         (the exact softmax's most probable class, minus the sum of the others) must be added back."""
         batch = z.shape[0]
+        if self.probabilities and z.shape[1] == 1:
+            # One probability p is the two classes' (1 - p, p): their rows are -dp/dx and dp/dx, one row of scale
+            # sqrt(2).
+            ones = torch.ones(1, batch, 1, dtype=z.dtype, device=z.device)
+            root_two = torch.full((1, batch), math.sqrt(2), dtype=torch.float64, device=z.device)
+            return 1, lambda j0, j1: (ones[j0:j1], root_two[j0:j1]), False
         single = self.softmax and z.shape[1] == 1
         if single:  # a single logit z is the binary softmax of (0, z)
             z = class_logits(z)

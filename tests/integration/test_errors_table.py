@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ CLASSES = {
         KeyError,
         RuntimeError,
         MisconfigurationException,
+        ModuleNotFoundError,
         UserWarning,
         NonFiniteOutputError,
     )
@@ -224,6 +226,15 @@ class _ItemInBackward(nn.Module):
         return self.last(_ItemBackward.apply(self.first(x)).relu())
 
 
+def _without_matplotlib(call: Callable[[], Any]) -> None:
+    """``call()`` where ``import matplotlib`` fails, as without it installed."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+            patch.delitem(sys.modules, name)
+        patch.setitem(sys.modules, "matplotlib", None)
+        call()
+
+
 def _model_and_x() -> tuple[nn.Module, torch.Tensor]:
     return MLPClassifier().eval(), DigitsDataModule().x_val[:4]
 
@@ -303,7 +314,7 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     # the monitors' arguments, at construction
     "monitor-argument-positive": lambda: JacobianNormMonitor(every_n_epochs=0),
     "monitor-argument-positive-or-none": lambda: GeneralizationGapMonitor(max_train_points=0),
-    "monitor-argument-choice": lambda: JacobianNormMonitor(output="probabilities"),
+    "monitor-argument-choice": lambda: JacobianNormMonitor(output="probs"),
     "monitor-argument-callable": lambda: GeneralizationGapMonitor(loss_fn="cross_entropy"),
     "monitor-argument-batch-key": lambda: JacobianNormMonitor(input_key=1.5),
     "monitor-seed": lambda: TransitionMonitor(seed="0"),
@@ -391,7 +402,7 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         MLPClassifier(activation="tanh"), torch.zeros(2, 1, 8, 8)
     ),
     # functional/jacobian.py
-    "jacobian-output": lambda: jacobian_norm(*_model_and_x(), output="probabilities"),
+    "jacobian-output": lambda: jacobian_norm(*_model_and_x(), output="probs"),
     "jacobian-method": lambda: jacobian_norm(*_model_and_x(), method="sampled"),
     "jacobian-num-projections": lambda: jacobian_norm(
         *_model_and_x(), method="projection", num_projections=0
@@ -435,6 +446,8 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "density-shapes": lambda: TransitionDensity().update(torch.tensor([1.0, 2.0]), torch.tensor([1.0])),
     "density-arc-length": lambda: TransitionDensity().update(torch.tensor([1.0]), torch.tensor([0.0])),
     "loss-accuracy-loss-fn": lambda: ClassificationLossAccuracy(loss_fn="bce"),
+    "loss-accuracy-output": lambda: ClassificationLossAccuracy(output="softmax"),
+    "point-records-plot-matplotlib": lambda: _without_matplotlib(PointRecords().plot),
     "point-records-shapes": lambda: PointRecords().update(
         torch.arange(3), torch.ones(2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
     ),
