@@ -62,8 +62,9 @@ CASES = {
     "val_check_interval inside the epoch": (dict(max_epochs=2, val_check_interval=0.3), "final"),
     "max_time": (dict(max_epochs=1000, max_time={"seconds": 2}), "final"),
     "early stopping": (dict(max_epochs=50, extra=[EarlyStopping("val_loss", patience=0, min_delta=10)]), "final"),
-    # the last validation pass is known (the next one would be past max_epochs), and the fit trains on after it
-    "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "last pass"),
+    # the last validation pass is known (the next one would be past max_epochs) and measured, but the fit trains on
+    # after it: the weights it returns differ from those measured, and are measured at the end of fit
+    "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "final"),
     "num_sanity_val_steps=0, max_epochs=2": (dict(max_epochs=2, num_sanity_val_steps=0), "last pass"),
     # the fit ends at the end of an epoch (20 steps each), right after the last validation pass
     "max_steps at an epoch's end, max_epochs unset": (dict(max_epochs=-1, max_steps=40), "last pass"),
@@ -97,10 +98,11 @@ def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
     monitor = JacobianNormMonitor(max_points=MAX_POINTS, every_n_epochs=2)
     trainer, model = train([monitor, snapshots], max_epochs=7, check_val_every_n_epoch=2, logger=logger)
     series = scalar_series(logger.log_dir)["sensitivity/jacobian_norm"]
-    # validation runs after epochs 2, 4 and 6 (three passes): the 2nd is measured, and the 3rd, the last
+    # validation runs after epochs 2, 4 and 6 (three passes): the 2nd is measured, and the 3rd, the last; epoch 7
+    # trains on, and the weights the fit returns are measured at its end
     assert len(snapshots.weights) == 3
     assert [value for _, value in series] == pytest.approx(
-        [_jacobian_of(model, snapshots.weights[i]) for i in (1, 2)], rel=1e-5
+        [_jacobian_of(model, snapshots.weights[i]) for i in (1, 2)] + [_jacobian_of(model)], rel=1e-5
     )
 
 
