@@ -380,10 +380,11 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         if share <= _SAID_ABOVE:
             return
         rank_zero_info(
-            f"{type(self).__name__}: one measurement of {points} points is expected to take about {measurement:.2g} s "
-            f"({self._cost.seconds_per_point * 1e3:.2g} ms a point, timed on the first batch), "
-            f"{measurement / epoch:.2g} epochs of training ({epoch:.2g} s an epoch, from its first batches): at "
-            f"every_n_epochs={self.every_n_epochs} it adds about {share:.0%} to the training time. To measure at less "
+            f"{type(self).__name__}: one measurement of {points} points is expected to take about "
+            f"{_two_digits(measurement)} s ({_two_digits(self._cost.seconds_per_point * 1e3)} ms a point, timed on the "
+            f"first batch), {_two_digits(measurement / epoch)} epochs of training ({_two_digits(epoch)} s an epoch, "
+            f"from its first batches): at every_n_epochs={self.every_n_epochs} it adds about {share:.0%} to the "
+            "training time. To measure at less "
             "cost, measure fewer points (`max_points=`), use `method='projection'` (`num_projections` products a "
             "point instead of one per class; its error is in the docs' callbacks page), or measure less often "
             "(`every_n_epochs=`)."
@@ -425,3 +426,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
                 "measured no validation point during `fit`: there was no validation data (no `val_dataloader`, "
                 "`limit_val_batches=0`).",
             )
+
+
+def _two_digits(value: float) -> str:
+    """``value`` to two significant digits, without an exponent below a million (``250``, ``0.058``, ``1200``)."""
+    return f"{float(f'{value:.2g}'):g}"

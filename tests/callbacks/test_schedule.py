@@ -10,7 +10,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
@@ -136,6 +136,28 @@ def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_pat
     assert step == trainer.global_step - 1
     assert value == pytest.approx(_jacobian_of(model), rel=1e-5)
     assert [s for s, _ in series["generalization/gap_loss"]] == [step]
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"], ids=["without batch norm", "with batch norm"])
+def test_weights_swa_copies_in_at_the_end_are_the_last_measured(net, tmp_path):
+    """``StochasticWeightAveraging`` copies its averaged weights into the module at the end of training (with batch
+    norm, it adds an epoch that recomputes the statistics with them first). Listed after the monitors, its
+    ``on_train_end`` runs after theirs; the monitors' last values are still those of the model the fit returns (they
+    see at the end of ``fit`` that the weights changed, and measure again), each against a direct computation on the
+    returned weights."""
+    pl.seed_everything(0)
+    model, dm = ImageClassifier(net, size=16), SyntheticImages(size=16)
+    monitors = _synthetic.monitors()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    trainer, capture = fit(model, dm, [*monitors, swa], tmp_path, max_epochs=3)
+    returned = {name: value.cpu() for name, value in model.state_dict().items()}
+    for monitor in monitors:
+        record = capture.last(monitor.logged_keys("scalar")[0])
+        assert all(torch.equal(value, returned[name]) for name, value in record.weights.items()), monitor
+    reference = _synthetic.reference(model, dm)
+    check_logged(capture, monitors, reference, trainer=trainer)
+    direct = jacobian_norm(reference.network(returned), dm.x_val[: _synthetic.MAX_POINTS]).mean().item()
+    assert float(trainer.callback_metrics["sensitivity/jacobian_norm"]) == pytest.approx(direct, rel=1e-4)
 
 
 # --- every pass measured, whatever the Trainer options ------------------------------------------------------------
