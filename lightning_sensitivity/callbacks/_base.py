@@ -34,6 +34,7 @@ from lightning_sensitivity.callbacks._measured import (
     _default_forward,
     _MeasuredModel,
     _on_device,
+    _same_weights,
     _weights_fingerprint,
 )
 from lightning_sensitivity.callbacks._positions import _PointCounter
@@ -229,7 +230,7 @@ class _Monitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's `on_train_end` (SWA's copy of its averages among them, in whatever order the
         # callbacks are listed), and after the strategy moved the module to the CPU: it is measured where it trained.
-        if self._measured_weights is None or torch.equal(self._measured_weights, _weights_fingerprint(pl_module)):
+        if self._measured_weights is None or _same_weights(self._measured_weights, _weights_fingerprint(pl_module)):
             return
         with _on_device(pl_module, trainer.strategy.root_device):
             self._measure_final(trainer, pl_module)

@@ -86,6 +86,11 @@ def _weights_fingerprint(module: nn.Module) -> Tensor:
         return torch.cat(sums).cpu()
 
 
+def _same_weights(first: Tensor, second: Tensor) -> bool:
+    """Whether two fingerprints are the same, NaN equal to NaN (weights that turned NaN and stayed so)."""
+    return first.shape == second.shape and bool(torch.isclose(first, second, rtol=0, atol=0, equal_nan=True).all())
+
+
 @contextlib.contextmanager
 def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
     """``module`` on ``device`` for the block, and back where it was afterwards (the same parameter objects, moved and
