@@ -82,7 +82,8 @@ class _BatchReader:
             return self.get_target(batch)
         if isinstance(batch, Mapping):
             return _lookup(batch, "y" if self.target_key is None else self.target_key, "target")
-        if isinstance(batch, Sequence) and not isinstance(batch, str) and (len(batch) > 1 or self.target_key is not None):
+        sequence = isinstance(batch, Sequence) and not isinstance(batch, str)
+        if sequence and (len(batch) > 1 or self.target_key is not None):
             return _position(batch, 1 if self.target_key is None else self.target_key, "target")
         raise TypeError(
             f"Cannot find the labels in a batch of type {type(batch).__name__}. Pass "

@@ -9,15 +9,15 @@ logs it while the model trains.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
@@ -224,7 +224,9 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         with self._cost.checking(pl_module.device, len(points)):
             self._jacobian(model, points, torch.Generator().manual_seed(self.seed))
 
-    def _jacobian(self, model: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _jacobian(
+        self, model: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """``jacobian_norm`` of ``x`` with the monitor's options: the norms and the model's output."""
         return jacobian_norm(
             model,
@@ -372,8 +374,10 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         epoch = self._cost.epoch_seconds(trainer, batch_idx)
+        if epoch is None or self._cost.seconds_per_point is None:
+            return
         points = self._points_per_measurement(trainer)
-        if epoch is None or points is None or self._cost.seconds_per_point is None:
+        if points is None:
             return
         measurement = self._cost.seconds_per_point * points
         share = measurement / (self.every_n_epochs * epoch)
@@ -384,10 +388,9 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             f"{_two_digits(measurement)} s ({_two_digits(self._cost.seconds_per_point * 1e3)} ms a point, timed on the "
             f"first batch), {_two_digits(measurement / epoch)} epochs of training ({_two_digits(epoch)} s an epoch, "
             f"from its first batches): at every_n_epochs={self.every_n_epochs} it adds about {share:.0%} to the "
-            "training time. To measure at less "
-            "cost, measure fewer points (`max_points=`), use `method='projection'` (`num_projections` products a "
-            "point instead of one per class; its error is in the docs' callbacks page), or measure less often "
-            "(`every_n_epochs=`)."
+            "training time. To measure at less cost, measure fewer points (`max_points=`), use "
+            "`method='projection'` (`num_projections` products a point instead of one per class; its error is in the "
+            "docs' callbacks page), or measure less often (`every_n_epochs=`)."
         )
 
     def _points_per_measurement(self, trainer: pl.Trainer) -> int | None:
@@ -400,8 +403,9 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         counts = []
         for loader, batches in zip(loaders, trainer.num_val_batches, strict=False):
             size = batches * (getattr(loader, "batch_size", None) or 1)
-            with contextlib.suppress(TypeError, AttributeError):  # an iterable dataset has no length
-                size = min(size, len(loader.dataset))
+            dataset = getattr(loader, "dataset", None)
+            if isinstance(dataset, Sized) and not isinstance(dataset, IterableDataset):
+                size = min(size, len(dataset))
             counts.append(size if self.max_points is None else min(self.max_points, size))
         total = sum(counts) if counts else self.max_points
         if total is None or not math.isfinite(total):
