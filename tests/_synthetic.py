@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -20,10 +21,29 @@ NUM_CLASSES = 10
 TORCHVISION = ("resnet18", "vgg11_bn", "mobilenet_v3_small", "googlenet", "efficientnet_b0")
 
 
+class _CheckpointedCNN(nn.Sequential):
+    """The ``"cnn"`` network (the same modules, so the same state dict) whose first Conv + BatchNorm + ReLU block
+    runs through ``torch.utils.checkpoint`` (``use_reentrant`` as given)."""
+
+    def __init__(self, *modules: nn.Module, reentrant: bool) -> None:
+        super().__init__(*modules)
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        block = nn.Sequential(*list(self)[:3])
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        for module in list(self)[3:]:
+            x = module(x)
+        return x
+
+
 def build_net(name: str, num_outputs: int = NUM_CLASSES, size: int = 32) -> nn.Module:
     """A torchvision classifier by name, or a tiny network: ``"cnn"`` (convolutions, batch norm, ReLU,
-    max pooling), ``"mlp"`` (one hidden ReLU layer over ``3 x size x size`` inputs) and ``"gelu_layernorm_relu"``
-    (layer norm and GELU, then a ReLU head: counted units beside smooth ones)."""
+    max pooling), ``"cnn_checkpointed"`` and ``"cnn_checkpointed_reentrant"`` (the same, its first block through
+    activation checkpointing), ``"mlp"`` (one hidden ReLU layer over ``3 x size x size`` inputs) and
+    ``"gelu_layernorm_relu"`` (layer norm and GELU, then a ReLU head: counted units beside smooth ones)."""
+    if name.startswith("cnn_checkpointed"):
+        return _CheckpointedCNN(*build_net("cnn", num_outputs, size), reentrant=name.endswith("reentrant"))
     if name in TORCHVISION:
         import torchvision.models as models
 

@@ -53,3 +53,11 @@ def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone()
     value = float(trainer.callback_metrics["sensitivity/jacobian_norm"])
     assert value > 0 and value == float(plain.callback_metrics["sensitivity/jacobian_norm"])
 
+
+
+@pytest.mark.slow
+def test_monitor_cost_benchmark_quick_mode_prints_its_table():
+    stdout = _quick_run("monitor_cost", timeout=900)
+    assert "== one JacobianNormMonitor measurement against classes and model size" in stdout, stdout[-3000:]
+    for row in ("small CNN", "resnet18"):
+        assert row in stdout, stdout[-3000:]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -20,10 +21,22 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._batch import _BatchReader
-from lightning_sensitivity.callbacks._checks import _check_callable, _check_choice, _check_positive
+from lightning_sensitivity.callbacks._checks import (
+    _check_callable,
+    _check_choice,
+    _check_positive,
+    _check_strategy,
+)
 from lightning_sensitivity.callbacks._dashboard import _register_dashboard
 from lightning_sensitivity.callbacks._logging import _log_scalars, _Stopwatch
-from lightning_sensitivity.callbacks._measured import ForwardFn, _default_forward, _MeasuredModel
+from lightning_sensitivity.callbacks._measured import (
+    ForwardFn,
+    _default_forward,
+    _MeasuredModel,
+    _on_device,
+    _same_weights,
+    _weights_fingerprint,
+)
 from lightning_sensitivity.callbacks._positions import _PointCounter
 from lightning_sensitivity.callbacks._schedule import _Schedule
 
@@ -64,7 +77,11 @@ class _Monitor(Callback):
     """What every monitor shares: its schedule, its model wrapper, its batch reader (built by the monitor from its
     own arguments), its first-batch check (on the first batch it sees, a validation batch of the sanity check when
     there is one), its registry of logged keys (its dashboard charts and hparam metrics come from it), the check of
-    callbacks that monitor those keys, and logging at an epoch end or, after training, straight to the loggers."""
+    callbacks that monitor those keys, and logging at an epoch end or, after training, straight to the loggers.
+
+    At the end of ``fit``, when the weights differ from those of the fit's last measurement (a callback changed them
+    after it: ``StochasticWeightAveraging`` copies its averages in at the end of training), the monitor measures
+    again (:meth:`_measure_final`), so that its last logged values are those of the model the fit returns."""
 
     #: Every key the monitor logs (without the prefix), in the order of its docs; the one switched on by
     #: ``log_seconds`` is the wall time of one measurement.
@@ -99,6 +116,8 @@ class _Monitor(Callback):
         self._checked = False
         self._after_training = False
         self._model: _MeasuredModel | None = None
+        # The fingerprint of the weights of the fit's latest measurement (`_weights_fingerprint`), or None.
+        self._measured_weights: torch.Tensor | None = None
         # Lightning reads `state_key` around every hook call: build it once.
         self._state_key = self._generate_state_key(prefix=prefix, **state_key)
 
@@ -153,11 +172,14 @@ class _Monitor(Callback):
     # --- logging ---------------------------------------------------------------------------------------------
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, Tensor]) -> None:
-        """Log a measurement's scalars, with its wall time when ``log_seconds``."""
+        """Log a measurement's scalars, with its wall time when ``log_seconds``; in ``fit``, keep the fingerprint of
+        the weights they were measured on."""
         if scalars and self.log_seconds:
             (seconds,) = [key.name for key in self.KEYS if key.option == "log_seconds"]
             scalars = {**scalars, self._key(seconds): self._stopwatch.take(pl_module.device)}
         _log_scalars(trainer, pl_module, scalars, after_training=self._after_training)
+        if scalars and trainer.state.fn == "fit":
+            self._measured_weights = _weights_fingerprint(pl_module)
 
     @contextlib.contextmanager
     def _measuring_after_training(self) -> Iterator[None]:
@@ -168,11 +190,20 @@ class _Monitor(Callback):
         finally:
             self._after_training = False
 
+    def _measure_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure the final weights after training, logged straight to the loggers (:meth:`_measuring_after_training`)
+        at the step of the fit's last epoch end."""
+
     # --- Lightning hooks ----------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(type(self).__name__, trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._schedule.reset_fit()
+        self._measured_weights = None
         self._check_watchers(trainer)
         _register_dashboard(trainer, [cb for cb in trainer.callbacks if isinstance(cb, _Monitor)])
 
@@ -194,6 +225,15 @@ class _Monitor(Callback):
 
     def _check_watcher_timing(self, trainer: pl.Trainer, callback: EarlyStopping | ModelCheckpoint) -> None:
         """Whether ``callback`` checks at a time the key exists; a monitor that logs at another time overrides it."""
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's `on_train_end` (SWA's copy of its averages among them, in whatever order the
+        # callbacks are listed), and after the strategy moved the module to the CPU: it is measured where it trained.
+        if self._measured_weights is None or _same_weights(self._measured_weights, _weights_fingerprint(pl_module)):
+            return
+        with _on_device(pl_module, trainer.strategy.root_device):
+            self._measure_final(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -226,6 +266,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         super().__init__(**arguments)
         self._measuring = False
         self._points = _PointCounter()
+        self._checked_training = False
 
     @abc.abstractmethod
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,6 +319,16 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     on_test_batch_end = _Monitor.on_validation_batch_end
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Without a sanity check the first evaluation batch comes after an epoch of training: the first training batch
+        # is checked before its step (and the first evaluation batch still is, when it comes).
+        if not self._checked and not self._checked_training:
+            self._check_batch(trainer, pl_module, batch)
+            self._checked_training = True
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_end(trainer, pl_module, "fit" if trainer.state.fn == "fit" else "validate")
 
@@ -287,9 +338,13 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._schedule.owes_last:
-            return
-        self._schedule.last_measured = True
+        if self._schedule.owes_last:
+            self._schedule.last_measured = True
+            self._measure_final(trainer, pl_module)
+
+    @override
+    def _measure_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the validation data again (as the fit's validation passes read it) and measure it."""
         loaders = trainer.val_dataloaders
         loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]

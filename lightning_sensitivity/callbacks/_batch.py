@@ -44,22 +44,35 @@ class _BatchReader:
 
     def input(self, batch: Any) -> Tensor:
         """The model input held by a batch: a tensor, the first item of an ``(x, y, ...)`` tuple/list, or
-        ``batch[input_key]`` of a dict; ``get_input(batch)`` overrides all of these."""
+        ``batch[input_key]`` of a dict; ``get_input(batch)`` overrides all of these. Every error says what to pass
+        instead (``input_key``, ``get_input``, ``forward_fn``)."""
         if self.get_input is not None:
             x = self.get_input(batch)
-        elif isinstance(batch, Tensor):
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"`get_input` returned a {type(x).__name__}, not a tensor: it must return the one tensor the "
+                    f"model is measured at (the Jacobian is taken with respect to it). {_MORE_THAN_ONE_TENSOR}"
+                )
+            return x
+        if isinstance(batch, Tensor):
             x = batch
         elif isinstance(batch, Mapping):
             x = _lookup(batch, "x" if self.input_key is None else self.input_key, "input")
         elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
-            x = batch[0 if self.input_key is None else self.input_key]
+            x = _position(batch, 0 if self.input_key is None else self.input_key, "input")
         else:
             raise TypeError(
                 f"Cannot find the model input in a batch of type {type(batch).__name__}. Pass "
-                "`get_input=lambda batch: ...` to the monitor."
+                "`get_input=lambda batch: ...` to the monitor (and `forward_fn=lambda module, x: ...` if the module "
+                "is not called on that tensor alone)."
             )
         if not isinstance(x, Tensor):
-            raise TypeError(f"The model input taken from the batch is a {type(x).__name__}, not a tensor.")
+            raise TypeError(
+                f"The model input taken from the batch is a {type(x).__name__}, not a tensor: the monitors measure "
+                "the model at one input tensor. Pass `get_input=lambda batch: ...` that returns it (for batches "
+                f"`((image, extra), y)`: `get_input=lambda batch: batch[0][0]`), or `input_key=` where it is in the "
+                f"batch. {_MORE_THAN_ONE_TENSOR}"
+            )
         return x
 
     def target(self, batch: Any) -> Tensor:
@@ -69,11 +82,12 @@ class _BatchReader:
             return self.get_target(batch)
         if isinstance(batch, Mapping):
             return _lookup(batch, "y" if self.target_key is None else self.target_key, "target")
-        if isinstance(batch, Sequence) and len(batch) > 1:
-            return batch[1 if self.target_key is None else self.target_key]
+        sequence = isinstance(batch, Sequence) and not isinstance(batch, str)
+        if sequence and (len(batch) > 1 or self.target_key is not None):
+            return _position(batch, 1 if self.target_key is None else self.target_key, "target")
         raise TypeError(
             f"Cannot find the labels in a batch of type {type(batch).__name__}. Pass "
-            "`get_target=lambda batch: ...` to the monitor."
+            "`get_target=lambda batch: ...` to the monitor (or `target_key=` where they are in the batch)."
         )
 
     def labels(self, batch: Any) -> Any:
@@ -100,6 +114,31 @@ class _BatchReader:
         return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
 
+#: The way out for a model that takes more than the tensor it is measured at, said by every error about the input.
+_MORE_THAN_ONE_TENSOR = (
+    "If the module takes more than that tensor, pass `forward_fn=lambda module, x: ...` that calls it; to keep each "
+    "point's other inputs with it, pack them into the tensor `get_input` returns (`torch.cat` of the flattened parts) "
+    "and unpack them in `forward_fn` (the docs' callbacks page, 'Inputs that are not one tensor')."
+)
+
+
+def _position(batch: Sequence, key: Any, role: str) -> Any:
+    """``batch[key]`` of a tuple or list, or an ``IndexError`` that names the argument to pass (``role``: ``"input"``
+    or ``"target"``)."""
+    if isinstance(key, int) and not isinstance(key, bool) and -len(batch) <= key < len(batch):
+        return batch[key]
+    kind = type(batch).__name__
+    if role == "input":
+        raise IndexError(
+            f"The batch is a {kind} of {len(batch)} item(s), and has no input at position {key!r}. Pass "
+            "`input_key=` a position in it (or `get_input=`)."
+        )
+    raise IndexError(
+        f"The batch is a {kind} of {len(batch)} item(s), and has no target at position {key!r}. Pass "
+        "`target_key=` a position in it (or `get_target=`)."
+    )
+
+
 def _lookup(batch: Mapping, key: Any, role: str) -> Any:
     """``batch[key]``, or a ``KeyError`` that names the argument to pass (``role``: ``"input"`` or ``"target"``)."""
     if key in batch:
@@ -108,7 +147,8 @@ def _lookup(batch: Mapping, key: Any, role: str) -> Any:
     if role == "input":
         raise KeyError(
             f"The batch is a dict with keys {keys}, and has no input key {key!r}. "
-            "Pass `input_key=` (or `get_input=`) to the monitor."
+            "Pass `input_key=` (or `get_input=`, and `forward_fn=` for a module that takes more than one tensor) to "
+            "the monitor."
         )
     raise KeyError(
         f"The batch is a dict with keys {keys}, and has no target key {key!r}. "

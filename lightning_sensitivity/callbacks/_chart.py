@@ -30,10 +30,11 @@ def _trajectory_figure(
     chunk_size: int,
     title: str,
     on_no_jacobian: Callable[[Exception], None],
+    output: str = "softmax",
 ) -> np.ndarray:
-    """Transitions per segment and the Jacobian norm along ``curve``, with its anchors marked, as an RGB image
-    (:func:`_trajectory_chart`). A model whose output is not a classifier's gets no Jacobian curve, and
-    ``on_no_jacobian`` is told why."""
+    """Transitions per segment and the Jacobian norm along ``curve`` (of ``output``, as ``jacobian_norm`` takes it),
+    with its anchors marked, as an RGB image (:func:`_trajectory_chart`). A model whose output is not a classifier's
+    gets no Jacobian curve, and ``on_no_jacobian`` is told why."""
     segments = count.segments
     if segments is None:  # an exact count: draw the sampled per-segment counts
         segments = count_transitions(model, curve, chunk_size=chunk_size, return_segments=True).segments
@@ -42,7 +43,7 @@ def _trajectory_figure(
     per_bin = torch.zeros(bins).index_add_(0, torch.arange(len(segments)) * bins // len(segments), segments.float())
     points = curve.at(torch.arange(_FIGURE_JACOBIAN_POINTS) * (2 * math.pi / _FIGURE_JACOBIAN_POINTS))
     try:
-        log_norms = jacobian_norm(model, points).cpu().clamp_min(1e-12).log10().tolist()
+        log_norms = jacobian_norm(model, points, output=output).cpu().clamp_min(1e-12).log10().tolist()
     except (ValueError, TypeError) as error:
         on_no_jacobian(error)
         log_norms = None

@@ -1,4 +1,5 @@
-"""The measured model: ``forward_fn(pl_module, x)`` as a module, run eager and in full precision."""
+"""The measured model: ``forward_fn(pl_module, x)`` as a module, run eager and in full precision; the fingerprint of
+the weights it was measured with; the device it is measured on at the end of ``fit``."""
 
 from __future__ import annotations
 
@@ -70,3 +71,38 @@ def _eager_forward(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         pl_module.forward = compiled
+
+
+def _weights_fingerprint(module: nn.Module) -> Tensor:
+    """A cheap fingerprint of a module's weights: the float64 sum and Euclidean norm of each floating parameter and
+    buffer, computed where they are (a read of the weights, and a few numbers back). Two fingerprints differ when a callback
+    changed the weights between them (``StochasticWeightAveraging`` copying its averages in); integer buffers (a
+    batch norm's count of batches) do not change what a measurement sees and are left out."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if torch.is_floating_point(t)]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    with torch.no_grad():
+        sums = [torch.stack([t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64)]) for t in tensors]
+        return torch.cat(sums).cpu()
+
+
+def _same_weights(first: Tensor, second: Tensor) -> bool:
+    """Whether two fingerprints are the same, NaN equal to NaN (weights that turned NaN and stayed so)."""
+    return first.shape == second.shape and bool(torch.isclose(first, second, rtol=0, atol=0, equal_nan=True).all())
+
+
+@contextlib.contextmanager
+def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """``module`` on ``device`` for the block, and back where it was afterwards (the same parameter objects, moved and
+    moved back exactly): Lightning's strategies move the module to the CPU at the end of ``fit``, before
+    ``on_fit_end``, where a measurement must still run as during training (on the strategy's device, whose
+    collectives and data the monitors use)."""
+    previous = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    if previous == device:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(previous)

@@ -17,7 +17,7 @@ the whole epoch and runs in train mode (dropout, augmentation, batch statistics)
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +32,9 @@ from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _Key
 from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._checks import (
     _check_callable,
+    _check_choice,
     _check_classifier_output,
+    _check_output_reading,
     _check_positive,
     _check_seed,
 )
@@ -98,6 +100,10 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         max_train_points: the most training points in the subset; ``None`` for no cap beyond the validation size.
         loss_fn: ``loss_fn(logits, target)``, returning the mean over the batch (as ``F.cross_entropy`` does) or
             one loss per point; ``None`` means cross-entropy (binary cross-entropy for ``[B, 1]`` logits).
+        output: ``"logits"`` (or log-probabilities), or ``"probabilities"`` for a model that returns the classes'
+            probabilities (a ``forward`` ending in ``nn.Softmax``): the default loss is then their negative
+            log-likelihood, not the cross-entropy of a second softmax; ``loss_fn`` gets the output as it is. The
+            first batch tells: probabilities under ``"logits"`` fail there, saying to set it.
         train_dataset: the dataset the training subset is drawn from; default: the training dataloader's.
         batch_size: batch size for evaluating the training subset; default: four times the training dataloader's
             (256 when it has none; for an ``IterableDataset``, whose subset is whole batches, the loader's own).
@@ -113,11 +119,13 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
     Raises:
         ValueError:
             At construction, if an argument is out of range. At the first validation batch (the sanity check, when
-            there is one), if the model's output is not logits ``[B, C]``.
+            there is one; without one, also the first training batch, before its step), if the model's output is not
+            ``[B, C]``, or holds probabilities and ``output`` is not ``"probabilities"`` (or the reverse).
         KeyError, TypeError:
             At the first validation batch, if the batch holds no labels where the monitor looks.
         MisconfigurationException:
-            In ``setup``, if the module has no ``validation_step`` or validation is switched off
+            In ``setup``, under a strategy that shards the parameters (FSDP, model parallelism, DeepSpeed ZeRO
+            stage 3), or if the module has no ``validation_step`` or validation is switched off
             (``limit_val_batches=0``); at the start of training, if the training dataloader is not a single
             ``DataLoader`` and no ``train_dataset`` is given; at the start of ``fit``, if an ``EarlyStopping`` or
             ``ModelCheckpoint`` monitors a key of this monitor and ``every_n_epochs`` is not 1.
@@ -148,6 +156,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         every_n_epochs: int = 10,
         max_train_points: int | None = 10_000,
         loss_fn: LossFn | None = None,
+        output: Literal["logits", "probabilities"] = "logits",
         train_dataset: Dataset | None = None,
         batch_size: int | None = None,
         seed: int = 0,
@@ -161,6 +170,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
     ) -> None:
         _check_positive("max_train_points", max_train_points, optional=True)
         _check_callable("loss_fn", loss_fn)
+        _check_choice("output", output, ("logits", "probabilities"))
         if train_dataset is not None and not isinstance(train_dataset, Dataset):
             raise ValueError(f"`train_dataset` must be a torch Dataset or None, got a {type(train_dataset).__name__}.")
         _check_positive("batch_size", batch_size, optional=True)
@@ -176,11 +186,12 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         )
         self.max_train_points = max_train_points
         self.loss_fn = loss_fn
+        self.output = output
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.seed = seed
-        self._train_metric = ClassificationLossAccuracy(loss_fn)
-        self._val_metric = ClassificationLossAccuracy(loss_fn)
+        self._train_metric = ClassificationLossAccuracy(loss_fn, output)
+        self._val_metric = ClassificationLossAccuracy(loss_fn, output)
         self._train_indices: Tensor | None = None
         self._train_batches: list[Any] | None = None
         # The module's own forward call on a validation batch's input, (input, logits), when it can stand for the
@@ -197,6 +208,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.FITTING:
             return
         if not is_overridden("validation_step", pl_module):
@@ -233,7 +245,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             with measuring(model, pl_module.device):
                 logits = model(x[:2])
                 _check_classifier_output(type(self).__name__, logits, len(x[:2]))
-                ClassificationLossAccuracy(self.loss_fn).update(logits, target[:2].to(logits.device))
+                _check_output_reading(type(self).__name__, logits, self.output)
+                ClassificationLossAccuracy(self.loss_fn, self.output).update(logits, target[:2].to(logits.device))
 
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

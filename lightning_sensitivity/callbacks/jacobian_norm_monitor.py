@@ -9,11 +9,15 @@ logs it while the model trains.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sized
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
@@ -23,20 +27,24 @@ from lightning_sensitivity.callbacks._checks import (
     _check_choice,
     _check_classifier_output,
     _check_continuous_input,
+    _check_output_reading,
     _check_positive,
     _check_seed,
 )
+from lightning_sensitivity.callbacks._cost import _SAID_ABOVE, _CostEstimate
 from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._generator import _new_generator, _OwnGenerator
 from lightning_sensitivity.callbacks._logging import _log_histogram, _warn_once
 from lightning_sensitivity.callbacks._measured import ForwardFn, _full_precision
 from lightning_sensitivity.callbacks._positions import _PointCounter
 from lightning_sensitivity.callbacks._records import _Records
-from lightning_sensitivity.functional import jacobian_norm, measuring
+from lightning_sensitivity.functional import jacobian_norm, logits_from_probabilities, measuring
 from lightning_sensitivity.metrics import JacobianNorm
 
 #: Kept points measured in one call of ``jacobian_norm`` (which chunks them further by its own memory bound).
 _MEASURE_TOGETHER = 256
+#: Points of the first batch that the first-batch check measures.
+_CHECK_POINTS = 4
 
 
 class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
@@ -77,15 +85,25 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     (finding F4). Predict runs under inference mode; the measurement leaves it for its own autograd, and the
     predictions ``trainer.predict`` returns are untouched. Nothing is logged (Lightning takes no ``self.log`` there).
 
+    **Models that return probabilities** (a ``forward`` ending in ``nn.Softmax``) are measured with
+    ``output="probabilities"``: the Jacobian of the probabilities themselves, and the records' losses as their negative
+    log-likelihood. The first batch tells: probabilities under another ``output`` fail there, with what to set (the
+    default would take a second softmax). Log-probabilities need nothing (their softmax is the probabilities).
+
     **Cost.** Per measured point, one forward pass and :math:`C` vector-Jacobian products (``method="exact"``),
     or ``num_projections`` products (``method="projection"``), see
-    :func:`~lightning_sensitivity.functional.jacobian_norm`.
+    :func:`~lightning_sensitivity.functional.jacobian_norm`; ``docs/callbacks.md`` has measured figures against the
+    number of classes and the model's size. The first-batch check measures a few points as a measurement does, and
+    its time against that of the first training batches gives an estimate of a measurement's cost: when it would add
+    more than 10% to the training time at the monitor's schedule, one info line says so during the first epoch, with
+    what to change.
 
     Args:
         max_points: points measured per validation dataloader and epoch (the first ones in the loader's order;
             under DDP, the same points as on one device). ``None`` measures all.
         every_n_epochs: measure on every n-th validation pass that runs (and on the last one).
-        output: ``"softmax"`` (the paper's) or ``"logits"``.
+        output: ``"softmax"`` (the paper's, for a model that returns logits or log-probabilities), ``"logits"`` (the
+            Jacobian of the output itself), or ``"probabilities"`` (the model returns probabilities).
         method: ``"exact"`` or ``"projection"``.
         num_projections: directions per point for ``method="projection"``.
         chunk_size: points per Jacobian computation (bounds memory; see ``jacobian_norm``).
@@ -106,9 +124,13 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     Raises:
         ValueError: at construction, if an argument is out of range; at the first validation batch (the sanity
-            check, when there is one), if the model's output is not ``[B, C]``.
-        MisconfigurationException: at the start of ``fit``, if an ``EarlyStopping`` or ``ModelCheckpoint``
-            monitors a key of this monitor and ``every_n_epochs`` is not 1.
+            check, when there is one; without one, also the first training batch, before its step), if the model's
+            output is not ``[B, C]``, or holds probabilities and ``output`` is not ``"probabilities"`` (or the
+            reverse). The check also measures a few points of the batch, so an error of the measurement itself
+            shows then.
+        MisconfigurationException: in ``setup``, under a strategy that shards the parameters (FSDP, model
+            parallelism, DeepSpeed ZeRO stage 3); at the start of ``fit``, if an ``EarlyStopping`` or
+            ``ModelCheckpoint`` monitors a key of this monitor and ``every_n_epochs`` is not 1.
         TypeError: at the first validation batch, if the input is not floating point (token ids: measure at the
             embeddings with ``forward_fn``).
 
@@ -130,7 +152,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self,
         max_points: int | None = 256,
         every_n_epochs: int = 10,
-        output: Literal["softmax", "logits"] = "softmax",
+        output: Literal["softmax", "logits", "probabilities"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,
         chunk_size: int | None = None,
@@ -147,7 +169,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         seed: int = 0,
     ) -> None:
         _check_positive("max_points", max_points, optional=True)
-        _check_choice("output", output, ("softmax", "logits"))
+        _check_choice("output", output, ("softmax", "logits", "probabilities"))
         _check_choice("method", method, ("exact", "projection"))
         _check_positive("num_projections", num_projections, optional=True)
         _check_positive("chunk_size", chunk_size, optional=True)
@@ -179,17 +201,43 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
         self._measured_in_fit = False
         self._predict_points = _PointCounter()
+        self._cost = _CostEstimate()
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
     @override
     def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        name = type(self).__name__
         x = self._reader.input(batch)
-        _check_continuous_input(type(self).__name__, x)
-        if x.shape[0] > 0:
-            model = self._measured_model(pl_module)
-            with measuring(model, pl_module.device):
-                _check_classifier_output(type(self).__name__, model(x[:1]), 1)
+        _check_continuous_input(name, x)
+        if x.shape[0] == 0:
+            return
+        model = self._measured_model(pl_module)
+        points = _full_precision(x[:_CHECK_POINTS])
+        with measuring(model, pl_module.device):
+            out = model(points)
+        _check_classifier_output(name, out, len(points))
+        _check_output_reading(name, out, self.output)
+        # The measurement itself, on these points and with the monitor's options (its own generator is left as it
+        # is): a failure of the Jacobian shows here, before the first training step, and its time is the cost
+        # estimate's.
+        with self._cost.checking(pl_module.device, len(points)):
+            self._jacobian(model, points, torch.Generator().manual_seed(self.seed))
+
+    def _jacobian(
+        self, model: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """``jacobian_norm`` of ``x`` with the monitor's options: the norms and the model's output."""
+        return jacobian_norm(
+            model,
+            x,
+            output=self.output,
+            method=self.method,
+            num_projections=self.num_projections,
+            chunk_size=self.chunk_size,
+            generator=generator,
+            return_logits=True,
+        )
 
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,22 +290,15 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
         logits: Tensor | None = None
         if finite.any():
-            values, finite_logits = jacobian_norm(
-                model,
-                x[finite],
-                output=self.output,
-                method=self.method,
-                num_projections=self.num_projections,
-                chunk_size=self.chunk_size,
-                generator=self._generator,
-                return_logits=True,
-            )
+            values, finite_logits = self._jacobian(model, x[finite], self._generator)
             norms[finite] = values.to(norms.dtype)
             logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
             logits[finite] = finite_logits
         if need_logits and logits is None:
             with measuring(model, pl_module.device):
                 logits = model(x)
+        if logits is not None and self.output == "probabilities":  # the records' losses are the NLL of them
+            logits = logits_from_probabilities(logits.float())
         return norms, None if logits is None else logits.float()
 
     # --- prediction: per-point records without labels ----------------------------------------------------------
@@ -326,10 +367,61 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
                 )
         return scalars
 
+    # --- the expected cost, said once per fit when it is large ----------------------------------------------------
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        epoch = self._cost.epoch_seconds(trainer, batch_idx)
+        if epoch is None or self._cost.seconds_per_point is None:
+            return
+        points = self._points_per_measurement(trainer)
+        if points is None:
+            return
+        measurement = self._cost.seconds_per_point * points
+        share = measurement / (self.every_n_epochs * epoch)
+        if share <= _SAID_ABOVE:
+            return
+        rank_zero_info(
+            f"{type(self).__name__}: one measurement of {points} points is expected to take about "
+            f"{_two_digits(measurement)} s ({_two_digits(self._cost.seconds_per_point * 1e3)} ms a point, timed on the "
+            f"first batch), {_two_digits(measurement / epoch)} epochs of training ({_two_digits(epoch)} s an epoch, "
+            f"from its first batches): at every_n_epochs={self.every_n_epochs} it adds about {share:.0%} to the "
+            "training time. To measure at less cost, measure fewer points (`max_points=`), use "
+            "`method='projection'` (`num_projections` products a point instead of one per class; its error is in the "
+            "docs' callbacks page), or measure less often (`every_n_epochs=`)."
+        )
+
+    def _points_per_measurement(self, trainer: pl.Trainer) -> int | None:
+        """The points one measurement takes on each process: the first ``max_points`` of each validation dataloader
+        (as many as it has), shared among the processes; ``max_points`` when the dataloaders are not set up yet
+        (``None`` then for ``max_points=None``)."""
+        loaders = trainer.val_dataloaders
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        loaders = [] if loaders is None else loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        counts = []
+        for loader, batches in zip(loaders, trainer.num_val_batches, strict=False):
+            size = batches * (getattr(loader, "batch_size", None) or 1)
+            dataset = getattr(loader, "dataset", None)
+            if isinstance(dataset, Sized) and not isinstance(dataset, IterableDataset):
+                size = min(size, len(dataset))
+            counts.append(size if self.max_points is None else min(self.max_points, size))
+        total = sum(counts) if counts else self.max_points
+        if total is None or not math.isfinite(total):
+            return None
+        return math.ceil(total / trainer.world_size)
+
     # --- Lightning hooks ---------------------------------------------------------------------------------
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._cost.fit_start()
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)  # measures again if a callback changed the weights after the last time
         self._records.write_last(trainer)
         if not self._measured_in_fit:
             _warn_once(
@@ -338,3 +430,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
                 "measured no validation point during `fit`: there was no validation data (no `val_dataloader`, "
                 "`limit_val_batches=0`).",
             )
+
+
+def _two_digits(value: float) -> str:
+    """``value`` to two significant digits, without an exponent below a million (``250``, ``0.058``, ``1200``)."""
+    return f"{float(f'{value:.2g}'):g}"

@@ -26,6 +26,7 @@ from lightning_sensitivity.callbacks._base import _Key, _Monitor
 from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._chart import _trajectory_figure
 from lightning_sensitivity.callbacks._checks import (
+    _are_probabilities,
     _check_choice,
     _check_continuous_input,
     _check_positive,
@@ -41,6 +42,7 @@ from lightning_sensitivity.functional import (
     TransitionCount,
     activation_codes,
     count_transitions,
+    measuring,
 )
 from lightning_sensitivity.metrics import TransitionDensity
 
@@ -84,7 +86,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
       other point misses at least this share; the count on all points misses less (about a third of it to all of
       it). Above ``convergence_tolerance`` the monitor warns once.
     - ``{prefix}/transitions_along_trajectory`` (TensorBoard image, only with a ``TensorBoardLogger``): along the
-      first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors marked.
+      first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors marked (of
+      the probabilities themselves when the first batch shows that the model returns probabilities).
     - ``{prefix}/transitions_seconds``: with ``log_seconds=True``, the wall time of the measurement (the counts on
       and off the manifold, and the figure when it is drawn then; under DDP the slowest process's), in seconds.
 
@@ -211,6 +214,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         self._half_densities = {kind: TransitionDensity() for kind in _KINDS}
         self._curves = _Curves(num_points)
         self._first_count: TransitionCount | None = None  # on-manifold trajectory 0 at the latest measurement
+        # How the figure's Jacobian norm reads the output: "probabilities" when the first batch's are.
+        self._figure_output = "softmax"
 
     @property
     def anchors(self) -> dict[str, Tensor] | None:
@@ -223,8 +228,12 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         _check_continuous_input(type(self).__name__, x)  # a curve through token ids means nothing
         # Fail at once for a model without piecewise-linear units (NaN outputs are the measurement's business:
         # it logs NaN), and for an exact count of a model that is not piecewise linear.
+        model = self._measured_model(pl_module)
+        with measuring(model, pl_module.device):
+            out = model(x[:2])
+        self._figure_output = "probabilities" if isinstance(out, Tensor) and _are_probabilities(out) else "softmax"
         with contextlib.suppress(NonFiniteOutputError):
-            smooth = activation_codes(self._measured_model(pl_module), x[:1].detach()).smooth_operations
+            smooth = activation_codes(model, x[:2].detach()).smooth_operations
             if smooth and self.method == "exact":
                 raise ValueError(
                     f"TransitionMonitor(method='exact') needs a piecewise-linear model, but the model also applies "
@@ -289,8 +298,12 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._schedule.owes_last and self._anchors is not None:
             self._schedule.last_measured = True
-            with self._measuring_after_training():
-                self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
+            self._measure_final(trainer, pl_module)
+
+    @override
+    def _measure_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with self._measuring_after_training():
+            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
 
     def _timed_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         self._stopwatch.seconds = 0.0
@@ -344,6 +357,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)  # measures again if a callback changed the weights after the last time
         if self.log_figure != "end" or self._anchors is None or not _takes_images(trainer):
             return
         model = self._measured_model(pl_module)
@@ -396,6 +410,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             self.chunk_size,
             f"epoch {trainer.current_epoch}: {count.transitions} transitions along on-manifold trajectory 0",
             lambda error: _warn_once(self, "jacobian", f"the figure has no Jacobian norm curve: {error}"),
+            self._figure_output,
         )
 
     # --- state ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from lightning_sensitivity.functional.activations import (
     NonFiniteOutputError,
     activation_codes,
 )
-from lightning_sensitivity.functional.evaluation import class_logits, measuring
+from lightning_sensitivity.functional.evaluation import class_logits, logits_from_probabilities, measuring
 from lightning_sensitivity.functional.jacobian import jacobian_norm
 from lightning_sensitivity.functional.trajectories import (
     Trajectory,
@@ -28,6 +28,7 @@ __all__ = [
     "ellipse_through",
     "gaussian_anchors",
     "jacobian_norm",
+    "logits_from_probabilities",
     "measuring",
     "shuffled_anchors",
     "trajectory_through",

@@ -10,7 +10,9 @@ The math of the measurement (which rows are pulled back, and how their squared n
 - the Gram matrix :math:`G = W W^\top` of a first layer (:func:`_gram`), cached while the weight is unchanged;
 - the models whose cut failed (:data:`_NO_CUT`), so that the cut is not tried again;
 - the vectorized backward pass (:func:`_pullback`), and its one fallback: one backward pass per row where an
-  operator's backward cannot be batched (:func:`_no_batching_rule`).
+  operator's backward cannot be batched (:func:`_no_batching_rule`);
+- the pull-back of a model that runs part of its forward pass through a reentrant activation checkpoint
+  (:meth:`_Forwards.repeated_pullback`), which ``torch.autograd.grad`` cannot differentiate.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_sensitivity.functional._backwards import _through_shortcut
-from lightning_sensitivity.functional.evaluation import _fresh_input, class_logits
+from lightning_sensitivity.functional.evaluation import _fresh_input, _held_modules, class_logits
 
 # Calls that only read a tensor's metadata, and calls that only reorder or reshape its entries: neither
 # changes the Frobenius norm of a Jacobian taken with respect to that tensor.
@@ -58,11 +60,14 @@ class _LastLinear:
 class _Batching:
     """How the rows of one measurement are pulled back: together, through ``torch.func.vmap`` over
     ``autograd.grad`` (``vmap``: a model with convolutions or batch norms, whose backward it folds into their batch)
-    or through ``is_grads_batched``; or one by one (``per_row``), once an operator's backward could not be batched.
+    or through ``is_grads_batched``; or one by one (``per_row``), once an operator's backward could not be batched;
+    or, for a model whose forward pass goes through a reentrant activation checkpoint (``reentrant``), by running
+    the forward pass again on the points repeated once per row (:meth:`_Forwards.repeated_pullback`).
     """
 
     vmap: bool = False
     per_row: bool = False
+    reentrant: bool = False
 
 
 @dataclass
@@ -75,6 +80,7 @@ class _Forward:
     last: _LastLinear | None
     batching: _Batching
     largest: int  # entries per point of the largest gradient a backward pass to ``wrt`` forms
+    activations: int  # entries per point of all the results of the forward pass (what a backward pass keeps)
 
 
 class _Watcher(TorchFunctionMode):
@@ -95,6 +101,9 @@ class _Watcher(TorchFunctionMode):
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
         self.convolutional = False  # a convolution or batch norm ran (see ``_pullback``)
         self.largest = 0  # entries of the largest result in the graph (each has a gradient of that size)
+        # Entries of all the results, those computed without a graph included (a reentrant checkpoint's, which its
+        # backward pass computes again with one): what a backward pass through a fresh forward pass keeps alive.
+        self.activations = 0
 
     def _is_tracked(self, value: Any) -> bool:
         return isinstance(value, Tensor) and any(value is t for t in self._tracked)
@@ -117,6 +126,8 @@ class _Watcher(TorchFunctionMode):
             self.convolutional = True
         if isinstance(result, Tensor) and result.requires_grad:
             self.largest = max(self.largest, result.numel())
+        if isinstance(result, Tensor) and (result.requires_grad or not torch.is_grad_enabled()):
+            self.activations += result.numel()
         if func is F.linear and isinstance(weight, Tensor) and isinstance(args[0], Tensor):
             self._last = (args[0], weight, result)
         if not self._cut_first:
@@ -187,7 +198,90 @@ class _Forwards:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
         self.batching.vmap = watcher.convolutional  # convolutions and batch norms: their rows through vmap
-        return _Forward(z, wrt, gram, watcher.last_linear(z), self.batching, _per_point(watcher, wrt))
+        self.batching.reentrant = _through_reentrant_checkpoint(z)
+        activations = watcher.activations // max(1, x.shape[0])
+        return _Forward(z, wrt, gram, watcher.last_linear(z), self.batching, _per_point(watcher, wrt), activations)
+
+    def repeated_pullback(self, x: Tensor, cotangents: Tensor, at_features: bool) -> Tensor:
+        """``cotangents[k] @ d out / d wrt`` for every row k, for a model whose forward pass goes through a reentrant
+        activation checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``).
+
+        PyTorch refuses ``torch.autograd.grad`` through such a checkpoint (its backward recomputes the region and
+        calls ``torch.autograd.backward`` over it), but takes ``torch.autograd.backward(out, grad)``. In eval mode
+        the points of a batch do not interact, so the forward pass runs again on the points ``x`` repeated once per
+        row (row k's copy of point b at position ``k * B + b``), the rows are the gradient of that one output, and
+        they are read from the input's ``.grad``. ``out`` is the logits, or with ``at_features`` the input of the
+        last linear layer; ``wrt`` is the input, or the output of its first linear layer where the first forward
+        pass cut there. The parameters of the modules the model holds do not require grad for the pass (and
+        require it again afterwards), so no parameter's ``.grad`` and no hook on it (a DDP reducer's) is touched:
+        the only leaf that gets a gradient is the measurement's own input.
+
+        Cost: one forward and one backward pass over ``K * B`` points per call, where the other paths take one
+        forward pass per chunk and vectorized backward passes; the caller bounds ``K`` (:func:`_rows_per_pass`).
+        """
+        rows, batch = cotangents.shape[:2]
+        repeated = x.repeat(rows, *[1] * (x.ndim - 1))
+        with _parameters_not_requiring_grad(self.model):
+            leaf = _fresh_input(repeated).requires_grad_(True)
+            watcher = _Watcher(leaf, bool(self.use_shortcut))
+            with watcher:
+                z = self.model(leaf)
+            wrt = watcher.cut if self.use_shortcut else leaf
+            last = watcher.last_linear(z)
+            out = last.input if at_features and last is not None else z
+            assert wrt is not None and (last is not None or not at_features), "the same model decides the same"
+            torch.autograd.backward(out, cotangents.reshape(out.shape))
+        assert wrt.grad is not None
+        return wrt.grad.view(rows, batch, *wrt.shape[1:])
+
+
+#: The most entries (points x rows x activations per point) that one repeated forward pass through a reentrant
+#: checkpoint keeps alive for its backward pass (256 MiB in float32).
+_REPEATED_MAX_ENTRIES = 2**26
+
+
+def _rows_per_pass(fwd: _Forward, rows: int) -> int:
+    """How many of ``rows`` rows one pass takes: all of them, except through a reentrant checkpoint, where a pass runs
+    the forward pass on the points repeated once per row and keeps its activations (at most
+    :data:`_REPEATED_MAX_ENTRIES` entries, and at least one row)."""
+    if not fwd.batching.reentrant:
+        return rows
+    points = fwd.logits.shape[0]
+    return max(1, min(rows, _REPEATED_MAX_ENTRIES // max(1, points * fwd.activations)))
+
+
+def _through_reentrant_checkpoint(z: Tensor) -> bool:
+    """Whether the graph of ``z`` holds a reentrant activation checkpoint: the backward node of PyTorch's
+    ``CheckpointFunction`` (``torch.utils.checkpoint(..., use_reentrant=True)``), or of a library's function of that
+    name built the same way (DeepSpeed's), whose backward recomputes its region and calls ``torch.autograd.backward``
+    over it. The graph is walked once per forward pass (its nodes, not its tensors)."""
+    seen: set[int] = set()
+    stack = [z.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+@contextlib.contextmanager
+def _parameters_not_requiring_grad(model: object) -> Iterator[None]:
+    """The parameters of the modules ``model`` computes with do not require grad inside the block; each one that did
+    requires it again afterwards (a parameter frozen by the user stays frozen)."""
+    parameters = {
+        id(p): p for module in _held_modules(model) for p in module.parameters() if p.requires_grad
+    }.values()
+    try:
+        for p in parameters:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
 
 
 def _per_point(watcher: _Watcher, wrt: Tensor) -> int:
@@ -266,25 +360,22 @@ def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching)
     products ``is_grads_batched`` is a little faster). Where an operator's backward cannot be batched (the error
     :func:`_no_batching_rule` recognizes), the rows are pulled back one by one, for the rest of the measurement,
     with a warning; every other error, out-of-memory included, propagates as it is."""
-    with _checkpoint_explained():
-        if not batching.per_row:
-            try:
-                if batching.vmap:
-                    return torch.func.vmap(
-                        lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
-                    )(cotangents)
-                (rows,) = torch.autograd.grad(
-                    out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-                )
-                return rows
-            except RuntimeError as error:
-                if not _no_batching_rule(error):
-                    raise
-                batching.per_row = True
-                _warn_per_row(error)
-        return torch.stack(
-            [torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
-        )
+    if not batching.per_row:
+        try:
+            if batching.vmap:
+                return torch.func.vmap(
+                    lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
+                )(cotangents)
+            (rows,) = torch.autograd.grad(
+                out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+            )
+            return rows
+        except RuntimeError as error:
+            if not _no_batching_rule(error):
+                raise
+            batching.per_row = True
+            _warn_per_row(error)
+    return torch.stack([torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents])
 
 
 def _no_batching_rule(error: RuntimeError) -> bool:
@@ -314,24 +405,3 @@ def _warn_per_row(error: RuntimeError) -> None:
         "pass per row.",
         stacklevel=2,
     )
-
-
-#: What PyTorch's reentrant checkpoint says when it is differentiated with ``torch.autograd.grad``.
-_REENTRANT_CHECKPOINT = "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()"
-
-
-@contextlib.contextmanager
-def _checkpoint_explained() -> Iterator[None]:
-    """Re-raise PyTorch's reentrant-checkpoint error with what to change; every other error as it is."""
-    try:
-        yield
-    except RuntimeError as error:
-        if _REENTRANT_CHECKPOINT not in str(error):
-            raise
-        raise RuntimeError(
-            "The model runs part of its forward pass through torch.utils.checkpoint with use_reentrant=True, "
-            "which PyTorch cannot differentiate with torch.autograd.grad, as a measurement must (its backward "
-            "would also accumulate the checkpointed parameters' .grad). Checkpoint with use_reentrant=False "
-            "(PyTorch's recommended form, which is measured exactly), or only while training "
-            "(`if self.training:`): the measurements run the model in eval mode."
-        ) from error

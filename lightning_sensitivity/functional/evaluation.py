@@ -2,7 +2,8 @@ r"""How every measurement of this package runs a model and reads its output.
 
 :func:`measuring` is the context the measurements run the model in (its eager form, eval mode, autograd on or off,
 no autocast), and :func:`class_logits` is how they read its output (a classifier's logits ``[B, C]``, a one-logit
-binary classifier as the two classes :math:`(0, z)`). Both are public so that code computing something beside a
+binary classifier as the two classes :math:`(0, z)`); :func:`logits_from_probabilities` reads the output of a model
+that returns probabilities as such logits. Both are public so that code computing something beside a
 measurement (a loss, a prediction, a check of the output) sees the model exactly as the measurement does.
 """
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
 
-__all__ = ["class_logits", "measuring"]
+__all__ = ["class_logits", "logits_from_probabilities", "measuring"]
 
 Model = TypeVar("Model", bound=Callable[..., Any])
 
@@ -188,6 +189,30 @@ def class_logits(output: object, batch_size: int | None = None) -> Tensor:
     if output.shape[1] == 1:
         return torch.cat([torch.zeros_like(output), output], dim=1)
     return output
+
+
+def logits_from_probabilities(probabilities: Tensor) -> Tensor:
+    r"""Logits of the same shape that :func:`class_logits` reads as the given class probabilities.
+
+    A model that returns probabilities (a ``forward`` that ends in ``nn.Softmax`` or ``torch.sigmoid``) has the
+    logits :math:`\log p` (``[B, C]``, :math:`C \ge 2`: their softmax is :math:`p / \sum_c p_c = p`), or for one
+    column, the probability :math:`p` of class 1, :math:`\operatorname{logit} p = \log p - \log(1 - p)` (read as
+    :math:`(0, \operatorname{logit} p)`, whose softmax is :math:`(1 - p, p)`). Their cross-entropy is the negative
+    log-likelihood of :math:`p`, and their argmax that of :math:`p`. A probability of 0 gives a logit of
+    :math:`-\infty` (and an infinite loss where it is the label's, as the model's own NLL is).
+
+    Example:
+        >>> import torch
+        >>> from lightning_sensitivity.functional import logits_from_probabilities
+        >>> p = torch.tensor([[0.5, 0.25, 0.25]])
+        >>> logits_from_probabilities(p).softmax(dim=1)
+        tensor([[0.5000, 0.2500, 0.2500]])
+        >>> logits_from_probabilities(torch.tensor([[0.75]]))
+        tensor([[1.0986]])
+    """
+    if probabilities.ndim == 2 and probabilities.shape[1] == 1:
+        return torch.logit(probabilities)
+    return torch.log(probabilities)
 
 
 #: On the CPU, the most bytes that one activation of a measurement's batched pass (the model's largest, for all the

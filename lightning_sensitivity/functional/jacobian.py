@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_sensitivity.functional._pullback import _Forwards, _pullback
+from lightning_sensitivity.functional._pullback import _Forwards, _pullback, _rows_per_pass
 from lightning_sensitivity.functional.evaluation import (
     _check_continuous,
     _per_pass_on_device,
@@ -45,7 +45,7 @@ def jacobian_norm(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
     *,
-    output: Literal["softmax", "logits"] = "softmax",
+    output: Literal["softmax", "logits", "probabilities"] = "softmax",
     method: Literal["exact", "projection"] = "exact",
     num_projections: int | None = None,
     chunk_size: int | None = None,
@@ -68,6 +68,14 @@ def jacobian_norm(
 
     A model whose output has a single column (``[B, 1]``) is read as a binary classifier with probabilities
     :math:`(1 - \sigma(z), \sigma(z))`, the softmax of the logits :math:`(0, z)`.
+
+    **Models that return probabilities.** With ``output="probabilities"`` the model's output is taken as the
+    classes' probabilities :math:`p = f(x)` (a ``forward`` that ends in ``nn.Softmax``), and the norm is that of
+    :math:`\partial p / \partial x^\top` itself, the same quantity as the default's for a model that returns logits;
+    a single column is the probability of class 1, read as :math:`(1 - p, p)` (a norm :math:`\sqrt 2` times that of
+    :math:`\partial p / \partial x^\top`). The default would take the softmax of the probabilities, a different and
+    much smaller number. A model that returns log-probabilities (``log_softmax``) needs nothing: their softmax is
+    the probabilities, so the default measures :math:`\partial p / \partial x^\top`.
 
     **Accuracy.** The softmax's own factor :math:`J_p = (\operatorname{diag}(p) - p p^\top) J_z` is formed in
     float64 from the logits, and only the logits are pulled back: at a confident point :math:`p_c = 1 - \epsilon`
@@ -95,6 +103,10 @@ def jacobian_norm(
     ``fold`` instead of a transposed convolution. Both keep the model's own forward pass, and neither is taken inside
     a region that activation checkpointing recomputes. Any other model takes the general path; all are exact. Where
     an operator's backward has no batching rule, the rows are pulled back one backward pass each, with a warning.
+    A model that checkpoints part of its forward pass with ``torch.utils.checkpoint(..., use_reentrant=True)``, which
+    ``torch.autograd.grad`` cannot differentiate, is measured by running its forward pass again on the points
+    repeated once per row and one ``backward`` of that output, with the parameters not requiring grad meanwhile
+    (no ``.grad`` is touched): the same values, at the cost of a forward pass per group of rows.
     No probe pass runs: the number of classes comes from the first chunk's forward pass. The measured times
     (``benchmarks/jacobian.py``: torchvision ``resnet18`` and MLPs against ``vmap(jacrev)`` and the per-class loop)
     are in ``docs/benchmarks.md``.
@@ -113,7 +125,9 @@ def jacobian_norm(
     Args:
         model: an ``nn.Module`` or any callable mapping a batch ``[B, ...]`` to logits ``[B, C]``.
         x: the points, ``[B, ...]``, floating point. Labels are not needed.
-        output: ``"softmax"`` (the paper's measure) or ``"logits"``.
+        output: ``"softmax"`` (the paper's measure, for a model that returns logits or log-probabilities),
+            ``"logits"`` (the Jacobian of the output itself), or ``"probabilities"`` (the model returns probabilities:
+            the Jacobian of its output, a single column read as :math:`(1 - p, p)`).
         method: ``"exact"`` or ``"projection"``.
         num_projections: vector-Jacobian products per point for ``method="projection"``; default
             ``max(4, ceil(sqrt(C)))`` (32 at :math:`C = 1000`), at most :math:`C`.
@@ -151,8 +165,8 @@ def jacobian_norm(
         >>> torch.allclose(norms, reference.flatten(1).norm(dim=1), atol=1e-6)
         True
     """
-    if output not in ("softmax", "logits"):
-        raise ValueError(f"`output` must be 'softmax' or 'logits', got {output!r}.")
+    if output not in ("softmax", "logits", "probabilities"):
+        raise ValueError(f"`output` must be 'softmax', 'logits' or 'probabilities', got {output!r}.")
     if method not in ("exact", "projection"):
         raise ValueError(f"`method` must be 'exact' or 'projection', got {method!r}.")
     if num_projections is not None and num_projections < 1:
@@ -204,6 +218,7 @@ class _Plan:
         x: Tensor,
     ) -> None:
         self.softmax = output == "softmax"
+        self.probabilities = output == "probabilities"
         self.projection = method == "projection"
         self.num_projections = num_projections
         self.generator = generator
@@ -243,6 +258,12 @@ class _Plan:
         their number, a function that forms rows ``[j0, j1)`` (see :data:`_Rows`), and whether the row left out
         (the exact softmax's most probable class, minus the sum of the others) must be added back."""
         batch = z.shape[0]
+        if self.probabilities and z.shape[1] == 1:
+            # One probability p is the two classes' (1 - p, p): their rows are -dp/dx and dp/dx, one row of scale
+            # sqrt(2).
+            ones = torch.ones(1, batch, 1, dtype=z.dtype, device=z.device)
+            root_two = torch.full((1, batch), math.sqrt(2), dtype=torch.float64, device=z.device)
+            return 1, lambda j0, j1: (ones[j0:j1], root_two[j0:j1]), False
         single = self.softmax and z.shape[1] == 1
         if single:  # a single logit z is the binary softmax of (0, z)
             z = class_logits(z)
@@ -290,6 +311,7 @@ class _Plan:
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
             # The gradient of the largest activation for all the rows of a pass (see _per_pass_on_device).
             per_pass = _per_pass_on_device(per_pass, batch * fwd.largest * z.element_size(), z.device)
+            per_pass = _rows_per_pass(fwd, per_pass)
             last = fwd.last
             if last is not None and last.weight.shape[1] < num_rows + add_left_out:
                 # Fewer features than rows: pull back a square root of the rows' Gram matrix at the features.
@@ -308,7 +330,11 @@ class _Plan:
                 directions, scale = rows(j0, min(j0 + per_pass, num_rows))
                 unit = directions.to(device=z.device, dtype=z.dtype)
                 with torch.enable_grad():
-                    pulled = _pullback(target, fwd.wrt, unit, fwd.batching).flatten(2)
+                    if fwd.batching.reentrant:
+                        pulled = self._forwards.repeated_pullback(x, unit, target is not z)
+                    else:
+                        pulled = _pullback(target, fwd.wrt, unit, fwd.batching)
+                pulled = pulled.flatten(2)
                 # The squared norm of a row r at the input is r . (G r) when the rows stop at the first layer.
                 metric = pulled if fwd.gram is None else pulled @ fwd.gram
                 if add_left_out:

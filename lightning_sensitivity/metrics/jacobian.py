@@ -11,8 +11,7 @@ with ``sum``-reduced states, so that DDP ranks combine into exactly the one-proc
 per-point values (``cat``-reduced) for histograms and per-point analyses.
 """
 
-from __future__ import annotations
-
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,6 +46,9 @@ class JacobianNorm(Metric):
     the mean and counted in ``num_excluded``. ``compute()`` returns the mean of the finite values (NaN when
     there are none); :meth:`per_point` returns all finite values, gathered from every process.
 
+    The norms are detached in ``update``: the results carry no graph (``is_differentiable = False``). The class is
+    scriptable with ``torch.jit.script`` (as torchmetrics checks its own); ``update`` runs in Python.
+
     Args:
         keep_values: keep the per-point values (needed for :meth:`per_point`); ``False`` keeps memory
             constant when only the mean is wanted.
@@ -70,6 +72,7 @@ class JacobianNorm(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    plot_lower_bound = 0.0
 
     total: Tensor
     count: Tensor
@@ -86,7 +89,7 @@ class JacobianNorm(Metric):
 
     def update(self, norms: Tensor) -> None:
         """Add per-point norms ``[B]``."""
-        total, count, excluded, values = _jacobian_norm_update(norms)
+        total, count, excluded, values = _jacobian_norm_update(norms.detach() if isinstance(norms, Tensor) else norms)
         self.total += total.to(self.total.device)
         self.count += count.to(self.count.device)
         self.num_excluded += excluded.to(self.num_excluded.device)
@@ -96,6 +99,26 @@ class JacobianNorm(Metric):
     def compute(self) -> Tensor:
         """The mean of the finite per-point norms."""
         return _jacobian_norm_compute(self.total, self.count)
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Plot the mean (``val``: a result of ``compute`` or ``forward``, default ``compute()``), or its course over a
+        sequence of results, with matplotlib (torchmetrics' own plot; ``ax``: the matplotlib axes to draw in,
+        default a new figure).
+
+        Returns:
+            The matplotlib figure and axes.
+
+        Raises:
+            ModuleNotFoundError: if matplotlib is not installed.
+
+        Example:
+            >>> import torch
+            >>> from lightning_sensitivity.metrics import JacobianNorm
+            >>> metric = JacobianNorm()
+            >>> values = [metric(torch.rand(8) / (epoch + 1)) for epoch in range(5)]
+            >>> fig, ax = metric.plot(values)
+        """
+        return self._plot(val, ax)
 
     def per_point(self) -> Tensor:
         """All finite per-point values seen since the last reset, gathered from every process.

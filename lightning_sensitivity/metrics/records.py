@@ -5,8 +5,7 @@ The columns are ``cat`` states: DDP ranks, which may hold different numbers of p
 process, sorted by position.
 """
 
-from __future__ import annotations
-
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +68,9 @@ class PointRecords(Metric):
     prediction time) records the label as -1 and the loss as NaN. ``compute()`` returns the columns as float
     tensors, sorted by ``index`` and gathered from every process.
 
+    The inputs are detached in ``update``: the rows carry no graph (``is_differentiable = False``). The class is
+    scriptable with ``torch.jit.script`` (as torchmetrics checks its own); ``update`` runs in Python.
+
     Args:
         kwargs: passed to ``torchmetrics.Metric``.
 
@@ -97,7 +99,9 @@ class PointRecords(Metric):
 
     def update(self, index: Tensor, norms: Tensor, logits: Tensor, target: Tensor | None = None) -> None:
         """Add the rows of one batch."""
-        for name, value in _point_records_update(index, norms, logits, target).items():
+        target = None if target is None else target.detach()
+        rows = _point_records_update(index.detach(), norms.detach(), logits.detach(), target)
+        for name, value in rows.items():
             getattr(self, name).append(value)
 
     def compute(self) -> dict[str, Tensor]:
@@ -107,3 +111,48 @@ class PointRecords(Metric):
             value = getattr(self, name)
             columns[name] = dim_zero_cat(value) if isinstance(value, Tensor) or value else torch.zeros(0)
         return _point_records_compute(columns)
+
+    def plot(
+        self, val: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]] | None = None, ax: Any = None
+    ) -> tuple[Any, Any]:
+        """Scatter each point's loss against its Jacobian norm, both on log axes (finding F4: the norm predicts the
+        loss). ``val``: rows as ``compute`` returns them (default ``compute()``), or a sequence of them (one series
+        each, as over the epochs of a run); rows without a loss (NaN, no label) are left out. ``ax``: the matplotlib
+        axes to draw in, default a new figure.
+
+        Returns:
+            The matplotlib figure (``None`` when ``ax`` is given, as torchmetrics returns it) and axes.
+
+        Raises:
+            ModuleNotFoundError: if matplotlib is not installed.
+
+        Example:
+            >>> import torch
+            >>> from lightning_sensitivity.metrics import PointRecords
+            >>> records = PointRecords()
+            >>> records.update(torch.arange(4), torch.tensor([0.1, 0.2, 0.4, 0.8]), torch.randn(4, 3),
+            ...                torch.tensor([0, 1, 2, 0]))
+            >>> fig, ax = records.plot()
+            >>> ax.get_xlabel()
+            'Jacobian norm'
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                "`PointRecords.plot` needs matplotlib: `pip install matplotlib`."
+            ) from error
+        series = [self.compute() if val is None else val] if val is None or isinstance(val, Mapping) else list(val)
+        fig, ax = plt.subplots() if ax is None else (None, ax)
+        for i, rows in enumerate(series):
+            norms, loss = rows["jacobian_norm"].detach().cpu(), rows["loss"].detach().cpu()
+            shown = torch.isfinite(norms) & torch.isfinite(loss) & (norms > 0) & (loss > 0)
+            ax.scatter(norms[shown], loss[shown], s=12, label=str(i) if len(series) > 1 else None)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Jacobian norm")
+        ax.set_ylabel("loss")
+        ax.set_title(type(self).__name__)
+        if len(series) > 1:
+            ax.legend(title="step")
+        return fig, ax

@@ -11,8 +11,7 @@ The metric accumulates
 with ``sum``-reduced states, so that DDP ranks combine into exactly the one-process result.
 """
 
-from __future__ import annotations
-
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,6 +50,9 @@ class TransitionDensity(Metric):
     ``compute()`` returns :math:`\frac{1}{N}\sum_n T_n / L_n` (NaN before any update); the states
     ``transitions`` (:math:`\sum_n T_n`) and ``num_trajectories`` give the raw mean count.
 
+    The inputs are detached in ``update``: the results carry no graph (``is_differentiable = False``). The class is
+    scriptable with ``torch.jit.script`` (as torchmetrics checks its own); ``update`` runs in Python.
+
     Args:
         kwargs: passed to ``torchmetrics.Metric``.
 
@@ -72,6 +74,7 @@ class TransitionDensity(Metric):
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
+    plot_lower_bound = 0.0
 
     density_sum: Tensor
     transitions: Tensor
@@ -84,7 +87,7 @@ class TransitionDensity(Metric):
 
     def update(self, transitions: Tensor, arc_lengths: Tensor) -> None:
         """Add the counts ``[N]`` and arc lengths ``[N]`` of ``N`` trajectories."""
-        density_sum, total, count = _transition_density_update(transitions, arc_lengths)
+        density_sum, total, count = _transition_density_update(transitions.detach(), arc_lengths.detach())
         self.density_sum += density_sum
         self.transitions += total
         self.num_trajectories += count
@@ -92,6 +95,25 @@ class TransitionDensity(Metric):
     def compute(self) -> Tensor:
         """The mean transition density."""
         return _transition_density_compute(self.density_sum, self.num_trajectories)
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Plot the mean density (``val``: a result of ``compute`` or ``forward``, default ``compute()``), or its
+        course over a sequence of results, with matplotlib (torchmetrics' own plot; ``ax``: the matplotlib axes to
+        draw in, default a new figure).
+
+        Returns:
+            The matplotlib figure and axes.
+
+        Raises:
+            ModuleNotFoundError: if matplotlib is not installed.
+
+        Example:
+            >>> import torch
+            >>> from lightning_sensitivity.metrics import TransitionDensity
+            >>> metric = TransitionDensity()
+            >>> fig, ax = metric.plot([metric(torch.tensor([n, 2 * n]), torch.tensor([2.0, 3.0])) for n in range(4)])
+        """
+        return self._plot(val, ax)
 
     def mean_transitions(self) -> Tensor:
         """The mean raw count per trajectory, :math:`\\frac{1}{N}\\sum_n T_n`, over every process (a collective

@@ -24,7 +24,7 @@ BAD = [
     (J, "max_points", -1),
     (J, "max_points", 2.5),
     (J, "max_points", "all"),
-    (J, "output", "probabilities"),
+    (J, "output", "probs"),
     (J, "method", "sampled"),
     (J, "num_projections", 0),
     (J, "chunk_size", 0),
@@ -40,6 +40,7 @@ BAD = [
     # GeneralizationGapMonitor
     (G, "max_train_points", 0),
     (G, "loss_fn", "cross_entropy"),
+    (G, "output", "softmax"),
     (G, "train_dataset", DataLoader(TensorDataset())),
     (G, "train_dataset", 3),
     (G, "batch_size", 0),

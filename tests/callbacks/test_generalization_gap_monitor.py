@@ -189,10 +189,11 @@ def test_the_validation_steps_own_logits_are_used_only_when_they_are_the_monitor
     trainer, _ = train([monitor], datamodule=dm, model=model, limit_train_batches=3, max_epochs=1,
                        num_sanity_val_steps=0)
     num_val, num_train = len(dm.x_val), len(monitor.train_indices)
-    # validation_step's own calls (eval mode for "x" and "copy"), the first batch's check (two points), the subset,
-    # and the monitor's second pass over the validation batches unless it could take the module's logits
+    # validation_step's own calls (eval mode for "x" and "copy"), the checks of the first training batch (there is
+    # no sanity check) and of the first validation batch (two points each), the subset, and the monitor's second pass
+    # over the validation batches unless it could take the module's logits
     own = num_val if validate_on != "train mode" else 0
     second = 0 if validate_on == "x" else num_val
-    assert model.points == own + 2 + num_train + second
+    assert model.points == own + 2 + 2 + num_train + second
     torch.manual_seed(0)  # dropout is off in eval mode: the values are the eval-mode ones in every case
     assert _logged(trainer) == pytest.approx(_expected(model, dm, monitor.train_indices), abs=1e-5)

@@ -297,3 +297,37 @@ def test_predict_with_one_dataloader_and_opt_out(tmp_path):
         torch.tensor([float(r["jacobian_norm"]) for r in rows]), jacobian_norm(model, x), rtol=1e-5, atol=0
     )
     assert not os.path.exists(predict(JacobianNormMonitor(measure_predict=False), tmp_path / "off"))
+
+
+class _Clock:
+    """A clock that moves one second at each reading: the first-batch check reads it twice (1 s for its 4 points),
+    and each training batch end once (1 s a batch)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize(("every_n_epochs", "said"), [(1, True), (20, False)])
+def test_the_expected_cost_is_said_once_when_it_is_a_large_share_of_training(every_n_epochs, said, monkeypatch):
+    """0.25 s a point (the check) times 40 points is 10 s, one epoch of ten 1-second batches: every epoch that doubles
+    the training time, and the monitor says so once, with what to change; every 20 epochs it is 5%, and it says
+    nothing."""
+    from lightning_sensitivity.callbacks import _cost, jacobian_norm_monitor
+
+    infos: list[str] = []
+    monkeypatch.setattr(_cost, "time", _Clock())
+    monkeypatch.setattr(jacobian_norm_monitor, "rank_zero_info", infos.append)
+    monitor = JacobianNormMonitor(max_points=40, every_n_epochs=every_n_epochs)
+    train([monitor], max_epochs=2, limit_train_batches=10)
+    if not said:
+        assert infos == []
+        return
+    (info,) = infos
+    assert "one measurement of 40 points is expected to take about 10 s (250 ms a point" in info
+    assert "1 epochs of training (10 s an epoch" in info and "about 100% to the training time" in info
+    for way_out in ("max_points=", "method='projection'", "every_n_epochs="):
+        assert way_out in info

@@ -10,7 +10,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
@@ -62,8 +62,9 @@ CASES = {
     "val_check_interval inside the epoch": (dict(max_epochs=2, val_check_interval=0.3), "final"),
     "max_time": (dict(max_epochs=1000, max_time={"seconds": 2}), "final"),
     "early stopping": (dict(max_epochs=50, extra=[EarlyStopping("val_loss", patience=0, min_delta=10)]), "final"),
-    # the last validation pass is known (the next one would be past max_epochs), and the fit trains on after it
-    "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "last pass"),
+    # the last validation pass is known (the next one would be past max_epochs) and measured, but the fit trains on
+    # after it: the weights it returns differ from those measured, and are measured at the end of fit
+    "check_val_every_n_epoch=2, max_epochs=3": (dict(max_epochs=3, check_val_every_n_epoch=2), "final"),
     "num_sanity_val_steps=0, max_epochs=2": (dict(max_epochs=2, num_sanity_val_steps=0), "last pass"),
     # the fit ends at the end of an epoch (20 steps each), right after the last validation pass
     "max_steps at an epoch's end, max_epochs unset": (dict(max_epochs=-1, max_steps=40), "last pass"),
@@ -97,10 +98,11 @@ def test_every_n_epochs_counts_the_validation_passes_that_run(tmp_path):
     monitor = JacobianNormMonitor(max_points=MAX_POINTS, every_n_epochs=2)
     trainer, model = train([monitor, snapshots], max_epochs=7, check_val_every_n_epoch=2, logger=logger)
     series = scalar_series(logger.log_dir)["sensitivity/jacobian_norm"]
-    # validation runs after epochs 2, 4 and 6 (three passes): the 2nd is measured, and the 3rd, the last
+    # validation runs after epochs 2, 4 and 6 (three passes): the 2nd is measured, and the 3rd, the last; epoch 7
+    # trains on, and the weights the fit returns are measured at its end
     assert len(snapshots.weights) == 3
     assert [value for _, value in series] == pytest.approx(
-        [_jacobian_of(model, snapshots.weights[i]) for i in (1, 2)], rel=1e-5
+        [_jacobian_of(model, snapshots.weights[i]) for i in (1, 2)] + [_jacobian_of(model)], rel=1e-5
     )
 
 
@@ -134,6 +136,28 @@ def test_after_training_the_final_measurement_is_logged_at_the_last_step(tmp_pat
     assert step == trainer.global_step - 1
     assert value == pytest.approx(_jacobian_of(model), rel=1e-5)
     assert [s for s, _ in series["generalization/gap_loss"]] == [step]
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"], ids=["without batch norm", "with batch norm"])
+def test_weights_swa_copies_in_at_the_end_are_the_last_measured(net, tmp_path):
+    """``StochasticWeightAveraging`` copies its averaged weights into the module at the end of training (with batch
+    norm, it adds an epoch that recomputes the statistics with them first). Listed after the monitors, its
+    ``on_train_end`` runs after theirs; the monitors' last values are still those of the model the fit returns (they
+    see at the end of ``fit`` that the weights changed, and measure again), each against a direct computation on the
+    returned weights."""
+    pl.seed_everything(0)
+    model, dm = ImageClassifier(net, size=16), SyntheticImages(size=16)
+    monitors = _synthetic.monitors()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    trainer, capture = fit(model, dm, [*monitors, swa], tmp_path, max_epochs=3)
+    returned = {name: value.cpu() for name, value in model.state_dict().items()}
+    for monitor in monitors:
+        record = capture.last(monitor.logged_keys("scalar")[0])
+        assert all(torch.equal(value, returned[name]) for name, value in record.weights.items()), monitor
+    reference = _synthetic.reference(model, dm)
+    check_logged(capture, monitors, reference, trainer=trainer)
+    direct = jacobian_norm(reference.network(returned), dm.x_val[: _synthetic.MAX_POINTS]).mean().item()
+    assert float(trainer.callback_metrics["sensitivity/jacobian_norm"]) == pytest.approx(direct, rel=1e-4)
 
 
 # --- every pass measured, whatever the Trainer options ------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sensitivity.functional import class_logits, measuring
+from lightning_sensitivity.functional import class_logits, logits_from_probabilities, measuring
 
 
 def test_class_logits_passes_multiclass_logits_through():
@@ -27,6 +27,24 @@ def test_a_single_logit_is_read_as_two_classes_whose_softmax_is_the_sigmoid():
     torch.testing.assert_close(
         F.cross_entropy(classes, torch.stack([1 - t, t], dim=1)),
         F.binary_cross_entropy_with_logits(z[:, 0], t),
+    )
+
+
+def test_probabilities_are_read_as_the_logits_whose_softmax_they_are():
+    """Softmax rows: log p, whose softmax is p, argmax that of p, cross-entropy the NLL of p. One column (the
+    probability of class 1): logit p, read as (1 - p, p), its cross-entropy the binary cross-entropy of p."""
+    p = torch.randn(6, 4, dtype=torch.float64).softmax(dim=1)
+    y = torch.randint(0, 4, (6,))
+    logits = logits_from_probabilities(p)
+    torch.testing.assert_close(class_logits(logits).softmax(dim=1), p)
+    torch.testing.assert_close(F.cross_entropy(logits, y), F.nll_loss(p.log(), y))
+    q = torch.rand(6, 1, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64)
+    binary = logits_from_probabilities(q)
+    assert binary.shape == (6, 1)
+    torch.testing.assert_close(class_logits(binary).softmax(dim=1)[:, 1], q[:, 0])
+    torch.testing.assert_close(
+        F.binary_cross_entropy_with_logits(binary[:, 0], t), F.binary_cross_entropy(q[:, 0], t)
     )
 
 

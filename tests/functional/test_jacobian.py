@@ -133,6 +133,52 @@ def test_single_logit_is_a_binary_softmax():
     torch.testing.assert_close(jacobian_norm(two_class, x), expected.detach(), rtol=1e-5, atol=1e-8)
 
 
+class _Ending(nn.Module):
+    """An MLP whose ``forward`` ends in ``ending`` (``nn.Softmax``, ``nn.LogSoftmax``, ``nn.Sigmoid``)."""
+
+    def __init__(self, ending: nn.Module, num_outputs: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, num_outputs))
+        self.ending = ending
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ending(self.net(x))
+
+
+def test_probabilities_out_are_measured_as_probabilities_and_log_probabilities_by_the_default():
+    """A ``forward`` ending in ``nn.Softmax``: ``output="probabilities"`` is the norm of dp/dx, which is the default's
+    value on the same network returning logits; the default on the probabilities is that of a second softmax (far
+    smaller). Ending in ``nn.LogSoftmax``: softmax(log p) = p, so the default is already dp/dx."""
+    x = torch.randn(7, 8)
+    probabilities = _Ending(nn.Softmax(dim=1))
+    expected = reference(probabilities, x, "logits")  # ||dp/dx|| of the output itself, float64
+    measured = {
+        "probabilities": jacobian_norm(probabilities, x, output="probabilities"),
+        "logits, the default": jacobian_norm(_Ending(nn.Identity()), x),
+        "log-probabilities, the default": jacobian_norm(_Ending(nn.LogSoftmax(dim=1)), x),
+    }
+    for name, norms in measured.items():
+        torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=0, msg=name)
+    second_softmax = jacobian_norm(probabilities, x)
+    assert (second_softmax < 0.5 * expected.float()).all()
+    projected = jacobian_norm(probabilities, x, output="probabilities", method="projection", num_projections=6)
+    torch.testing.assert_close(projected.double(), expected, rtol=1e-5, atol=0)  # all directions: exact
+
+
+def test_one_probability_out_is_read_as_two_classes():
+    """A ``forward`` ending in ``nn.Sigmoid`` with one column: the classes' probabilities (1 - p, p), whose Jacobian
+    norm is sqrt(2) ||dp/dx||, the default's value on the same network returning its logit."""
+    x = torch.randn(5, 8)
+    sigmoid = _Ending(nn.Sigmoid(), num_outputs=1)
+    expected = 2**0.5 * reference(sigmoid, x, "logits")
+    norms = jacobian_norm(sigmoid, x, output="probabilities")
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        jacobian_norm(_Ending(nn.Identity(), num_outputs=1), x).double(), expected, rtol=1e-5, atol=0
+    )
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_works_when_autograd_is_off(context):
     model = mlp().eval()

@@ -178,26 +178,82 @@ def test_activation_checkpointing_is_measured_as_the_model_without_it():
 
 
 class _CheckpointedMLP(nn.Module):
-    """An MLP run whole through a reentrant checkpoint: its first layer, where the products could stop, is inside."""
+    """An MLP run whole through a checkpoint (``reentrant=None``: directly): its first layer, where the products could
+    stop, is inside."""
 
-    def __init__(self) -> None:
+    def __init__(self, reentrant: bool | None = True) -> None:
         super().__init__()
+        torch.manual_seed(0)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5))
+        self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.net, x, use_reentrant=True)
+        return self.net(x) if self.reentrant is None else checkpoint(self.net, x, use_reentrant=True)
 
 
-@pytest.mark.parametrize("build", [lambda: _Checkpointed(True), _CheckpointedMLP], ids=["conv-bn", "mlp"])
-def test_reentrant_checkpointing_fails_with_what_to_change_and_touches_no_gradient(build):
-    """PyTorch's reentrant checkpoint cannot be differentiated with ``torch.autograd.grad`` (its backward would
-    run ``.backward()`` over the block, into the parameters' ``.grad``): the error says what to set, and is not
-    taken for a missing batching rule (no fallback runs)."""
-    model = build()
+class _CheckpointedMiddle(nn.Module):
+    """A first linear layer (where the products stop) and a last one with fewer features (8) than rows (29), around a
+    reentrant checkpoint: the repeated passes stop at the same places as the first one."""
+
+    def __init__(self, reentrant: bool | None = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(3 * 8 * 8, 16), nn.Linear(8, 30)
+        self.middle = nn.Sequential(nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x.flatten(1))
+        return self.last(self.middle(h) if self.reentrant is None else checkpoint(self.middle, h, use_reentrant=True))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_Checkpointed, _CheckpointedMLP, _CheckpointedMiddle],
+    ids=["conv-bn", "mlp", "cut-and-last-linear"],
+)
+def test_reentrant_checkpointing_is_measured_as_the_model_without_it_and_touches_no_gradient(build):
+    """PyTorch's reentrant checkpoint refuses ``torch.autograd.grad``; the measurement runs the forward pass again on
+    the points repeated once per row and calls ``backward`` on it, with the parameters not requiring grad meanwhile.
+    The values are those of the model without checkpointing; no parameter gets a ``.grad``, no hook on one fires (a
+    DDP reducer's), and every parameter requires grad again afterwards (a frozen one stays frozen)."""
+    model = build(True)
+    fired: list[torch.Tensor] = []
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(fired.append)
+    frozen = next(iter(model.parameters()))
+    frozen.requires_grad_(False)
     x = torch.randn(5, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(RuntimeError, match="use_reentrant=False") as raised:
-            jacobian_norm(model, x)
-    assert "incompatible with .grad()" in str(raised.value.__cause__)
+        norms, logits = jacobian_norm(model, x, return_logits=True)
+        logit_norms = jacobian_norm(model, x, output="logits")
+    torch.testing.assert_close(norms.double(), reference(build(None), x), rtol=2e-5, atol=0)
+    torch.testing.assert_close(logit_norms.double(), reference(build(None), x, "logits"), rtol=2e-5, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, build(None).eval()(x))
+    assert fired == []
     assert all(parameter.grad is None for parameter in model.parameters())
+    assert [parameter.requires_grad for parameter in model.parameters()] == [
+        parameter is not frozen for parameter in model.parameters()
+    ]
+
+
+def test_reentrant_checkpointing_bounds_the_repeated_points(monkeypatch):
+    """A repeated pass keeps the activations of all its points: with a bound of 2,000 entries (the conv-bn model has
+    528 per point), 5 points take one row a pass, and the values do not change."""
+    from lightning_sensitivity.functional import _pullback
+
+    x = torch.randn(5, 3, 8, 8)
+    repeated: list[int] = []
+    pullback = _pullback._Forwards.repeated_pullback
+
+    def recorded(self, points, cotangents, at_features):
+        repeated.append(cotangents.shape[0])
+        return pullback(self, points, cotangents, at_features)
+
+    monkeypatch.setattr(_pullback, "_REPEATED_MAX_ENTRIES", 2_000)
+    monkeypatch.setattr(_pullback._Forwards, "repeated_pullback", recorded)
+    norms = jacobian_norm(_Checkpointed(True), x)
+    assert repeated == [1] * 4  # the 4 softmax rows of 5 classes, one a pass
+    torch.testing.assert_close(norms.double(), reference(_Checkpointed(None), x), rtol=2e-5, atol=0)

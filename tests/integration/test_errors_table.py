@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -54,7 +56,9 @@ CLASSES = {
         TypeError,
         KeyError,
         RuntimeError,
+        IndexError,
         MisconfigurationException,
+        ModuleNotFoundError,
         UserWarning,
         NonFiniteOutputError,
     )
@@ -190,6 +194,13 @@ class _TwoValidationSets(MLPClassifier):
         self._step(batch, "val")
 
 
+class _ProbabilitiesOut(MLPClassifier):
+    """A ``forward`` that ends in a softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).softmax(dim=1)
+
+
 class _Uncopyable(TensorDataset):
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError("cannot pickle '_thread.lock' object")
@@ -225,13 +236,13 @@ class _ItemInBackward(nn.Module):
         return self.last(_ItemBackward.apply(self.first(x)).relu())
 
 
-class _ReentrantCheckpoint(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=True)
+def _without_matplotlib(call: Callable[[], Any]) -> None:
+    """``call()`` where ``import matplotlib`` fails, as without it installed."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+            patch.delitem(sys.modules, name)
+        patch.setitem(sys.modules, "matplotlib", None)
+        call()
 
 
 def _model_and_x() -> tuple[nn.Module, torch.Tensor]:
@@ -293,7 +304,14 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     # the batches the monitors read
     "input-key-missing": lambda: _validate_batches(JacobianNormMonitor(), {"image": torch.zeros(2, 1, 8, 8)}),
     "input-not-found": lambda: _validate_batches(JacobianNormMonitor(), object()),
-    "input-not-tensor": lambda: _validate_batches(JacobianNormMonitor(), ([1.0, 2.0], torch.zeros(2))),
+    "input-not-tensor": lambda: _validate_batches(JacobianNormMonitor(), ((torch.zeros(2, 64), torch.zeros(2, 3)), 0)),
+    "get-input-not-tensor": lambda: _validate_batches(
+        JacobianNormMonitor(get_input=lambda batch: batch[0]), ((torch.zeros(2, 64), torch.zeros(2, 3)), 0)
+    ),
+    "input-position-missing": lambda: _validate_batches(JacobianNormMonitor(input_key=2), (torch.zeros(2, 64), 0)),
+    "target-position-missing": lambda: _validate_batches(
+        GeneralizationGapMonitor(target_key=2), (torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
+    ),
     "target-key-missing": lambda: _validate_batches(GeneralizationGapMonitor(), {"x": torch.zeros(2, 1, 8, 8)}),
     "target-not-found": lambda: _validate_batches(GeneralizationGapMonitor(), torch.zeros(2, 1, 8, 8)),
     # callbacks/generalization_gap_monitor.py
@@ -313,7 +331,7 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     # the monitors' arguments, at construction
     "monitor-argument-positive": lambda: JacobianNormMonitor(every_n_epochs=0),
     "monitor-argument-positive-or-none": lambda: GeneralizationGapMonitor(max_train_points=0),
-    "monitor-argument-choice": lambda: JacobianNormMonitor(output="probabilities"),
+    "monitor-argument-choice": lambda: JacobianNormMonitor(output="probs"),
     "monitor-argument-callable": lambda: GeneralizationGapMonitor(loss_fn="cross_entropy"),
     "monitor-argument-batch-key": lambda: JacobianNormMonitor(input_key=1.5),
     "monitor-seed": lambda: TransitionMonitor(seed="0"),
@@ -393,6 +411,15 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "output-not-tensor": lambda: class_logits({"logits": torch.zeros(2, 4)}),
     "output-shape": lambda: class_logits(torch.zeros(2, 4, 1)),
     "output-not-logits": lambda: jacobian_norm(lambda x: x[:, :, None], torch.zeros(2, 4)),
+    "monitor-output-probabilities": lambda: _validate_with(
+        JacobianNormMonitor(), _ProbabilitiesOut(), DataLoader(_digits(), batch_size=8)
+    ),
+    "monitor-output-not-probabilities": lambda: _validate_with(
+        GeneralizationGapMonitor(output="probabilities"), MLPClassifier(), DataLoader(_digits(), batch_size=8)
+    ),
+    "monitor-strategy": lambda: JacobianNormMonitor().setup(
+        SimpleNamespace(strategy=FSDPStrategy()), MLPClassifier(), "fit"
+    ),
     "monitor-output-not-logits": lambda: _fit(
         [JacobianNormMonitor(every_n_epochs=1, forward_fn=lambda m, x: {"logits": m(x)})]
     ),
@@ -401,14 +428,13 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         MLPClassifier(activation="tanh"), torch.zeros(2, 1, 8, 8)
     ),
     # functional/jacobian.py
-    "jacobian-output": lambda: jacobian_norm(*_model_and_x(), output="probabilities"),
+    "jacobian-output": lambda: jacobian_norm(*_model_and_x(), output="probs"),
     "jacobian-method": lambda: jacobian_norm(*_model_and_x(), method="sampled"),
     "jacobian-num-projections": lambda: jacobian_norm(
         *_model_and_x(), method="projection", num_projections=0
     ),
     "jacobian-chunk-size": lambda: jacobian_norm(*_model_and_x(), chunk_size=0),
     "jacobian-rows-one-at-a-time": lambda: jacobian_norm(_ItemInBackward(), torch.randn(3, 8)),
-    "jacobian-reentrant-checkpoint": lambda: jacobian_norm(_ReentrantCheckpoint(), torch.randn(3, 8)),
     # functional/trajectories.py
     "trajectory-anchors": lambda: trajectory_through(torch.zeros(2, 4), 16),
     "trajectory-anchors-dtype": lambda: trajectory_through(torch.zeros(3, 4, dtype=torch.long), 16),
@@ -446,6 +472,8 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     "density-shapes": lambda: TransitionDensity().update(torch.tensor([1.0, 2.0]), torch.tensor([1.0])),
     "density-arc-length": lambda: TransitionDensity().update(torch.tensor([1.0]), torch.tensor([0.0])),
     "loss-accuracy-loss-fn": lambda: ClassificationLossAccuracy(loss_fn="bce"),
+    "loss-accuracy-output": lambda: ClassificationLossAccuracy(output="softmax"),
+    "point-records-plot-matplotlib": lambda: _without_matplotlib(PointRecords().plot),
     "point-records-shapes": lambda: PointRecords().update(
         torch.arange(3), torch.ones(2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
     ),
@@ -491,3 +519,37 @@ def test_the_row_is_triggered(row):
     else:
         with pytest.raises(expected, match=re.escape(row.message)):
             TRIGGERS[row.id]()
+
+
+#: Where the monitors read a batch (the batch reader and its lookups) or check what they read (the input's dtype, the
+#: output's shape).
+READING = (
+    "callbacks/_batch.py::_BatchReader.",
+    "callbacks/_batch.py::_position",
+    "callbacks/_batch.py::_lookup",
+    "callbacks/_checks.py::_check_continuous_input",
+    "callbacks/_checks.py::_check_classifier_output",
+)
+
+
+def _reading_rows() -> list[Row]:
+    sites = [site for site in package_sites() if site.where.startswith(READING)]
+    assert sites, "the reader's raises were not found"
+    return [row for row in ROWS if any(_matches(row, site) for site in sites)]
+
+
+@pytest.mark.parametrize("row", _reading_rows(), ids=lambda row: row.id)
+def test_every_reading_error_names_the_way_out(row):
+    """Every error the monitors raise while reading a batch, or checking the input and output they read, says what
+    to pass: ``get_input`` with ``input_key`` or ``forward_fn`` for the input and the output, ``get_target`` with
+    ``target_key`` for the labels. The rows are those of the raises in the reader's source, so a new raise there is
+    walked too."""
+    with pytest.raises(CLASSES[row.raised]) as raised:
+        TRIGGERS[row.id]()
+    message = str(raised.value)
+    if row.id.startswith("target-"):
+        assert "get_target" in message and "target_key" in message, message
+    elif "output" in row.id:
+        assert "forward_fn" in message, message
+    else:
+        assert "get_input" in message and ("input_key" in message or "forward_fn" in message), message

@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
+from lightning_sensitivity import JacobianNormMonitor
 from tests import _synthetic
 from tests._logged import CapturingLogger, Reference, check_logged, fit
 from tests._synthetic import ImageClassifier, SyntheticImages
 from tests.integration import _models
+from tests.integration._helpers import CountSteps
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
@@ -154,3 +156,53 @@ def test_efficientnet_b0_transition_monitor_refuses_before_training(tmp_path):
     with pytest.raises(ValueError, match="(?i)silu"):
         fit(model, dm, callbacks, tmp_path)
     assert model.trainer.global_step == 0
+
+
+# --- activation checkpointing, and a measurement that fails ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", ["cnn_checkpointed", "cnn_checkpointed_reentrant"], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_is_measured_as_the_model_without_it(net, tmp_path):
+    """A Conv + BatchNorm + ReLU block through ``torch.utils.checkpoint`` (the fit died at its first measurement with
+    ``CheckpointError`` for the non-reentrant form, and the reentrant form cannot be differentiated with
+    ``torch.autograd.grad``): every logged value equals the direct measurement of the same weights in the network
+    without checkpointing."""
+    pl.seed_everything(0)
+    model, dm = ImageClassifier(net, size=16), SyntheticImages(size=16)
+    callbacks = _synthetic.monitors()
+    trainer, capture = fit(model, dm, callbacks, tmp_path, max_epochs=2)
+    plain = Reference(lambda: ImageClassifier("cnn", size=16), dm)
+    check_logged(capture, callbacks, plain, rel=1e-5, trainer=trainer)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+class _NoBackward(torch.autograd.Function):
+    """The identity, whose backward is not implemented: the forward pass runs, a Jacobian cannot."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        raise RuntimeError("this model has no backward pass")
+
+
+class _ForwardOnly(MLPClassifier):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(_NoBackward.apply(x))
+
+
+@pytest.mark.parametrize("sanity", [True, False], ids=["sanity check", "num_sanity_val_steps=0"])
+def test_a_measurement_that_fails_fails_before_the_first_training_step(sanity):
+    """The first-batch check runs the Jacobian itself on a few points (it ran only a forward pass): a model whose
+    backward fails stops the fit in the sanity check, or without one at the first training batch, before its step."""
+    steps = CountSteps()
+    extra = {} if sanity else {"num_sanity_val_steps": 0}
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        train([JacobianNormMonitor(), steps], max_epochs=1, model=_ForwardOnly(), **extra)
+    assert steps.steps == 0

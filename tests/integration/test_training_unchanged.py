@@ -71,6 +71,15 @@ SETUPS = [
     pytest.param(
         Setup(lambda: ImageClassifier("resnet18"), SyntheticImages, _synthetic.monitors), id="resnet18"
     ),
+    # The Jacobian through a reentrant checkpoint runs `backward` with the parameters not requiring grad meanwhile.
+    pytest.param(
+        Setup(
+            lambda: ImageClassifier("cnn_checkpointed_reentrant", size=16),
+            lambda: SyntheticImages(size=16),
+            _synthetic.monitors,
+        ),
+        id="reentrant_checkpointed_cnn",
+    ),
     # Not `deterministic=True`: that keeps the compiled backward from donating its buffers, which users' runs do.
     # Two plain runs of this model on a CPU are bit-identical without it.
     pytest.param(
