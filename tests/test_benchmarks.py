@@ -53,3 +53,20 @@ def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone()
     value = float(trainer.callback_metrics["sensitivity/jacobian_norm"])
     assert value > 0 and value == float(plain.callback_metrics["sensitivity/jacobian_norm"])
 
+
+
+def test_the_watch_error_compares_every_watch_key_with_its_full_key(tmp_path, capsys):
+    from benchmarks.overhead import _watch_error, train_digits
+    from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+
+    _watch_error(train_digits, 3, str(tmp_path))
+    printed = capsys.readouterr().out
+    keys = [
+        key
+        for monitor in (JacobianNormMonitor(), TransitionMonitor(), GeneralizationGapMonitor())
+        for key in monitor.logged_keys("scalar", watch=False)
+    ]
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.startswith(tuple(keys))}
+    assert set(rows) == set(keys)
+    # the validation side of the gap's watch set is the whole validation set: the same series, no difference
+    assert rows["generalization/val_loss"][2:4] == ["+0%", "0%"]
