@@ -44,10 +44,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 
 from benchmarks._timing import timed
@@ -57,28 +58,38 @@ from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor,
 CONFIGURATIONS: dict[str, Callable[[], list[Callback]]] = {
     "an empty Callback()": lambda: [Callback()],
     "JacobianNormMonitor()": lambda: [JacobianNormMonitor()],
-    "JacobianNormMonitor(every_n_epochs=1)": lambda: [JacobianNormMonitor(every_n_epochs=1)],
     "TransitionMonitor()": lambda: [TransitionMonitor()],
-    "TransitionMonitor(log_figure=False)": lambda: [TransitionMonitor(log_figure=False)],
     "GeneralizationGapMonitor()": lambda: [GeneralizationGapMonitor()],
     "all three, defaults": lambda: [JacobianNormMonitor(), TransitionMonitor(), GeneralizationGapMonitor()],
+    "all three, no watch set (full at the end)": lambda: [
+        JacobianNormMonitor(watch_points=0),
+        TransitionMonitor(watch_segments=0),
+        GeneralizationGapMonitor(watch_train_points=0),
+    ],
+    "all three, full every pass": lambda: [
+        JacobianNormMonitor(every_n_epochs=1),
+        TransitionMonitor(every_n_epochs=1),
+        GeneralizationGapMonitor(every_n_epochs=1),
+    ],
 }
 
 
 class _CNNClassifier(MLPClassifier):
-    """The ``cnn`` workload's model: the digits classifier's training and validation steps around a small CNN."""
+    """The ``cnn`` and ``cifar`` workloads' model: the digits classifier's training and validation steps around a
+    small CNN (two 3 x 3 convolutions of 16 and 32 channels, each followed by ReLU and 2 x 2 max-pooling, and a
+    linear head) on ``channels x size x size`` inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 1, size: int = 28) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
+            nn.Conv2d(channels, 16, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 10),
+            nn.Linear(32 * (size // 4) ** 2, 10),
         )
 
 
@@ -102,8 +113,38 @@ def _upscaled(x: Tensor, y: Tensor, n: int, generator: torch.Generator) -> tuple
     return (images + noise).contiguous(), y[index]
 
 
+def _seeded_cnn(**shape: int) -> _CNNClassifier:
+    """The workloads' CNN, initialized from seed 0: every run trains the same model (``train`` seeds again)."""
+    pl.seed_everything(0, verbose=False)
+    return _CNNClassifier(**shape)
+
+
 def _train_cnn(callbacks: list[Callback], max_epochs: int, logger: Any) -> None:
-    train(callbacks, max_epochs=max_epochs, logger=logger, model=_CNNClassifier(), datamodule=_upscaled_digits())
+    train(callbacks, max_epochs=max_epochs, logger=logger, model=_seeded_cnn(), datamodule=_upscaled_digits())
+
+
+def _cifar_subset(path: str) -> DigitsDataModule:
+    """The CIFAR-10 subset of ``path`` (an ``.npz`` with ``train_images``, ``train_labels``, ``test_images``,
+    ``test_labels``, images ``uint8 [N, 3, 32, 32]``) scaled to [0, 1]: training on the training images at batch 64,
+    validation on the test images."""
+    import numpy as np
+
+    with np.load(path) as arrays:
+        data = tuple(
+            torch.from_numpy(arrays[name]).float() / 255 if name.endswith("images") else torch.from_numpy(arrays[name])
+            for name in ("train_images", "train_labels", "test_images", "test_labels")
+        )
+    return DigitsDataModule(batch_size=64, data=data)
+
+
+def _cifar_fit(path: str) -> Callable[..., None]:
+    datamodule = _cifar_subset(path)
+
+    def fit(callbacks: list[Callback], max_epochs: int, logger: Any) -> None:
+        model = _seeded_cnn(channels=3, size=32)
+        train(callbacks, max_epochs=max_epochs, logger=logger, model=model, datamodule=datamodule)
+
+    return fit
 
 
 def main() -> None:
@@ -111,9 +152,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workload", choices=["digits", "cnn"], default="digits")
-    parser.add_argument("--epochs", type=int, default=None, help="default 30 (digits) or 10 (cnn)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--workload", choices=["digits", "cnn", "cifar"], default="digits")
+    parser.add_argument("--data-file", default=None, help="the CIFAR-10 subset (.npz) of the cifar workload")
+    parser.add_argument("--epochs", type=int, default=None, help="default 30 (digits), 10 (cnn) or 20 (cifar)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default 1; 2 for cifar, the issue's run)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="interleaved repeats (default 15; 3 with --quick)"
     )
@@ -122,19 +166,31 @@ def main() -> None:
     parser.add_argument(
         "--in-hooks", action="store_true", help="the time spent inside the three monitors' hooks, per run"
     )
+    parser.add_argument(
+        "--watch-error", action="store_true", help="the watch sets' values against the full measurement's"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = args.threads or (2 if args.workload == "cifar" else 1)
+    torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     repeats = args.repeats or (3 if args.quick else 15)
-    epochs = args.epochs or (30 if args.workload == "digits" else 10)
-    fit = train_digits if args.workload == "digits" else _train_cnn
+    epochs = args.epochs or {"digits": 30, "cnn": 10, "cifar": 20}[args.workload]
+    if args.workload == "cifar":
+        if args.data_file is None:
+            parser.error("--workload cifar needs --data-file (the CIFAR-10 subset, an .npz)")
+        fit = _cifar_fit(args.data_file)
+    else:
+        fit = train_digits if args.workload == "digits" else _train_cnn
     root = tempfile.mkdtemp()
     if args.per_measurement:
         _per_measurement(fit, epochs, root)
         return
     if args.in_hooks:
         _in_hooks(fit, epochs, root, repeats)
+        return
+    if args.watch_error:
+        _watch_error(fit, epochs, root)
         return
     configurations = {name: make for name, make in CONFIGURATIONS.items() if args.only in name}
     cpu: dict[str, list[float]] = {name: [] for name in ["without", *configurations]}
@@ -148,7 +204,7 @@ def main() -> None:
         return fn
 
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s); workload {args.workload}, {epochs} epochs"
+        f"torch {torch.__version__}, {threads} thread(s); workload {args.workload}, {epochs} epochs"
     )
     samples = timed(
         {"without": run("without", list), **{name: run(name, make) for name, make in configurations.items()}},
@@ -188,22 +244,113 @@ class _Seconds(Callback):
 
 
 def _per_measurement(fit: Callable[..., None], epochs: int, root: str) -> None:
+    """What one measurement of each monitor costs, in epochs: the full measurement (every pass measured in full), and
+    the watch set (the defaults, whose full measurement is at the last pass only: the other passes are watch passes)."""
     start = time.perf_counter()
     fit([], max_epochs=epochs, logger=TensorBoardLogger(root))
     epoch = (time.perf_counter() - start) / epochs
-    seconds = _Seconds()
+    runs = {
+        "full": dict(every_n_epochs=1),
+        "watch": dict(),
+    }
+    medians: dict[str, dict[str, float]] = {}
+    for kind, schedule in runs.items():
+        seconds = _Seconds()
+        monitors: list[Callback] = [
+            JacobianNormMonitor(log_seconds=True, **schedule),
+            TransitionMonitor(log_seconds=True, log_figure=False, **schedule),
+            GeneralizationGapMonitor(log_seconds=True, **schedule),
+        ]
+        fit([*monitors, seconds], max_epochs=epochs, logger=TensorBoardLogger(root))
+        # the watch run's last pass is its full measurement; the gap's first measurement also reads the training
+        # subset: the medians are the steady costs
+        medians[kind] = {
+            key: statistics.median(values[:-1] if kind == "watch" else values)
+            for key, values in seconds.values.items()
+        }
+    print(f"an epoch without a monitor: {epoch:.3f} s (the run's wall time over its {epochs} epochs)")
+    print(f"{'one measurement of':42s} {'full':>9s} {'epochs':>7s} {'watch':>9s} {'epochs':>7s}")
+    for key in medians["full"]:
+        full, watch = medians["full"][key], medians["watch"].get(key, float("nan"))
+        print(f"{key:42s} {full:7.3f} s {full / epoch:7.4f} {watch:7.4f} s {watch / epoch:7.4f}")
+    full = sum(medians["full"].values()) / epoch
+    watch = sum(medians["watch"].values()) / epoch
+    print(
+        f"{'the three':42s} {full:17.4f} {watch:17.4f}\n"
+        f"at the defaults on {epochs} epochs (the full measurement at the last pass, the watch set at the "
+        f"{epochs - 1} others; without the figure and the anchors' reservoir): "
+        f"{(full + (epochs - 1) * watch) / epochs:.2%} of the run"
+    )
+
+
+class _Values(Logger):
+    """A logger that keeps every value the monitors log, in the order logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, list[float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "values"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if key.startswith(("sensitivity/", "generalization/")):
+                self.values.setdefault(key, []).append(float(value))
+
+
+#: Keys whose values cross or sit near 0 (differences, correlations): their watch values are compared by the
+#: absolute difference, the others' by the relative one.
+_NEAR_ZERO = ("gap_loss", "gap_accuracy", "jacobian_loss_spearman")
+
+
+def _watch_error(fit: Callable[..., None], epochs: int, root: str) -> None:
+    """The watch sets' sampling error: a run with the three monitors at their defaults but measured in full at every
+    pass, so that each pass logs the full value and the watch set's (a part of the same measurement); for each
+    quantity, the two series compared pass by pass and as curves."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    values = _Values()
     monitors: list[Callback] = [
-        JacobianNormMonitor(every_n_epochs=1, log_seconds=True),
-        TransitionMonitor(every_n_epochs=1, log_seconds=True, log_figure=False),
-        GeneralizationGapMonitor(every_n_epochs=1, log_seconds=True),
+        JacobianNormMonitor(every_n_epochs=1),
+        TransitionMonitor(every_n_epochs=1),
+        GeneralizationGapMonitor(every_n_epochs=1),
     ]
-    fit([*monitors, seconds], max_epochs=epochs, logger=TensorBoardLogger(root))
-    print(f"an epoch without a monitor: {epoch:.2f} s (the run's wall time over its {epochs} epochs)")
-    print(f"{'one measurement of':42s} {'median':>8s} {'epochs':>8s}   (over {epochs} measurements)")
-    for key, values in seconds.values.items():
-        # the gap's first measurement also reads the training subset: the median is the steady cost
-        median = statistics.median(values)
-        print(f"{key:42s} {median:6.3f} s {median / epoch:7.3f}")
+    fit(monitors, max_epochs=epochs, logger=[TensorBoardLogger(root), values])
+    print(
+        f"{epochs} passes, each measured in full; the watch values are the watch set's part of the same measurement\n"
+        f"{'quantity':44s} {'full, mean':>11s} {'watch, mean':>11s} {'difference':>11s} {'median |diff|':>14s} "
+        f"{'Spearman':>9s} {'Pearson':>8s}"
+    )
+    for key in [key for monitor in monitors for key in monitor.logged_keys("scalar", watch=False)]:
+        watch = values.values.get(f"{key}_watch")
+        if key not in values.values or watch is None:
+            continue
+        full = torch.tensor(values.values[key], dtype=torch.float64)
+        watched = torch.tensor(watch, dtype=torch.float64)
+        absolute = key.endswith(_NEAR_ZERO)
+        scale = 1.0 if absolute else full.abs()
+        each = ((watched - full) / scale).abs().median()
+        means = watched.mean() - full.mean()
+        means = means if absolute else means / full.mean().abs()
+        rho = spearman_corrcoef(watched, full) if len(full) > 2 else torch.tensor(float("nan"))
+        pearson = torch.corrcoef(torch.stack([watched, full]))[0, 1] if len(full) > 2 else torch.tensor(float("nan"))
+        unit = "" if absolute else "%"
+        factor = 1 if absolute else 100
+        print(
+            f"{key:44s} {full.mean():11.4g} {watched.mean():11.4g} {factor * means:+10.3g}{unit or ' '} "
+            f"{factor * each:13.3g}{unit or ' '} {rho:9.3f} {pearson:8.3f}"
+        )
+    print("(difference: of the watch series' mean from the full series' mean, relative (%) or absolute for the gaps "
+          "and the correlation; median |diff|: pass by pass; Spearman, Pearson: of the two series across the passes)")
 
 
 def _timing_hooks(callback: Callback, seconds: dict[str, float]) -> Callback:

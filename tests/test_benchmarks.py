@@ -61,3 +61,19 @@ def test_monitor_cost_benchmark_quick_mode_prints_its_table():
     assert "== one JacobianNormMonitor measurement against classes and model size" in stdout, stdout[-3000:]
     for row in ("small CNN", "resnet18"):
         assert row in stdout, stdout[-3000:]
+
+
+def test_the_watch_error_compares_every_watch_key_with_its_full_key(tmp_path, capsys):
+    from benchmarks.overhead import _watch_error, train_digits
+    from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+
+    _watch_error(train_digits, 3, str(tmp_path))
+    printed = capsys.readouterr().out
+    monitors = (JacobianNormMonitor(), TransitionMonitor(), GeneralizationGapMonitor())
+    watched = {key for monitor in monitors for key in monitor.logged_keys("scalar", watch=True)}
+    # every full key with a watch twin (the transitions' resolutions have none)
+    keys = [key for monitor in monitors for key in monitor.logged_keys("scalar", watch=False) if f"{key}_watch" in watched]
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.startswith(tuple(keys))}
+    assert set(rows) == set(keys)
+    # the validation side of the gap's watch set is the whole validation set: the same series, no difference
+    assert rows["generalization/val_loss"][2:4] == ["+0%", "0%"]

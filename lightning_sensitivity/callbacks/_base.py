@@ -27,7 +27,7 @@ from lightning_sensitivity.callbacks._checks import (
     _check_positive,
     _check_strategy,
 )
-from lightning_sensitivity.callbacks._dashboard import _register_dashboard
+from lightning_sensitivity.callbacks._dashboard import WATCH, _register_dashboard
 from lightning_sensitivity.callbacks._logging import _log_scalars, _Stopwatch
 from lightning_sensitivity.callbacks._measured import (
     ForwardFn,
@@ -38,19 +38,20 @@ from lightning_sensitivity.callbacks._measured import (
     _weights_fingerprint,
 )
 from lightning_sensitivity.callbacks._positions import _PointCounter
-from lightning_sensitivity.callbacks._schedule import _Schedule
+from lightning_sensitivity.callbacks._schedule import Measurement, _Schedule
 
 
 @dataclass(frozen=True)
 class _Key:
-    """One thing a monitor logs: ``{prefix}/{name}``, a ``"scalar"``, ``"histogram"`` or ``"image"``, the title
-    of the dashboard chart it is drawn in (scalars only), and the monitor's boolean argument that switches it on
-    (``None``: always logged)."""
+    """One thing a monitor logs: ``{prefix}/{name}``, a ``"scalar"``, ``"histogram"`` or ``"image"``, the monitor's
+    boolean argument that switches it on (``None``: always logged), and whether it is a measured quantity with a
+    watch twin, ``{prefix}/{name}_watch``, logged at every pass when the monitor's watch set is on. (The dashboard's
+    charts name the keys they draw: ``_dashboard.CHARTS``.)"""
 
     name: str
     kind: str = "scalar"
-    chart: str | None = None
     option: str | None = None
+    watch: bool = False
 
 
 class _HeldBy:
@@ -93,15 +94,17 @@ class _Monitor(Callback):
     def __init__(
         self,
         *,
-        every_n_epochs: int,
+        every_n_epochs: int | None,
+        watch: bool,
         prefix: str,
         forward_fn: ForwardFn | None,
         log_seconds: bool,
         reader: _BatchReader,
         state_key: dict[str, Any],
     ) -> None:
-        """``state_key``: the arguments besides ``prefix`` that tell two instances apart in a checkpoint."""
-        _check_positive("every_n_epochs", every_n_epochs)
+        """``watch``: whether the monitor's watch set is on (its size argument is not 0 or ``None``);
+        ``state_key``: the arguments besides ``prefix`` that tell two instances apart in a checkpoint."""
+        _check_positive("every_n_epochs", every_n_epochs, optional=True)
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
         _check_callable("forward_fn", forward_fn)
@@ -112,7 +115,7 @@ class _Monitor(Callback):
         self._stopwatch = _Stopwatch(log_seconds)
         self.forward_fn: ForwardFn = forward_fn or _default_forward
         self._reader = reader
-        self._schedule = _Schedule(every_n_epochs)
+        self._schedule = _Schedule(every_n_epochs, watch)
         self._checked = False
         self._after_training = False
         self._model: _MeasuredModel | None = None
@@ -126,18 +129,40 @@ class _Monitor(Callback):
     def state_key(self) -> str:
         return self._state_key
 
-    def logged_keys(self, kind: str | None = None) -> list[str]:
+    @property
+    def watching(self) -> bool:
+        """Whether the monitor measures its watch set at every pass (and logs the ``_watch`` keys)."""
+        return self._schedule.watch
+
+    def logged_keys(self, kind: str | None = None, *, watch: bool | None = None) -> list[str]:
         """The full names of the keys this monitor logs (of one ``kind``: ``"scalar"``, ``"histogram"`` or
-        ``"image"``), under its prefix; with several dataloaders each gets Lightning's ``/dataloader_idx_{i}``."""
-        return [
-            f"{self.prefix}/{key.name}"
-            for key in self.KEYS
-            if (kind is None or key.kind == kind) and (key.option is None or getattr(self, key.option))
-        ]
+        ``"image"``), under its prefix, each measured quantity followed by its ``_watch`` twin when the watch set is
+        on; ``watch=False`` leaves the twins out, ``watch=True`` lists only them. With several dataloaders each key
+        gets Lightning's ``/dataloader_idx_{i}``."""
+        names = []
+        for key in self.KEYS:
+            if (kind is not None and key.kind != kind) or (key.option is not None and not getattr(self, key.option)):
+                continue
+            if watch is not True:
+                names.append(f"{self.prefix}/{key.name}")
+            if watch is not False and key.watch and self.watching:
+                names.append(f"{self.prefix}/{key.name}{WATCH}")
+        return names
 
     def _key(self, name: str) -> str:
         assert any(key.name == name for key in self.KEYS), name
         return f"{self.prefix}/{name}"
+
+    def _watch_key(self, name: str) -> str:
+        assert any(key.name == name and key.watch for key in self.KEYS), name
+        return f"{self.prefix}/{name}{WATCH}"
+
+    @property
+    def _logs_watch(self) -> bool:
+        """Whether the measurement under way logs the watch keys: when the watch set is on, at every pass, but not
+        after training (the final weights' full measurement completes the full series; the watch series has its
+        point at the last pass already)."""
+        return self.watching and not self._after_training
 
     def _measured_model(self, pl_module: pl.LightningModule) -> _MeasuredModel:
         if self._model is None or self._model.module is not pl_module:
@@ -210,15 +235,22 @@ class _Monitor(Callback):
     def _check_watchers(self, trainer: pl.Trainer) -> None:
         """An ``EarlyStopping`` or ``ModelCheckpoint`` that monitors one of this monitor's keys needs the key at
         each of its checks: fail at fit start, saying what to set, rather than with Lightning's "not available"."""
-        keys = set(self.logged_keys("scalar"))
+        every_pass = set(self.logged_keys("scalar", watch=True))
+        full = set(self.logged_keys("scalar", watch=False))
         for callback in trainer.callbacks:
-            if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or callback.monitor not in keys:
+            watched = isinstance(callback, (EarlyStopping, ModelCheckpoint)) and callback.monitor in every_pass | full
+            if not watched:
                 continue
             name = type(callback).__name__
-            if self.every_n_epochs != 1:
+            if callback.monitor in full and self.every_n_epochs != 1:
+                n = self.every_n_epochs
+                how_often = "at the last pass only" if n is None else f"every {n} passes"
+                watch = f"{callback.monitor}{WATCH}"
+                on_watch = f"monitor {watch!r}, its value on the watch set, logged at every pass, or "
+                instead = on_watch if watch in every_pass else ""
                 raise MisconfigurationException(
                     f"{name}(monitor={callback.monitor!r}) checks the key after every validation, but "
-                    f"{type(self).__name__} logs it every {self.every_n_epochs} passes: set "
+                    f"{type(self).__name__} logs it {how_often}: {instead}set "
                     f"`{type(self).__name__}(every_n_epochs=1)`."
                 )
             self._check_watcher_timing(trainer, callback)
@@ -248,8 +280,10 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     """A monitor that measures on validation (and test) batches as they pass, and logs at the epoch end.
 
     A subclass defines ``_begin`` (a measured pass starts), ``_measure_batch`` and ``_finish`` (returns the
-    scalars to log); :attr:`_points` counts the points of each dataloader that the pass has seen, for their
-    positions in the evaluation order. Its batch reader also reads labels (``target_key``, ``get_target``).
+    scalars to log); :attr:`_pass` says what the pass measures (``"full"``: the full measurement, whose watch values
+    come from its parts; ``"watch"``: the watch set alone), :attr:`_points` counts the points of each dataloader that
+    the pass has seen, for their positions in the evaluation order. Its batch reader also reads labels
+    (``target_key``, ``get_target``).
 
     When the fit's last validation pass was not measured (the fit ended in a way not known in advance), the monitor
     reads the validation data itself at the end of training and measures the final weights.
@@ -264,7 +298,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     def __init__(self, **arguments: Any) -> None:
         """``arguments``: those of :class:`_Monitor`."""
         super().__init__(**arguments)
-        self._measuring = False
+        self._pass: Measurement = None
         self._points = _PointCounter()
         self._checked_training = False
 
@@ -282,12 +316,12 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
 
     def _epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
-            self._measuring = False
+            self._pass = None
         elif trainer.state.fn != "fit":
-            self._measuring = self.MEASURES_OUTSIDE_FIT
+            self._pass = "full" if self.MEASURES_OUTSIDE_FIT else None
         else:
-            self._measuring = self._schedule.start(trainer, validation=True)
-        if self._measuring:
+            self._pass = self._schedule.start(trainer, validation=True)
+        if self._pass:
             self._start_pass(trainer, pl_module)
 
     def _start_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,15 +333,15 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
     @override
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._first_batch(trainer, pl_module, batch)
-        if self._measuring:
+        if self._pass:
             with self._stopwatch.running(pl_module.device):
                 self._measure_batch(trainer, pl_module, batch, idx)
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._measuring:
-            self._measuring = False
+        if self._pass:
             with self._stopwatch.running(pl_module.device):
                 scalars = self._finish(trainer, pl_module, stage)
+            self._pass = None
             self._log(trainer, pl_module, scalars)
 
     @override
@@ -349,6 +383,7 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
         loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         with self._measuring_after_training():
+            self._pass = "full"
             self._start_pass(trainer, pl_module)
             with self._stopwatch.running(pl_module.device):
                 for idx, (loader, limit) in enumerate(zip(loaders, trainer.num_val_batches, strict=False)):
@@ -357,4 +392,5 @@ class _EvaluationMonitor(_Monitor, abc.ABC):
                             break
                         self._measure_batch(trainer, pl_module, self._reader.load(trainer, batch, idx), idx)
                 scalars = self._finish(trainer, pl_module, "fit")
+            self._pass = None
             self._log(trainer, pl_module, scalars)

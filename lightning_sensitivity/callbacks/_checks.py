@@ -24,6 +24,12 @@ def _check_positive(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
+def _check_watch_size(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is a watch set's size: an integer >= 0, or ``None`` (0 and ``None``: no watch)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"`{name}` must be an integer >= 0 (0 or None: no watch set), got {value!r}.")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """``ValueError`` unless ``value`` is one of ``choices`` (``True`` is not ``1`` here)."""
     if not any(type(value) is type(c) and value == c for c in choices):

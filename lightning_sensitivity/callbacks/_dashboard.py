@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,13 +18,49 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.tensorboard.summary import hparams
 
-from lightning_sensitivity.callbacks._logging import _tensorboard_writers
+from lightning_sensitivity.callbacks._logging import _file_loggers, _tensorboard_writers
 
-_DASHBOARD_CATEGORY = "sensitivity and generalization (Novak et al. 2018)"
-#: The charts of the dashboard; each monitor names, in its registry of keys, the chart each of its scalars goes to.
-JACOBIAN_BESIDE_GAP = "Jacobian norm beside the generalization gap (loss)"
-DENSITY_ON_OFF = "Transition density: on against off the data manifold"
-EVAL_LOSSES = "Loss in eval mode: training subset against validation"
+#: The suffix of a watch key (``_base.WATCH``, which imports this module).
+WATCH = "_watch"
+
+@dataclass(frozen=True)
+class _Chart:
+    """A chart of the dashboard, named by the keys it draws (names in the monitors' registries, without prefix): one
+    key is a line per run; three keys are a margin chart, a line for the first and a band between the other two."""
+
+    title: str
+    keys: tuple[str, ...]
+
+
+#: The dashboard's charts, in the order TensorBoard shows them (its margin charts after the others). Each chart holds
+#: one quantity on one scale, so no line leaves its axis for another's range, and TensorBoard, which colours the lines
+#: by run, needs no second colour: a pair compared on one scale (the training subset against validation) is a margin
+#: chart, a line and a band whose other edge is the partner, so the band's height is the gap. They are drawn twice, in
+#: two categories: for the watch keys (every pass) and for the full measurement.
+CHARTS = (
+    _Chart("Jacobian norm: mean over the validation points", ("jacobian_norm",)),
+    _Chart("Loss gap: validation loss - training-subset loss", ("gap_loss",)),
+    _Chart("Accuracy gap: training-subset accuracy - validation accuracy", ("gap_accuracy",)),
+    _Chart("Transition density ON the data manifold (per unit arc length)", ("transition_density_on_manifold",)),
+    _Chart("Transition density OFF the data manifold (per unit arc length)", ("transition_density_off_manifold",)),
+    _Chart("Spearman correlation of per-point Jacobian norm and loss", ("jacobian_loss_spearman",)),
+    _Chart("Transitions per trajectory ON the data manifold", ("transitions_on_manifold",)),
+    _Chart("Transitions per trajectory OFF the data manifold", ("transitions_off_manifold",)),
+    _Chart(
+        "Accuracy: training subset (line), down to validation (band)",
+        ("train_accuracy", "val_accuracy", "train_accuracy"),
+    ),
+    _Chart("Loss: validation (line), down to the training subset (band)", ("val_loss", "train_loss", "val_loss")),
+)
+_PAPER = "sensitivity and generalization, Novak et al. 2018"
+#: The two categories of the layout: the watch keys (suffix ``_watch``), then the full measurement's.
+CATEGORIES = (
+    (WATCH, f"Every pass, on the watch set ({_PAPER})"),
+    ("", f"Full measurement: every n-th pass and the last ({_PAPER})"),
+)
+#: The keys the HPARAMS tab lists first (it shows a few metrics by default): the generalization gaps and the Jacobian
+#: norm, whose relation is the paper's first finding. The other keys follow in the monitors' order.
+HPARAMS_FIRST = ("gap_accuracy", "gap_loss", "jacobian_norm")
 
 
 def _first_time(obj: Any, what: str) -> bool:
@@ -46,22 +83,34 @@ def _exact_tag(key: str) -> str:
 
 
 def _dashboard_layout(monitors: Sequence[Any]) -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: one category, one chart per comparison the paper makes, each holding the keys
-    the given monitors log into it (under their own prefixes). A chart no monitor logs into is left out.
+    """The custom-scalars layout: the charts of :data:`CHARTS` that the given monitors log, with the keys under their
+    own prefixes, for the watch keys (when a monitor's watch set is on) and for the full measurement, each in its own
+    category. A chart no monitor logs is left out; several monitors that log its keys each add their lines.
 
     >>> from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor
-    >>> charts = _dashboard_layout([JacobianNormMonitor(prefix="sens"), GeneralizationGapMonitor(prefix="gen")])
-    >>> charts[_DASHBOARD_CATEGORY]["Jacobian norm beside the generalization gap (loss)"]
-    ['Multiline', ['^sens/jacobian_norm$', '^gen/gap_loss$']]
+    >>> layout = _dashboard_layout([JacobianNormMonitor(prefix="sens"), GeneralizationGapMonitor(prefix="gen")])
+    >>> watch, full = layout.values()
+    >>> full["Jacobian norm: mean over the validation points"]
+    ['Multiline', ['^sens/jacobian_norm$']]
+    >>> watch["Loss: validation (line), down to the training subset (band)"]
+    ['Margin', ['gen/val_loss_watch', 'gen/train_loss_watch', 'gen/val_loss_watch']]
     """
-    charts: dict[str, list[str]] = {}
-    for monitor in monitors:
-        for key in monitor.KEYS:
-            if key.kind == "scalar" and key.chart is not None:
-                tag = _exact_tag(f"{monitor.prefix}/{key.name}")
-                if tag not in charts.setdefault(key.chart, []):
-                    charts[key.chart].append(tag)
-    return {_DASHBOARD_CATEGORY: {title: ["Multiline", tags] for title, tags in charts.items()}}
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for suffix, category in CATEGORIES:
+        charts: dict[str, list[Any]] = {}
+        for chart in CHARTS:
+            for monitor in monitors:
+                logged = set(monitor.logged_keys("scalar"))
+                tags = [f"{monitor.prefix}/{name}{suffix}" for name in chart.keys]
+                if not all(tag in logged for tag in tags):
+                    continue
+                if len(tags) == 1:
+                    charts.setdefault(chart.title, ["Multiline", []])[1].append(_exact_tag(tags[0]))
+                elif chart.title not in charts:  # a margin chart holds one series
+                    charts[chart.title] = ["Margin", tags]
+        if charts:
+            layout[category] = charts
+    return layout
 
 
 def _register_dashboard(trainer: pl.Trainer, monitors: Sequence[Any]) -> None:
@@ -69,17 +118,24 @@ def _register_dashboard(trainer: pl.Trainer, monitors: Sequence[Any]) -> None:
     trainer, once per writer, and declare their keys as the hparam metrics (:func:`_log_hparam_metrics`). Every
     monitor calls it from ``on_fit_start``; the first call does the work.
 
-    Without a TensorBoard logger, says once per trainer (``rank_zero_info``) that scalars still reach the other
-    loggers while the layout, histograms and figures are skipped.
+    Says once per trainer (``rank_zero_info``) what does not reach a logger its own way: without a TensorBoard logger,
+    that the layout is skipped; for a logger with no API for histograms and images (``CSVLogger``, ...), the directory
+    where they go as PNG files, with the per-point records as CSV files.
     """
     writers = _tensorboard_writers(trainer)
-    if not writers:
-        if _first_time(trainer, "told_no_tensorboard"):
+    if _first_time(trainer, "told_where_media_go"):
+        said = []
+        if not writers:
             loggers = [type(logger).__name__ for logger in trainer.loggers] or ["no logger"]
-            rank_zero_info(
-                f"lightning_sensitivity: the trainer has no TensorBoardLogger ({', '.join(loggers)}); the monitors' "
-                "scalars go to the loggers it has, their dashboard layout, histograms and figures are skipped."
-            )
+            said.append(f"the trainer has no TensorBoardLogger ({', '.join(loggers)}), so the dashboard layout is skipped")
+        said += [
+            f"{name} has no API for histograms and figures: they go, with the per-point records, to PNG and CSV files "
+            f"under {directory}"
+            for name, directory in _file_loggers(trainer).items()
+        ]
+        if said:
+            rank_zero_info(f"lightning_sensitivity: {'; '.join(said)}.")
+    if not writers:
         return
     layout = _dashboard_layout(monitors)
     for writer in writers:
@@ -116,16 +172,30 @@ def _flat_params(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
     return flat
 
 
+def _hparam_metrics(monitors: Sequence[Any]) -> list[str]:
+    """The monitors' keys that are the run's hparam metrics: the full measurement's scalars (the final values; the
+    watch keys' last points are the watch subset of the same measurement), :data:`HPARAMS_FIRST` first.
+
+    >>> from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor
+    >>> _hparam_metrics([JacobianNormMonitor(), GeneralizationGapMonitor()])[:4]
+    ['generalization/gap_accuracy', 'generalization/gap_loss', 'sensitivity/jacobian_norm', 'sensitivity/jacobian_loss_spearman']
+    """
+    keys = [key for monitor in monitors for key in monitor.logged_keys("scalar", watch=False)]
+    first = [key for name in HPARAMS_FIRST for key in keys if key.rsplit("/", 1)[-1] == name]
+    return first + [key for key in keys if key not in first]
+
+
 def _log_hparam_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, monitors: Sequence[Any]) -> None:
     """Make the monitors' keys the hparam metrics of the run, so the HPARAMS tab compares the runs of a sweep by
     their final ``sensitivity/*`` and ``generalization/*`` values.
 
     TensorBoard keeps the *first* hparams summary of a run and reads each metric's value from the last point of the
     scalar with the metric's name. So this writes, when the module (or data module) saved hyper-parameters, one
-    hparams summary that names those hyper-parameters and every scalar key the ``monitors`` log (``hp_metric`` too
-    when the logger logs it), before Lightning writes its own just after ``on_fit_start``. The final values then come from
-    the scalars the monitors log, and nothing is logged twice.     :func:`_register_dashboard` calls this; it acts once per trainer, and a later call (say from ``on_fit_end``)
-    does nothing.
+    hparams summary that names those hyper-parameters and the monitors' full-measurement keys
+    (:func:`_hparam_metrics`; ``hp_metric`` too when the logger logs it), before Lightning writes its own just after
+    ``on_fit_start``. The final values then come from the scalars the monitors log, and nothing is logged twice.
+    :func:`_register_dashboard` calls this; it acts once per trainer, and a later call (say from ``on_fit_end``) does
+    nothing.
     """
     if not _first_time(trainer, "hparam_metrics"):
         return
@@ -133,7 +203,7 @@ def _log_hparam_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, moni
     if not params:
         return
     loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-    metrics = dict.fromkeys([key for monitor in monitors for key in monitor.logged_keys("scalar")], 0.0)
+    metrics = dict.fromkeys(_hparam_metrics(monitors), 0.0)
     if any(logger._default_hp_metric for logger in loggers):
         metrics["hp_metric"] = -1.0
     experiment, session_start, session_end = hparams(params, metrics)

@@ -2,25 +2,31 @@
 
 Scalars go through ``pl_module.log`` at an epoch end, so every logger of the trainer receives them and
 ``EarlyStopping`` or ``ModelCheckpoint`` can watch them; after training, when Lightning takes no ``self.log``, they
-go to the loggers directly (:func:`_log_scalars`). Histograms and images go to the loggers that take them, each
-through its own API: a writer per kind of logger (:class:`_MediaWriter`), listed in ``_MEDIA_WRITERS``. Only
-TensorBoard has one today; another logger (W&B, MLflow, a CSV folder) is one more writer class and one more entry
-there, and the monitors log to it unchanged. Every value is logged at :func:`_step`.
+go to the loggers directly (:func:`_log_scalars`). Histograms, images and the per-point records (CSV files) go to every
+logger, each through its own API: a writer per kind of logger (:class:`_MediaWriter`), listed in ``_MEDIA_WRITERS``
+(TensorBoard, Weights & Biases, MLflow); any other logger that keeps a directory (``CSVLogger``, ...) gets them as PNG
+and CSV files under it (:class:`_FileWriter`). Every value is logged at :func:`_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from torch import Tensor
+
+from lightning_sensitivity.callbacks._chart import _histogram_chart
 
 
 def _step(trainer: pl.Trainer) -> int:
@@ -75,7 +81,7 @@ def _log_scalars(
 
 
 class _MediaWriter(Protocol):
-    """How histograms and images reach one logger, through that logger's own API."""
+    """How histograms, images and per-point records reach one logger, through that logger's own API."""
 
     def histogram(self, key: str, values: Tensor, step: int) -> None:
         """A histogram of ``values`` (a float CPU tensor with at least one value)."""
@@ -83,9 +89,13 @@ class _MediaWriter(Protocol):
     def image(self, key: str, image: np.ndarray, step: int) -> None:
         """An RGB image ``[H, W, 3]`` ``uint8``."""
 
+    def records(self, name: str, path: str, step: int) -> None:
+        """The per-point records ``name``, a CSV file the monitor wrote at ``path``."""
+
 
 class _TensorBoardWriter:
-    """Histograms and images through a TensorBoard logger's ``SummaryWriter``."""
+    """Histograms and images through a TensorBoard logger's ``SummaryWriter``; the records stay the CSV files beside
+    the run (TensorBoard shows no files)."""
 
     def __init__(self, logger: TensorBoardLogger) -> None:
         self.experiment = logger.experiment
@@ -96,21 +106,109 @@ class _TensorBoardWriter:
     def image(self, key: str, image: np.ndarray, step: int) -> None:
         self.experiment.add_image(key, image, global_step=step, dataformats="HWC")
 
+    def records(self, name: str, path: str, step: int) -> None:
+        pass
 
-#: The loggers that take histograms and images, each with the writer that speaks its API.
-_MEDIA_WRITERS: dict[type[Logger], type[_MediaWriter]] = {TensorBoardLogger: _TensorBoardWriter}
+
+class _WandbWriter:
+    """A ``wandb.Histogram``, a ``wandb.Image`` and a ``wandb.Table`` of the records, logged with the step that
+    ``WandbLogger`` gives its scalars (``trainer/global_step``)."""
+
+    def __init__(self, logger: WandbLogger) -> None:
+        self.logger = logger
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        import wandb
+
+        self.logger.log_metrics({key: wandb.Histogram(values.numpy())}, step=step)  # type: ignore[dict-item]
+
+    def image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.logger.log_image(key, [image], step=step)
+
+    def records(self, name: str, path: str, step: int) -> None:
+        columns, rows = _read_records(path)
+        self.logger.log_table(f"{_RECORDS}/{name}", columns=columns, data=rows, step=step)
+
+
+class _MLflowWriter:
+    """The image and a picture of the histogram as PNG artifacts (``{key}/step={step}.png``), and the records as CSV
+    artifacts (``jacobian_norm_records/``), in the logger's run."""
+
+    def __init__(self, logger: MLFlowLogger) -> None:
+        self.client, self.run_id = logger.experiment, logger.run_id
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        self.image(key, _histogram_chart(values, f"{key}, step {step}"), step)
+
+    def image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=f"{key}/step={step:06d}.png")
+
+    def records(self, name: str, path: str, step: int) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path=_RECORDS)
+
+
+class _FileWriter:
+    """For a logger with no API for them (``CSVLogger``, any other that keeps a directory): PNG files of the images
+    and of pictures of the histograms, ``{directory}/{key}/step={step}.png``, and the records' CSV files in
+    ``{directory}/jacobian_norm_records/``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        self.image(key, _histogram_chart(values, f"{key}, step {step}"), step)
+
+    def image(self, key: str, image: np.ndarray, step: int) -> None:
+        path = os.path.join(self.directory, *key.split("/"), f"step={step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(image).save(path)
+
+    def records(self, name: str, path: str, step: int) -> None:
+        target = os.path.join(self.directory, _RECORDS, os.path.basename(path))
+        if os.path.abspath(target) != os.path.abspath(path):  # the trainer's log directory may be this logger's
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(path, target)
+
+
+#: The loggers that take histograms, images and records through their own API, each with the writer that speaks it.
+#: Any other logger with a directory gets files (:class:`_FileWriter`).
+_MEDIA_WRITERS: dict[type[Logger], Callable[[Any], _MediaWriter]] = {
+    TensorBoardLogger: _TensorBoardWriter,
+    WandbLogger: _WandbWriter,
+    MLFlowLogger: _MLflowWriter,
+}
+#: The folder of the per-point records, in every logger.
+_RECORDS = "jacobian_norm_records"
+
+
+def _logger_directory(logger: Logger) -> str | None:
+    """The directory a logger keeps its files in (its ``log_dir``, else its ``save_dir``), or ``None``."""
+    return getattr(logger, "log_dir", None) or logger.save_dir
 
 
 def _media_writers(trainer: pl.Trainer) -> list[_MediaWriter]:
-    """A writer for each logger of the trainer that takes histograms and images (none on non-zero ranks)."""
+    """A writer for each logger of the trainer (none on non-zero ranks): the one of ``_MEDIA_WRITERS`` for its
+    kind, else files under its directory; a logger with neither gets nothing."""
     if trainer.global_rank != 0:
         return []
-    return [
-        writer(logger)
+    writers: list[_MediaWriter] = []
+    for logger in trainer.loggers:
+        kind = next((kind for kind in _MEDIA_WRITERS if isinstance(logger, kind)), None)
+        if kind is not None:
+            writers.append(_MEDIA_WRITERS[kind](logger))
+        elif (directory := _logger_directory(logger)) is not None:
+            writers.append(_FileWriter(directory))
+    return writers
+
+
+def _file_loggers(trainer: pl.Trainer) -> dict[str, str]:
+    """The loggers that get PNG and CSV files (:class:`_FileWriter`), by class name, with their directories."""
+    return {
+        type(logger).__name__: directory
         for logger in trainer.loggers
-        for kind, writer in _MEDIA_WRITERS.items()
-        if isinstance(logger, kind)
-    ]
+        if not any(isinstance(logger, kind) for kind in _MEDIA_WRITERS)
+        and (directory := _logger_directory(logger)) is not None
+    }
 
 
 def _takes_images(trainer: pl.Trainer) -> bool:
@@ -131,6 +229,28 @@ def _log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
     """An RGB image ``[H, W, 3]`` ``uint8`` in every logger that takes one."""
     for writer in _media_writers(trainer):
         writer.image(key, image, _step(trainer))
+
+
+def _log_records(trainer: pl.Trainer, name: str, path: str) -> None:
+    """The per-point records ``name``, written at ``path``, in every logger."""
+    for writer in _media_writers(trainer):
+        writer.records(name, path, _step(trainer))
+
+
+def _read_records(path: str) -> tuple[list[str], list[list[Any]]]:
+    """The header and the rows of a records CSV file, numbers as numbers and empty cells as ``None``."""
+    with open(path, newline="") as handle:
+        header, *rows = csv.reader(handle)
+    return header, [[_number(cell) for cell in row] for row in rows]
+
+
+def _number(cell: str) -> int | float | None:
+    if cell == "":
+        return None
+    try:
+        return int(cell)
+    except ValueError:
+        return float(cell)
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_sensitivity.callbacks._batch import _BatchReader, _class_labels
-from lightning_sensitivity.callbacks._logging import _warn_once
+from lightning_sensitivity.callbacks._logging import _log_records, _warn_once
 from lightning_sensitivity.metrics import PointRecords
 
 
@@ -58,11 +58,9 @@ class _Records:
     def keeps(self, idx: int) -> bool:
         return idx in self._pass
 
-    def labels(self, batch: Any, idx: int, keep: Tensor) -> Tensor | None:
-        """The labels of the ``keep`` points of a batch, as the batch holds them, when dataloader ``idx`` keeps
-        records (``None`` otherwise, or when the batch holds no labels of one per point)."""
-        if idx not in self._pass:
-            return None
+    def labels(self, batch: Any, keep: Tensor) -> Tensor | None:
+        """The labels of the ``keep`` points of a batch, as the batch holds them (``None`` when the batch holds no
+        labels of one per point)."""
         y = self._reader.labels(batch)
         return y[keep] if isinstance(y, Tensor) and y.ndim >= 1 and y.shape[0] == keep.shape[0] else None
 
@@ -139,14 +137,16 @@ def _file_name(stage: str, epoch: int, idx: int, multiple: bool) -> str:
 
 def _write_csv(trainer: pl.Trainer, name: str, records: dict[str, Tensor]) -> None:
     """``{log_dir}/jacobian_norm_records/{name}.csv``, one row per point (``index``, ``label``, ``prediction``,
-    ``loss``, ``jacobian_norm``); a point without a label (label -1) has empty ``label`` and ``loss`` cells."""
+    ``loss``, ``jacobian_norm``); a point without a label (label -1) has empty ``label`` and ``loss`` cells. Every
+    logger of the trainer then gets the file its own way (:func:`_log_records`)."""
     # `trainer.log_dir` is a broadcast under DDP: every rank takes part before the others return.
     root = trainer.log_dir or trainer.default_root_dir
     if trainer.global_rank != 0:
         return
     folder = os.path.join(root, "jacobian_norm_records")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, name + ".csv"), "w", newline="") as handle:
+    path = os.path.join(folder, name + ".csv")
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "label", "prediction", "loss", "jacobian_norm"])
         for i, label, pred, loss, norm in zip(*(records[k].tolist() for k in records), strict=True):
@@ -154,3 +154,4 @@ def _write_csv(trainer: pl.Trainer, name: str, records: dict[str, Tensor]) -> No
             writer.writerow(
                 [int(i), int(label) if known else "", int(pred), f"{loss:.6g}" if known else "", f"{norm:.6g}"]
             )
+    _log_records(trainer, name, path)

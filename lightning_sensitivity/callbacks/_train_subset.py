@@ -24,17 +24,19 @@ def _read_train_subset(
     train_dataset: Dataset | None,
     batch_size: int | None,
     size: int,
+    watch: int,
     seed: int,
     indices: Tensor | None,
     batch_len: Callable[[Any], int],
-) -> tuple[Tensor, list[Any]]:
+) -> tuple[Tensor, list[Any], list[Any]]:
     """The subset of ``size`` points (``indices``, unless ``None``: then drawn with a generator seeded with
-    ``seed``) and this rank's share of it, as CPU batches of ``batch_size`` points.
+    ``seed``) and this rank's share of it, as CPU batches of ``batch_size`` points: those of the watch set (the first
+    ``watch`` points of the subset), then the others.
 
     The points come from ``train_dataset``, or else the training dataloader's dataset, and are collated with that
     loader's ``collate_fn``. For an ``IterableDataset`` the subset is the first whole batches it yields, until they
-    hold ``size`` points, and the indices are their positions in the stream. ``batch_len(batch)`` is the number of
-    points in a batch.
+    hold ``size`` points, and the indices are their positions in the stream; its watch set is the first whole
+    batches that hold ``watch`` points. ``batch_len(batch)`` is the number of points in a batch.
     """
     loader = trainer.train_dataloader if isinstance(trainer.train_dataloader, DataLoader) else None
     dataset = train_dataset if train_dataset is not None else loader.dataset
@@ -48,20 +50,29 @@ def _read_train_subset(
         np.random.seed(seed)
         random.seed(seed)
         source = _detached_copy(dataset)
+        rank, world = trainer.global_rank, trainer.world_size
         if isinstance(dataset, IterableDataset):
             # Whole batches until `size` points: batches of the training loader's size overshoot it least.
             batches = _first_batches(source, size, batch_size or train_batch or 256, collate, batch_len)
             indices = torch.arange(sum(batch_len(b) for b in batches))
-            return indices, batches[trainer.global_rank :: trainer.world_size]
+            sizes = torch.tensor([batch_len(b) for b in batches]).cumsum(0)
+            num_watch = int((sizes < watch).sum()) + 1 if watch else 0
+            return indices, batches[:num_watch][rank::world], batches[num_watch:][rank::world]
         if indices is None:
             order = torch.randperm(len(dataset), generator=_new_generator(seed))
             indices = order[: min(size, len(dataset))]
-        share = indices[trainer.global_rank :: trainer.world_size].tolist()
-        batches = [
-            collate([source[i] for i in share[start : start + eval_batch]])
-            for start in range(0, len(share), eval_batch)
-        ]
-        return indices, batches
+        # This rank's share of the first `watch` points is the start of its share of the subset: positions
+        # `rank, rank + world, ...` below `watch`.
+        share = indices[rank::world].tolist()
+        num_watch = len(indices[:watch][rank::world])
+
+        def batched(points: list[int]) -> list[Any]:
+            return [
+                collate([source[i] for i in points[start : start + eval_batch]])
+                for start in range(0, len(points), eval_batch)
+            ]
+
+        return indices, batched(share[:num_watch]), batched(share[num_watch:])
 
 
 def _first_batches(

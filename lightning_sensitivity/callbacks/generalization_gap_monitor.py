@@ -17,6 +17,7 @@ the whole epoch and runs in train mode (dropout, augmentation, batch statistics)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,8 +38,8 @@ from lightning_sensitivity.callbacks._checks import (
     _check_output_reading,
     _check_positive,
     _check_seed,
+    _check_watch_size,
 )
-from lightning_sensitivity.callbacks._dashboard import EVAL_LOSSES, JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._logging import _warn_once
 from lightning_sensitivity.callbacks._measured import _LOW_PRECISION, ForwardFn, _default_forward
 from lightning_sensitivity.callbacks._train_subset import _read_train_subset
@@ -47,14 +48,17 @@ from lightning_sensitivity.metrics import ClassificationLossAccuracy, LossFn
 
 __all__ = ["GeneralizationGapMonitor"]
 
+#: The default watch set: the first points of the training subset, evaluated at every validation pass.
+WATCH_TRAIN_POINTS = 64
+
 
 class GeneralizationGapMonitor(_EvaluationMonitor):
     r"""Log the generalization gap measured in eval mode on a fixed training subset and the validation set.
 
-    On every ``every_n_epochs``-th validation pass of ``trainer.fit`` that runs and on the fit's last one (never the
-    sanity check; when the fit ends in a way not known at its last pass, such as early stopping or ``max_time``, and
-    that pass was not measured, the final weights are measured at the end of training), the model is evaluated in
-    eval mode, with the same code, on
+    At the fit's last validation pass (and every ``every_n_epochs``-th one that runs, when it is set; never the sanity
+    check; when the fit ends in a way not known at its last pass, such as early stopping or ``max_time``, and that
+    pass was not measured in full, the final weights are measured at the end of training), the **full measurement**
+    evaluates the model in eval mode, with the same code, on
 
     - the validation batches of that validation epoch (the first validation dataloader), as they pass. The outputs
       of the module's ``validation_step`` are not used; but when it calls the module on the batch's input tensor
@@ -63,6 +67,11 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
       second forward pass. Otherwise it evaluates the batch itself;
     - a fixed subset of the training set, drawn once with the monitor's own seeded generator. Its size is the number
       of validation points, capped by ``max_train_points`` and by the size of the training set.
+
+    At every validation pass, from the first, it measures its **watch set**: the first ``watch_train_points`` of the
+    training subset, beside the whole validation set (whose logits are usually the ones taken from
+    ``validation_step``), logged under the ``_watch`` keys. At a pass measured in full, the watch values come from
+    the same evaluation.
 
     **Which training points, and in what form.** For a map-style dataset the subset is a fixed set of indices into
     ``train_dataset`` (default: the dataset of the training dataloader), read once, when the first measurement
@@ -88,16 +97,22 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         ``{prefix}/train_accuracy``, ``{prefix}/val_accuracy``: top-1 accuracy (for a one-logit binary classifier,
         ``[B, 1]`` logits trained with BCE: the sign of the logit, and the loss is the binary cross-entropy).
         ``{prefix}/gap_accuracy``: ``train_accuracy - val_accuracy``.
-        ``{prefix}/generalization_gap_seconds``: with ``log_seconds=True``, the wall time of the measurement (the
-        validation batches' re-evaluation, the training subset's evaluation, and its reading at the first
-        measurement; under DDP the slowest process's), in seconds.
+        ``{prefix}/train_loss_watch``, ``{prefix}/val_loss_watch``, ``{prefix}/gap_loss_watch``,
+        ``{prefix}/train_accuracy_watch``, ``{prefix}/val_accuracy_watch``, ``{prefix}/gap_accuracy_watch``: the same
+        on the watch set, at every validation pass.
+        ``{prefix}/generalization_gap_seconds``: with ``log_seconds=True``, the wall time of each pass's measurement
+        (the validation batches' re-evaluation, the training subset's or the watch set's evaluation, and the
+        subset's reading at the first measurement; under DDP the slowest process's), in seconds.
 
     With a TensorBoard logger, the monitor also registers the package's custom-scalars dashboard and, when the
     module saved hyper-parameters, makes the final values the run's hparam metrics (the HPARAMS tab of a sweep).
 
     Args:
-        every_n_epochs: measure on every n-th validation pass that runs, and on the last one.
+        every_n_epochs: also make the full measurement on every n-th validation pass that runs; ``None``: at the
+            fit's last pass only.
         max_train_points: the most training points in the subset; ``None`` for no cap beyond the validation size.
+        watch_train_points: the watch set, the first points of the training subset, evaluated at every validation
+            pass; ``0`` or ``None``: no watch set (and no ``_watch`` keys).
         loss_fn: ``loss_fn(logits, target)``, returning the mean over the batch (as ``F.cross_entropy`` does) or
             one loss per point; ``None`` means cross-entropy (binary cross-entropy for ``[B, 1]`` logits).
         output: ``"logits"`` (or log-probabilities), or ``"probabilities"`` for a model that returns the classes'
@@ -128,7 +143,8 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             stage 3), or if the module has no ``validation_step`` or validation is switched off
             (``limit_val_batches=0``); at the start of training, if the training dataloader is not a single
             ``DataLoader`` and no ``train_dataset`` is given; at the start of ``fit``, if an ``EarlyStopping`` or
-            ``ModelCheckpoint`` monitors a key of this monitor and ``every_n_epochs`` is not 1.
+            ``ModelCheckpoint`` monitors a full-measurement key of this monitor and ``every_n_epochs`` is not 1 (its
+            ``_watch`` key is logged at every pass).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -137,24 +153,26 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         >>> trainer = Trainer(callbacks=[monitor], logger=False, enable_checkpointing=False)
 
     After ``trainer.fit(model, datamodule)``, ``trainer.callback_metrics["generalization/gap_loss"]`` holds the
-    last gap, and every logger of the trainer received the six values.
+    last gap, ``trainer.callback_metrics["generalization/gap_loss_watch"]`` its watch value, and every logger of the
+    trainer received them.
     """
 
     KEYS = (
-        _Key("train_loss", chart=EVAL_LOSSES),
-        _Key("val_loss", chart=EVAL_LOSSES),
-        _Key("gap_loss", chart=JACOBIAN_BESIDE_GAP),
-        _Key("train_accuracy"),
-        _Key("val_accuracy"),
-        _Key("gap_accuracy"),
+        _Key("train_loss", watch=True),
+        _Key("val_loss", watch=True),
+        _Key("gap_loss", watch=True),
+        _Key("train_accuracy", watch=True),
+        _Key("val_accuracy", watch=True),
+        _Key("gap_accuracy", watch=True),
         _Key("generalization_gap_seconds", option="log_seconds"),
     )
     MEASURES_OUTSIDE_FIT = False
 
     def __init__(
         self,
-        every_n_epochs: int = 10,
-        max_train_points: int | None = 10_000,
+        every_n_epochs: int | None = None,
+        max_train_points: int | None = 1_000,
+        watch_train_points: int | None = WATCH_TRAIN_POINTS,
         loss_fn: LossFn | None = None,
         output: Literal["logits", "probabilities"] = "logits",
         train_dataset: Dataset | None = None,
@@ -169,6 +187,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         log_seconds: bool = False,
     ) -> None:
         _check_positive("max_train_points", max_train_points, optional=True)
+        _check_watch_size("watch_train_points", watch_train_points)
         _check_callable("loss_fn", loss_fn)
         _check_choice("output", output, ("logits", "probabilities"))
         if train_dataset is not None and not isinstance(train_dataset, Dataset):
@@ -178,6 +197,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         reader = _BatchReader(input_key, get_input, target_key, get_target)
         super().__init__(
             every_n_epochs=every_n_epochs,
+            watch=bool(watch_train_points),
             prefix=prefix,
             forward_fn=forward_fn,
             log_seconds=log_seconds,
@@ -185,15 +205,19 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             state_key={"seed": seed},
         )
         self.max_train_points = max_train_points
+        self.watch_train_points = watch_train_points
         self.loss_fn = loss_fn
         self.output = output
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.seed = seed
         self._train_metric = ClassificationLossAccuracy(loss_fn, output)
+        self._watch_train_metric = ClassificationLossAccuracy(loss_fn, output)
         self._val_metric = ClassificationLossAccuracy(loss_fn, output)
         self._train_indices: Tensor | None = None
-        self._train_batches: list[Any] | None = None
+        # This process's share of the training subset, as batches: the watch set's (the subset's first points),
+        # then the others'; read at the first measurement.
+        self._train_batches: tuple[list[Any], list[Any]] | None = None
         # The module's own forward call on a validation batch's input, (input, logits), when it can stand for the
         # monitor's (see `_capture`); the hook that records it lives only during a measured validation pass.
         self._captured: tuple[Tensor, Tensor] | None = None
@@ -250,7 +274,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
 
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for metric in (self._train_metric, self._val_metric):
+        for metric in (self._train_metric, self._watch_train_metric, self._val_metric):
             metric.reset()
             metric.to(pl_module.device)
         self._release_hook()
@@ -299,7 +323,7 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         logits = self._captured[1] if self._captured is not None and self._captured[0] is x else None
         self._captured = None
         if bool(keep.any()):
-            self._evaluate(pl_module, batch, self._val_metric, keep, logits)
+            self._evaluate(pl_module, batch, [self._val_metric], keep, logits)
 
     @override
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
@@ -311,25 +335,42 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
             return {}
         if self._train_batches is None:
             size = num_val if self.max_train_points is None else min(num_val, self.max_train_points)
-            self._train_indices, self._train_batches = _read_train_subset(
+            self._train_indices, *batches = _read_train_subset(
                 trainer,
                 self.train_dataset,
                 self.batch_size,
                 size,
+                self.watch_train_points or 0,
                 self.seed,
                 self._train_indices,
                 lambda batch: len(self._reader.input(batch)),
             )
-        for batch in self._train_batches:
-            self._evaluate(pl_module, self._reader.load(trainer, batch), self._train_metric)
-        train = self._train_metric.compute()
+            self._train_batches = (batches[0], batches[1])
+        watched, others = self._train_batches
+        full = self._pass == "full"
+        # The watch set's points are the subset's first: at a full pass each is evaluated once, for both.
+        watch_metrics = [self._watch_train_metric] if self._logs_watch else []
+        for batch in watched:
+            metrics = ([self._train_metric] if full else []) + watch_metrics
+            self._evaluate(pl_module, self._reader.load(trainer, batch), metrics)
+        for batch in others if full else []:
+            self._evaluate(pl_module, self._reader.load(trainer, batch), [self._train_metric])
+        scalars: dict[str, Tensor] = {}
+        if self._logs_watch:
+            scalars.update(self._gap(self._watch_train_metric.compute(), val, self._watch_key))
+        if full:
+            scalars.update(self._gap(self._train_metric.compute(), val, self._key))
+        return scalars
+
+    @staticmethod
+    def _gap(train: dict[str, Tensor], val: dict[str, Tensor], key: Callable[[str], str]) -> dict[str, Tensor]:
         return {
-            self._key("train_loss"): train["loss"],
-            self._key("val_loss"): val["loss"],
-            self._key("gap_loss"): val["loss"] - train["loss"],
-            self._key("train_accuracy"): train["accuracy"],
-            self._key("val_accuracy"): val["accuracy"],
-            self._key("gap_accuracy"): train["accuracy"] - val["accuracy"],
+            key("train_loss"): train["loss"],
+            key("val_loss"): val["loss"],
+            key("gap_loss"): val["loss"] - train["loss"],
+            key("train_accuracy"): train["accuracy"],
+            key("val_accuracy"): val["accuracy"],
+            key("gap_accuracy"): train["accuracy"] - val["accuracy"],
         }
 
     @override
@@ -348,17 +389,21 @@ class GeneralizationGapMonitor(_EvaluationMonitor):
         self,
         pl_module: pl.LightningModule,
         batch: Any,
-        metric: ClassificationLossAccuracy,
+        metrics: list[ClassificationLossAccuracy],
         keep: Tensor | None = None,
         logits: Tensor | None = None,
     ) -> None:
-        """Add the points of one batch that ``keep`` marks to ``metric``, the model in eval mode (or its ``logits``
-        as the module's own call computed them)."""
-        x, target = self._reader.input(batch), self._reader.target(batch)
-        model = self._measured_model(pl_module)
-        with measuring(model, pl_module.device):
-            logits = model(x) if logits is None else logits
-            target = target.to(logits.device)
-            if keep is not None:
-                logits, target = logits[keep], target[keep]
+        """Add the points of one batch that ``keep`` marks to each of ``metrics``, the model in eval mode (or its
+        ``logits`` as the module's own call computed them)."""
+        if not metrics:
+            return
+        target = self._reader.target(batch)
+        if logits is None:
+            model = self._measured_model(pl_module)
+            with measuring(model, pl_module.device):
+                logits = model(self._reader.input(batch))
+        target = target.to(logits.device)
+        if keep is not None:
+            logits, target = logits[keep], target[keep]
+        for metric in metrics:
             metric.update(logits, target)

@@ -22,7 +22,7 @@ from torchmetrics.functional import spearman_corrcoef
 from typing_extensions import override
 
 from lightning_sensitivity.callbacks._base import _EvaluationMonitor, _HeldBy, _Key
-from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
+from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader, _class_labels
 from lightning_sensitivity.callbacks._checks import (
     _check_choice,
     _check_classifier_output,
@@ -30,21 +30,23 @@ from lightning_sensitivity.callbacks._checks import (
     _check_output_reading,
     _check_positive,
     _check_seed,
+    _check_watch_size,
 )
 from lightning_sensitivity.callbacks._cost import _SAID_ABOVE, _CostEstimate
-from lightning_sensitivity.callbacks._dashboard import JACOBIAN_BESIDE_GAP
 from lightning_sensitivity.callbacks._generator import _new_generator, _OwnGenerator
 from lightning_sensitivity.callbacks._logging import _log_histogram, _warn_once
 from lightning_sensitivity.callbacks._measured import ForwardFn, _full_precision
 from lightning_sensitivity.callbacks._positions import _PointCounter
 from lightning_sensitivity.callbacks._records import _Records
 from lightning_sensitivity.functional import jacobian_norm, logits_from_probabilities, measuring
-from lightning_sensitivity.metrics import JacobianNorm
+from lightning_sensitivity.metrics import JacobianNorm, PointRecords
 
 #: Kept points measured in one call of ``jacobian_norm`` (which chunks them further by its own memory bound).
 _MEASURE_TOGETHER = 256
 #: Points of the first batch that the first-batch check measures.
 _CHECK_POINTS = 4
+#: The default watch set: the first points of the measured ones, measured at every validation pass.
+WATCH_POINTS = 8
 
 
 class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
@@ -52,30 +54,38 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     For every measured point :math:`x` with logits :math:`z = f(x)`, the sensitivity is
     :math:`s(x) = \lVert \partial\, \mathrm{softmax}(z) / \partial x^\top \rVert_F`
-    (see :func:`~lightning_sensitivity.functional.jacobian_norm`). The monitor measures the first
-    ``max_points`` points of each validation dataloader on every ``every_n_epochs``-th validation pass of ``fit``
-    that runs (never the sanity check) and on the fit's last one, and on every ``trainer.validate`` and
-    ``trainer.test`` run. When a fit ends in a way not known at its last validation pass (early stopping,
-    ``max_time``) and that pass was not measured, the monitor reads the validation data again at the end of training
-    and logs the measurement of the final weights, at the step of the fit's last epoch end. The model
+    (see :func:`~lightning_sensitivity.functional.jacobian_norm`). The monitor measures its **watch set**, the first
+    ``watch_points`` of the measured points, at every validation pass of ``fit`` that runs, from the first (never the
+    sanity check), and makes the **full measurement**, the first ``max_points`` points of each validation dataloader,
+    at the fit's last validation pass (and every ``every_n_epochs``-th one, when it is set) and on every
+    ``trainer.validate`` and ``trainer.test`` run; at a pass measured in full, the watch values come from the full
+    measurement's own norms. When a fit ends in a way not known at its last validation pass (early stopping,
+    ``max_time``) and that pass was not measured in full, the monitor reads the validation data again at the end of
+    training and logs the full measurement of the final weights, at the step of the fit's last epoch end. The model
     is evaluated in eval mode and restored to its previous mode; weights, gradients, optimizer state and the
     global random streams are untouched, so training is the same with or without the monitor.
 
     **Logged Metrics**
 
     - ``{prefix}/jacobian_norm``: the mean of :math:`s(x)` over the measured points (scalar).
-    - ``{prefix}/jacobian_norm_per_point``: a TensorBoard histogram of the per-point values. (Not under the
-      scalar's own name: TensorBoard keeps one kind of data per tag, and a histogram there hides the scalar.)
-    - ``{prefix}/jacobian_loss_spearman``: when the batches carry labels and records are kept (every measured
-      epoch with ``record_epochs="last"`` or ``"all"``, the listed epochs otherwise), the Spearman correlation
+    - ``{prefix}/jacobian_norm_watch``: the same mean over the watch set, at every validation pass.
+    - ``{prefix}/jacobian_norm_per_point``: a histogram of the per-point values of the full measurement, in every
+      logger that takes one (files for the others). (Not under the scalar's own name: TensorBoard keeps one kind of
+      data per tag, and a histogram there hides the scalar.)
+    - ``{prefix}/jacobian_loss_spearman``: when the batches carry labels and records are kept (every full
+      measurement with ``record_epochs="last"`` or ``"all"``, the listed epochs otherwise), the Spearman correlation
       between the per-point Jacobian norm and the per-point cross-entropy loss (finding F4).
-    - ``{prefix}/jacobian_norm_seconds``: with ``log_seconds=True``, the wall time of the measurement (the sum over
-      its batches and its end; under DDP the slowest process's), in seconds.
+    - ``{prefix}/jacobian_loss_spearman_watch``: the same over the watch set, at every validation pass (unless
+      ``record_epochs=None``).
+    - ``{prefix}/jacobian_norm_seconds``: with ``log_seconds=True``, the wall time of each pass's measurement, the
+      watch set's or the full one (the sum over its batches and its end; under DDP the slowest process's), in
+      seconds.
     - With several validation dataloaders, each key gets Lightning's suffix ``/dataloader_idx_{i}``.
 
     On record epochs (``record_epochs``), a CSV file with one row per measured point (``index``: the point's
     position in the validation dataloader's order, ``label``, ``prediction``, ``loss``, ``jacobian_norm``) is
-    written to ``{log_dir}/jacobian_norm_records/{stage}_epoch={epoch}[_dataloader_idx={i}].csv``.
+    written to ``{log_dir}/jacobian_norm_records/{stage}_epoch={epoch}[_dataloader_idx={i}].csv``, and reaches every
+    logger (a W&B table, an MLflow artifact, a copy under another logger's directory).
 
     **At prediction time** (``trainer.predict``, unless ``measure_predict=False``) every predicted point is measured
     (``max_points`` limits the validation passes only) and written, one row per point, to
@@ -92,16 +102,19 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     **Cost.** Per measured point, one forward pass and :math:`C` vector-Jacobian products (``method="exact"``),
     or ``num_projections`` products (``method="projection"``), see
-    :func:`~lightning_sensitivity.functional.jacobian_norm`; ``docs/callbacks.md`` has measured figures against the
-    number of classes and the model's size. The first-batch check measures a few points as a measurement does, and
-    its time against that of the first training batches gives an estimate of a measurement's cost: when it would add
-    more than 10% to the training time at the monitor's schedule, one info line says so during the first epoch, with
-    what to change.
+    :func:`~lightning_sensitivity.functional.jacobian_norm`: ``max_points`` points at a full measurement,
+    ``watch_points`` at every other pass; ``docs/callbacks.md`` has measured figures against the number of classes
+    and the model's size. The first-batch check measures a few points as a measurement does, and its time against
+    that of the first training batches gives an estimate of a measurement's cost: when it would add more than 10% to
+    the training time at the monitor's schedule, one info line says so during the first epoch, with what to change.
 
     Args:
-        max_points: points measured per validation dataloader and epoch (the first ones in the loader's order;
+        max_points: points of the full measurement, per validation dataloader (the first ones in the loader's order;
             under DDP, the same points as on one device). ``None`` measures all.
-        every_n_epochs: measure on every n-th validation pass that runs (and on the last one).
+        every_n_epochs: also make the full measurement on every n-th validation pass that runs; ``None``: at the
+            fit's last pass only.
+        watch_points: the watch set, the first of the measured points, measured at every validation pass; ``0`` or
+            ``None``: no watch set (and no ``_watch`` keys).
         output: ``"softmax"`` (the paper's, for a model that returns logits or log-probabilities), ``"logits"`` (the
             Jacobian of the output itself), or ``"probabilities"`` (the model returns probabilities).
         method: ``"exact"`` or ``"projection"``.
@@ -130,19 +143,20 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             shows then.
         MisconfigurationException: in ``setup``, under a strategy that shards the parameters (FSDP, model
             parallelism, DeepSpeed ZeRO stage 3); at the start of ``fit``, if an ``EarlyStopping`` or
-            ``ModelCheckpoint`` monitors a key of this monitor and ``every_n_epochs`` is not 1.
+            ``ModelCheckpoint`` monitors a full-measurement key of this monitor and ``every_n_epochs`` is not 1 (its
+            ``_watch`` key is logged at every pass).
         TypeError: at the first validation batch, if the input is not floating point (token ids: measure at the
             embeddings with ``forward_fn``).
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_sensitivity import JacobianNormMonitor
-        >>> trainer = Trainer(callbacks=[JacobianNormMonitor(max_points=256)], max_epochs=3)
+        >>> trainer = Trainer(callbacks=[JacobianNormMonitor(max_points=256, watch_points=16)], max_epochs=3)
     """
 
     KEYS = (
-        _Key("jacobian_norm", chart=JACOBIAN_BESIDE_GAP),
-        _Key("jacobian_loss_spearman"),
+        _Key("jacobian_norm", watch=True),
+        _Key("jacobian_loss_spearman", watch=True),
         _Key("jacobian_norm_per_point", kind="histogram"),
         _Key("jacobian_norm_seconds", option="log_seconds"),
     )
@@ -150,8 +164,9 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 
     def __init__(
         self,
-        max_points: int | None = 256,
-        every_n_epochs: int = 10,
+        max_points: int | None = 128,
+        every_n_epochs: int | None = None,
+        watch_points: int | None = WATCH_POINTS,
         output: Literal["softmax", "logits", "probabilities"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,
@@ -169,6 +184,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         seed: int = 0,
     ) -> None:
         _check_positive("max_points", max_points, optional=True)
+        _check_watch_size("watch_points", watch_points)
         _check_choice("output", output, ("softmax", "logits", "probabilities"))
         _check_choice("method", method, ("exact", "projection"))
         _check_positive("num_projections", num_projections, optional=True)
@@ -180,6 +196,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         _check_seed(seed)
         super().__init__(
             every_n_epochs=every_n_epochs,
+            watch=bool(watch_points),
             prefix=prefix,
             forward_fn=forward_fn,
             log_seconds=log_seconds,
@@ -188,6 +205,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         )
         self.measure_predict = measure_predict
         self.max_points = max_points
+        self.watch_points = watch_points
         self.output = output
         self.method = method
         self.num_projections = num_projections
@@ -195,7 +213,11 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self.log_histogram = log_histogram
         self.seed = seed
         self._generator = _new_generator(seed)
-        self._metrics: dict[int, JacobianNorm] = {}  # the dataloaders of the current pass
+        # The states of the current pass, per dataloader: the full measurement's, and the watch set's (its mean, and
+        # its rows for the Spearman correlation).
+        self._metrics: dict[int, JacobianNorm] = {}
+        self._watch_metrics: dict[int, JacobianNorm] = {}
+        self._watch_records: dict[int, PointRecords] = {}
         self._records = records
         # Points kept from the pass's batches and not measured yet, per dataloader: input, positions, labels.
         self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
@@ -239,24 +261,41 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return_logits=True,
         )
 
+    @property
+    def _watch_size(self) -> int:
+        """The watch set's size: the first ``watch_points`` of the measured points (0 when the watch is off)."""
+        return min(self.watch_points or 0, self.max_points or self.watch_points or 0)
+
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
+        self._watch_metrics.clear()
+        self._watch_records.clear()
         self._records.begin()
         self._pending.clear()
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         x = self._reader.input(batch)
-        positions, keep = self._points.next_batch(trainer, idx, x.shape[0], x.device, self.max_points)
-        # Every rank creates the same states, even with no point to measure: the pass's end gathers them.
-        if idx not in self._metrics:
-            self._metrics[idx] = JacobianNorm().to(pl_module.device)
-            self._records.open(trainer, idx, pl_module.device)
+        limit = self.max_points if self._pass == "full" else self._watch_size
+        positions, keep = self._points.next_batch(trainer, idx, x.shape[0], x.device, limit)
+        # Every rank creates the same states, even with no point to measure (updated once, empty: computed, they
+        # are the other ranks'): the pass's end gathers them.
+        if idx not in self._metrics and idx not in self._watch_metrics:
+            nothing = torch.zeros(0, device=pl_module.device)
+            if self._pass == "full":
+                self._metrics[idx] = JacobianNorm().to(pl_module.device)
+                self._metrics[idx].update(nothing)
+                self._records.open(trainer, idx, pl_module.device)
+            if self._logs_watch:
+                self._watch_metrics[idx] = JacobianNorm(keep_values=False).to(pl_module.device)
+                self._watch_metrics[idx].update(nothing)
+                if self.record_epochs is not None:  # the watch set's Spearman correlation
+                    self._watch_records[idx] = PointRecords().to(pl_module.device)
         if not keep.any():
-            self._metrics[idx].update(torch.zeros(0, device=pl_module.device))
             return
-        labels = self._records.labels(batch, idx, keep)
+        wanted = self._records.keeps(idx) or idx in self._watch_records
+        labels = self._records.labels(batch, keep) if wanted else None
         # Kept points are measured _MEASURE_TOGETHER at a time, the rest at the pass's end: a few full calls, not
         # one per batch with its fixed costs (a forward pass, a vectorized backward pass).
         pending = self._pending.setdefault(idx, [])
@@ -272,12 +311,30 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return
         x = torch.cat([points for points, _, _ in pending])
         positions = torch.cat([where for _, where, _ in pending])
+        labels = [labels for _, _, labels in pending]
         keeps_records = self._records.keeps(idx)
-        norms, logits = self._norms_and_logits(pl_module, x, need_logits=keeps_records)
+        watch_records = self._watch_records.get(idx)
+        norms, logits = self._norms_and_logits(
+            pl_module, x, need_logits=keeps_records or watch_records is not None
+        )
         if keeps_records:
             assert logits is not None
-            self._records.add(idx, positions, norms, logits, [labels for _, _, labels in pending])
-        self._metrics[idx].update(norms)
+            self._records.add(idx, positions, norms, logits, labels)
+        if idx in self._metrics:
+            self._metrics[idx].update(norms)
+        if idx in self._watch_metrics:
+            # The watch set is the first points of the measured ones: at a full pass its values come from the full
+            # measurement's own norms, so the watch series moves only with the model.
+            watched = positions < self._watch_size
+            self._watch_metrics[idx].update(norms[watched])
+            if watch_records is not None:
+                assert logits is not None
+                y = _class_labels(
+                    None if any(part is None for part in labels) else torch.cat(labels), positions.shape, logits.shape[1]
+                )
+                watch_records.update(
+                    positions[watched], norms[watched], logits[watched], None if y is None else y[watched]
+                )
 
     def _norms_and_logits(
         self, pl_module: pl.LightningModule, x: Tensor, need_logits: bool = True
@@ -341,8 +398,17 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
         for idx in sorted(self._pending):
             self._measure_pending(pl_module, idx)
-        multiple = len(self._metrics) > 1
+        multiple = len(self._metrics | self._watch_metrics) > 1
         scalars: dict[str, Tensor] = {}
+        for idx in sorted(self._watch_metrics):
+            suffix = f"/dataloader_idx_{idx}" if multiple else ""
+            scalars[self._watch_key("jacobian_norm") + suffix] = self._watch_metrics[idx].compute()
+            rows = self._watch_records[idx].compute() if idx in self._watch_records else None
+            if rows is not None and bool((rows["label"] >= 0).any()):  # labelled: NaN when no norm is finite
+                rho = _spearman(rows)
+                scalars[self._watch_key("jacobian_loss_spearman") + suffix] = (
+                    rho if rho is not None else torch.tensor(float("nan"))
+                ).to(pl_module.device)
         for idx in sorted(self._metrics):
             suffix = f"/dataloader_idx_{idx}" if multiple else ""
             metric = self._metrics[idx]
@@ -350,11 +416,10 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             values = metric.per_point() if self.log_histogram else None
             records = self._records.end(trainer, idx, stage, multiple)
             if records is not None:
-                finite = torch.isfinite(records["jacobian_norm"]) & torch.isfinite(records["loss"])
-                rho = spearman_corrcoef(
-                    records["jacobian_norm"][finite].float(), records["loss"][finite].float()
-                )
-                scalars[self._key("jacobian_loss_spearman") + suffix] = rho.to(pl_module.device)
+                rho = _spearman(records)
+                scalars[self._key("jacobian_loss_spearman") + suffix] = (
+                    rho if rho is not None else torch.tensor(float("nan"))
+                ).to(pl_module.device)
             if values is not None:
                 _log_histogram(trainer, self._key("jacobian_norm_per_point") + suffix, values)
             num_excluded = int(metric.num_excluded)
@@ -380,17 +445,23 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         if points is None:
             return
         measurement = self._cost.seconds_per_point * points
-        share = measurement / (self.every_n_epochs * epoch)
+        watch = self._cost.seconds_per_point * min(self._watch_size, points) if self._logs_watch else 0.0
+        # The full measurement every `every_n_epochs` epochs, or once in the fit (when its length is known).
+        between = self.every_n_epochs or trainer.max_epochs
+        if between is None or between <= 0:
+            return
+        when = f"at every_n_epochs={self.every_n_epochs}" if self.every_n_epochs else f"once in {between} epochs"
+        share = (watch + measurement / between) / epoch
         if share <= _SAID_ABOVE:
             return
         rank_zero_info(
-            f"{type(self).__name__}: one measurement of {points} points is expected to take about "
+            f"{type(self).__name__}: one full measurement of {points} points is expected to take about "
             f"{_two_digits(measurement)} s ({_two_digits(self._cost.seconds_per_point * 1e3)} ms a point, timed on the "
             f"first batch), {_two_digits(measurement / epoch)} epochs of training ({_two_digits(epoch)} s an epoch, "
-            f"from its first batches): at every_n_epochs={self.every_n_epochs} it adds about {share:.0%} to the "
-            "training time. To measure at less cost, measure fewer points (`max_points=`), use "
-            "`method='projection'` (`num_projections` products a point instead of one per class; its error is in the "
-            "docs' callbacks page), or measure less often (`every_n_epochs=`)."
+            f"from its first batches): {when}, with the watch set's {min(self._watch_size, points)} points at every "
+            f"pass, it adds about {share:.0%} to the training time. To measure at less cost, measure fewer points "
+            "(`max_points=`, `watch_points=`), use `method='projection'` (`num_projections` products a point instead "
+            "of one per class; its error is in the docs' callbacks page), or measure less often (`every_n_epochs=`)."
         )
 
     def _points_per_measurement(self, trainer: pl.Trainer) -> int | None:
@@ -435,3 +506,12 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
 def _two_digits(value: float) -> str:
     """``value`` to two significant digits, without an exponent below a million (``250``, ``0.058``, ``1200``)."""
     return f"{float(f'{value:.2g}'):g}"
+
+
+def _spearman(records: dict[str, Tensor]) -> Tensor | None:
+    """The Spearman correlation of the per-point Jacobian norm and loss over the rows with both finite (finding F4),
+    or ``None`` when fewer than two rows have a label."""
+    finite = torch.isfinite(records["jacobian_norm"]) & torch.isfinite(records["loss"])
+    if int(finite.sum()) < 2:
+        return None
+    return spearman_corrcoef(records["jacobian_norm"][finite].float(), records["loss"][finite].float())

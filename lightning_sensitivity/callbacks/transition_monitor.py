@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sensitivity.callbacks._anchors import _Curves, _Reservoir
+from lightning_sensitivity.callbacks._anchors import _Curves, _Reservoir, _Segments
 from lightning_sensitivity.callbacks._base import _Key, _Monitor
 from lightning_sensitivity.callbacks._batch import GetInput, _BatchReader
 from lightning_sensitivity.callbacks._chart import _trajectory_figure
@@ -31,8 +31,8 @@ from lightning_sensitivity.callbacks._checks import (
     _check_continuous_input,
     _check_positive,
     _check_seed,
+    _check_watch_size,
 )
-from lightning_sensitivity.callbacks._dashboard import DENSITY_ON_OFF
 from lightning_sensitivity.callbacks._generator import _new_generator, _OwnGenerator
 from lightning_sensitivity.callbacks._logging import _log_image, _takes_images, _warn_once
 from lightning_sensitivity.callbacks._measured import ForwardFn
@@ -47,6 +47,8 @@ from lightning_sensitivity.functional import (
 from lightning_sensitivity.metrics import TransitionDensity
 
 _KINDS = ("on_manifold", "off_manifold")
+#: The default watch set: segments spread along the first trajectory of each kind, counted at every training epoch.
+WATCH_SEGMENTS = 16
 
 
 class TransitionMonitor(_OwnGenerator, _Monitor):
@@ -63,11 +65,16 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     The anchors are chosen once, during the first training epoch, from the batches that training itself loads
     (a reservoir sample drawn with the monitor's own generator, so no extra data is loaded and no random stream
     of training is touched), and are kept in the callback's ``state_dict``: a resumed run measures the same
-    trajectories. The model is measured in eval mode (restored afterwards) without gradients after every
-    ``every_n_epochs``-th training epoch and after the fit's last one (when the fit ends in a way not known at that
-    epoch's end, such as ``max_time`` mid-epoch, at the end of training, logged at the same step). Under DDP each
-    process counts its share of the trajectories, and the sums combine into the one-process values. Weights, gradients, optimizer state and the
-    global random streams are untouched, so training is the same with or without the monitor.
+    trajectories. The model is measured in eval mode (restored afterwards) without gradients: in full, along every
+    trajectory, after the fit's last training epoch (and every ``every_n_epochs``-th one, when it is set; when the fit
+    ends in a way not known at that epoch's end, such as ``max_time`` mid-epoch, at the end of training, logged at
+    the same step); and on its **watch set** after every other training epoch, from the first: ``watch_segments`` of
+    the ``num_points`` segments of the first trajectory of each kind, spread evenly along it (segment
+    :math:`\lfloor j k / m \rfloor` for :math:`j < m`), counted at the full resolution on their end points. At an
+    epoch measured in full, the watch values are read off the full count's per-segment counts. Under DDP each
+    process counts its share of the trajectories, and the sums combine into the one-process values; process 0, which
+    holds trajectory 0, counts the watch segments. Weights, gradients, optimizer state and the global random streams
+    are untouched, so training is the same with or without the monitor.
 
     **Logged Metrics**
 
@@ -84,12 +91,17 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
       shares of the logged mean, rather than the largest: it is the relative difference of the very number logged
       beside it, and it combines across DDP processes through the same sums as the density. The count on every
       other point misses at least this share; the count on all points misses less (about a third of it to all of
-      it). Above ``convergence_tolerance`` the monitor warns once.
-    - ``{prefix}/transitions_along_trajectory`` (TensorBoard image, only with a ``TensorBoardLogger``): along the
-      first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors marked (of
-      the probabilities themselves when the first batch shows that the model returns probabilities).
-    - ``{prefix}/transitions_seconds``: with ``log_seconds=True``, the wall time of the measurement (the counts on
-      and off the manifold, and the figure when it is drawn then; under DDP the slowest process's), in seconds.
+      it). Above ``convergence_tolerance`` the monitor warns once. Logged with the full measurement.
+    - ``{prefix}/transition_density_on_manifold_watch``, ``{prefix}/transition_density_off_manifold_watch``: the
+      boundaries crossed on the watch segments over their summed length, at every training epoch.
+    - ``{prefix}/transitions_on_manifold_watch``, ``{prefix}/transitions_off_manifold_watch``: that density times the
+      length of the whole trajectory, an estimate of its count.
+    - ``{prefix}/transitions_along_trajectory`` (an image, in every logger that takes one, files for the others):
+      along the first on-manifold trajectory, the transitions per segment and the Jacobian norm, with the anchors
+      marked (of the probabilities themselves when the first batch shows that the model returns probabilities).
+    - ``{prefix}/transitions_seconds``: with ``log_seconds=True``, the wall time of each epoch's measurement (the
+      watch set's, or the full counts and the figure when it is drawn then; under DDP the slowest process's), in
+      seconds.
 
     **Sizes.** Counts and densities do not compare networks of different sizes: the raw count grows with the
     number of piecewise-linear units that a curve can cross (across the paper's models it spans :math:`10^3` to
@@ -101,15 +113,19 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     those ellipses, 0.95 to 1.2 in all three networks measured, trained or not, while the counts span 70-fold).
     To rank networks of different sizes by sensitivity, use the Jacobian norm (``JacobianNormMonitor``).
 
-    **Cost.** Per measurement, ``2 * num_trajectories * num_points`` points of forward passes (no gradient, the
+    **Cost.** Per full measurement, ``2 * num_trajectories * num_points`` points of forward passes (no gradient, the
     points of several curves in each pass, ``chunk_size`` points at most), and for the figure a Jacobian norm at
-    96 points plus drawing it with Pillow and encoding it as PNG (about 15 to 30 ms on a CPU core).
+    48 points plus drawing it with Pillow and encoding it as PNG; per watch set, one forward pass over the
+    ``4 * watch_segments`` end points of the segments of both kinds.
 
     Args:
         num_trajectories: trajectories of each kind (on and off the manifold).
         num_points: points per trajectory; even and at least 6 (the sampled count also counts on every other
             point, its convergence evidence).
-        every_n_epochs: measure after every n-th training epoch (and after the last).
+        every_n_epochs: also make the full measurement after every n-th training epoch; ``None``: after the fit's
+            last one only.
+        watch_segments: the watch set, segments of the first trajectory of each kind, counted after every training
+            epoch; ``0`` or ``None``: no watch set (and no ``_watch`` keys).
         off_manifold: ``"gaussian"`` or ``"shuffled"`` anchors off the data manifold.
         method: ``"sampled"``, or ``"exact"`` for piecewise-linear models (slower: one forward pass per region).
         chunk_size: the most points per forward pass (bounds memory; fewer on the CPU for a model with a large
@@ -119,8 +135,8 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         forward_fn: ``forward_fn(pl_module, x)``, the function whose linear regions are counted; default
             ``pl_module(x)``. Its output need not be a classifier's (then the figure has no Jacobian curve).
         prefix: the first part of every logged key.
-        log_figure: when a ``TensorBoardLogger`` is attached: ``"end"`` logs the figure once, at the end of
-            ``fit`` (with the final weights); ``True`` at every measurement; ``False`` never.
+        log_figure: when a logger takes images or files: ``"end"`` logs the figure once, at the end of ``fit``
+            (with the final weights); ``True`` at every full measurement; ``False`` never.
         convergence_tolerance: warn once when a logged resolution (``transitions_resolution_*``) is above this
             threshold: the density on every other point is more than this fraction below the logged one. The
             warning names the model and what to set: a larger ``num_points``, ``method="exact"``, or fewer units
@@ -133,22 +149,22 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             the first training batch), if the model has no piecewise-linear unit (the message names the
             non-linearities it found).
         MisconfigurationException: at the start of ``fit``, if an ``EarlyStopping`` or ``ModelCheckpoint``
-            monitors a key of this monitor and does not check at the end of the training epoch, or
-            ``every_n_epochs`` is not 1.
+            monitors a key of this monitor and does not check at the end of the training epoch, or monitors a
+            full-measurement key and ``every_n_epochs`` is not 1 (its ``_watch`` key is logged every epoch).
         TypeError: at the first batch, if the input is not floating point (token ids: pass ``get_input``
             and ``forward_fn`` that measure at the embeddings).
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_sensitivity import TransitionMonitor
-        >>> trainer = Trainer(callbacks=[TransitionMonitor(num_trajectories=8, every_n_epochs=5)], max_epochs=20)
+        >>> trainer = Trainer(callbacks=[TransitionMonitor(num_trajectories=4, every_n_epochs=5)], max_epochs=20)
     """
 
     KEYS = (
-        _Key("transition_density_on_manifold", chart=DENSITY_ON_OFF),
-        _Key("transition_density_off_manifold", chart=DENSITY_ON_OFF),
-        _Key("transitions_on_manifold"),
-        _Key("transitions_off_manifold"),
+        _Key("transition_density_on_manifold", watch=True),
+        _Key("transition_density_off_manifold", watch=True),
+        _Key("transitions_on_manifold", watch=True),
+        _Key("transitions_off_manifold", watch=True),
         _Key("transitions_resolution_on_manifold"),
         _Key("transitions_resolution_off_manifold"),
         _Key("transitions_along_trajectory", kind="image"),
@@ -157,9 +173,10 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
 
     def __init__(
         self,
-        num_trajectories: int = 4,
+        num_trajectories: int = 2,
         num_points: int = 256,
-        every_n_epochs: int = 10,
+        every_n_epochs: int | None = None,
+        watch_segments: int | None = WATCH_SEGMENTS,
         off_manifold: Literal["gaussian", "shuffled"] = "gaussian",
         method: Literal["sampled", "exact"] = "sampled",
         chunk_size: int = 1024,
@@ -173,6 +190,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         seed: int = 0,
     ) -> None:
         _check_positive("num_trajectories", num_trajectories)
+        _check_watch_size("watch_segments", watch_segments)
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 6 or num_points % 2:
             raise ValueError(
                 f"`num_points` must be even and at least 6 (the count on every other point is the convergence "
@@ -192,6 +210,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         _check_seed(seed)
         super().__init__(
             every_n_epochs=every_n_epochs,
+            watch=bool(watch_segments),
             prefix=prefix,
             forward_fn=forward_fn,
             log_seconds=log_seconds,
@@ -199,6 +218,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
             state_key={"off_manifold": off_manifold, "seed": seed},
         )
         self.num_trajectories = num_trajectories
+        self.watch_segments = watch_segments
         self.num_points = num_points
         self.off_manifold = off_manifold
         self.method = method
@@ -209,7 +229,7 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
         self._generator = _new_generator(seed)
         self._anchors: dict[str, Tensor] | None = None  # [num_trajectories, 3, *input_shape] per kind, on the CPU
         self._reservoir = _Reservoir()  # the first epoch's sample of training points, until anchors are chosen
-        self._densities = {kind: TransitionDensity() for kind in _KINDS}
+        self._density_metrics = {kind: TransitionDensity() for kind in _KINDS}
         # The same densities counted on every other point of each curve: the resolution evidence.
         self._half_densities = {kind: TransitionDensity() for kind in _KINDS}
         self._curves = _Curves(num_points)
@@ -291,8 +311,9 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._anchors is None and self._reservoir.seen > 0:
             self._choose_anchors(trainer)
-        if self._schedule.start(trainer, validation=False) and self._anchors is not None:
-            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
+        measurement = self._schedule.start(trainer, validation=False)
+        if measurement and self._anchors is not None:
+            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module, full=measurement == "full"))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -303,51 +324,77 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
     @override
     def _measure_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with self._measuring_after_training():
-            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module))
+            self._log(trainer, pl_module, self._timed_measure(trainer, pl_module, full=True))
 
-    def _timed_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+    def _timed_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool) -> dict[str, Tensor]:
         self._stopwatch.seconds = 0.0
         with self._stopwatch.running(pl_module.device):
-            return self._measure(trainer, pl_module)
+            return self._measure(trainer, pl_module, full)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Count this process's share of the trajectories of each kind; the metrics' sums combine the shares."""
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool) -> dict[str, Tensor]:
+        """The full measurement (when ``full``): this process's share of the trajectories of each kind, whose
+        metrics' sums combine the shares. The watch set (when on): its segments along trajectory 0 of each kind,
+        counted by process 0, which holds that trajectory; at a full measurement they are read off its count."""
         model = self._measured_model(pl_module)
-        figure = self.log_figure is True and _takes_images(trainer)
+        figure = full and self.log_figure is True and _takes_images(trainer)
         logged: dict[str, Tensor] = {}
         all_curves = self._curves.of(self._anchors, pl_module)
+        watch = self._curves.segments(self._anchors, pl_module, self.watch_segments) if self._logs_watch else {}
         rank, world = trainer.global_rank, trainer.world_size
+        device = pl_module.device
+        counts_of: dict[str, list[TransitionCount]] = {}
+        watched: dict[str, list[float]] = {kind: [] for kind in _KINDS}  # crossings on the watch segments, process 0
+        failed = dict.fromkeys(_KINDS, False)
+        watch_failed = False
+        for kind in _KINDS:
+            try:
+                curves = all_curves[kind][rank::world] if full else []
+                counts_of[kind] = self._count(model, curves) if curves else []
+            except NonFiniteOutputError as error:
+                counts_of[kind], failed[kind] = [], True
+                _warn_once(self, "non-finite", f"{error} Logging NaN.")
+        if watch and rank == 0:
+            try:
+                crossings = self._watch_transitions(model, watch, counts_of)
+                watched = {kind: [float(crossings[kind])] for kind in _KINDS}
+            except NonFiniteOutputError as error:
+                watch_failed = True
+                _warn_once(self, "non-finite", f"{error} Logging NaN.")
         for kind in _KINDS:
             curves = all_curves[kind][rank::world]
-            counts: list[TransitionCount] = []
-            failed = False
-            try:
-                counts = self._count(model, curves) if curves else []
-            except NonFiniteOutputError as error:
-                failed = True
-                _warn_once(self, "non-finite", f"{error} Logging NaN.")
+            counts = counts_of[kind]
             # Every process takes part in the same collectives, whatever its share held.
-            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
-            arc_lengths = torch.tensor([c.arc_length for c in counts], device=pl_module.device)
-            metric, half = self._densities[kind].to(pl_module.device), self._half_densities[kind].to(pl_module.device)
-            metric.reset()
-            half.reset()
-            metric.update(torch.tensor([float(c.transitions) for c in counts], device=pl_module.device), arc_lengths)
-            half.update(torch.tensor([float(c.transitions_half) for c in counts], device=pl_module.device), arc_lengths)
-            density, mean_count = metric.compute(), metric.mean_transitions().float()
-            resolution = torch.where(density > 0, (density - half.compute()) / density, 0.0).float()
-            density = density.float()
-            if failed:
-                density = mean_count = resolution = torch.tensor(float("nan"), device=pl_module.device)
-            logged[self._key(f"transition_density_{kind}")] = density
-            logged[self._key(f"transitions_{kind}")] = mean_count
-            logged[self._key(f"transitions_resolution_{kind}")] = resolution
-            if resolution > self.convergence_tolerance:  # False for NaN
-                self._warn_unresolved(pl_module, kind, float(resolution))
+            kind_failed = trainer.strategy.reduce_boolean_decision(failed[kind], all=False)
+            kind_watch_failed = watch and trainer.strategy.reduce_boolean_decision(
+                watch_failed or failed[kind], all=False
+            )
+            nan = torch.tensor(float("nan"), device=device)
+            if full:
+                metric, half = self._metric(kind, device), self._metric(kind, device, half=True)
+                lengths = torch.tensor([c.arc_length for c in counts], device=device)
+                metric.update(torch.tensor([float(c.transitions) for c in counts], device=device), lengths)
+                half.update(torch.tensor([float(c.transitions_half) for c in counts], device=device), lengths)
+                density, mean_count = metric.compute(), metric.mean_transitions().float()
+                resolution = torch.where(density > 0, (density - half.compute()) / density, 0.0).float()
+                logged[self._key(f"transition_density_{kind}")] = nan if kind_failed else density.float()
+                logged[self._key(f"transitions_{kind}")] = nan if kind_failed else mean_count
+                logged[self._key(f"transitions_resolution_{kind}")] = nan if kind_failed else resolution
+                if not kind_failed and resolution > self.convergence_tolerance:
+                    self._warn_unresolved(pl_module, kind, float(resolution))
+            if watch:
+                segments = watch[kind]
+                metric = self._metric(kind, device)
+                lengths = [segments.length] * len(watched[kind])
+                metric.update(torch.tensor(watched[kind], device=device), torch.tensor(lengths, device=device))
+                density = metric.compute().float()
+                logged[self._watch_key(f"transition_density_{kind}")] = nan if kind_watch_failed else density
+                logged[self._watch_key(f"transitions_{kind}")] = (
+                    nan if kind_watch_failed else density * segments.curve_length
+                )
             if kind == "on_manifold":
                 # Process 0's first curve is on-manifold trajectory 0, the one the figure at the end of fit draws.
-                self._first_count = counts[0] if rank == 0 and counts and not failed else None
-            if figure and kind == "on_manifold" and counts and not failed:
+                self._first_count = counts[0] if rank == 0 and counts and not kind_failed else None
+            if figure and kind == "on_manifold" and counts and not kind_failed:
                 _log_image(
                     trainer,
                     self._key("transitions_along_trajectory"),
@@ -372,12 +419,49 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
                 return
         _log_image(trainer, self._key("transitions_along_trajectory"), self._figure(trainer, model, curve, count))
 
+    def _metric(self, kind: str, device: torch.device, half: bool = False) -> TransitionDensity:
+        """The density metric of ``kind`` (``half``: of its counts on every other point), on ``device``, reset."""
+        metric = (self._half_densities if half else self._density_metrics)[kind].to(device)
+        metric.reset()
+        return metric
+
+    def _watch_transitions(
+        self, model: Any, watch: dict[str, _Segments], counts: dict[str, list[TransitionCount]]
+    ) -> dict[str, int]:
+        """The boundaries crossed on the watch segments of each kind: read off the count of trajectory 0 (process 0's
+        first) when it has per-segment counts; else counted on the segments' end points, every kind's in one forward
+        pass (a closed polygon through them, of which every other step is a watch segment)."""
+        crossings = {
+            kind: segments.transitions(counts[kind][0].segments)
+            for kind, segments in watch.items()
+            if counts[kind] and counts[kind][0].segments is not None
+        }
+        left = [kind for kind in watch if kind not in crossings]
+        if not left:
+            return crossings
+        points = torch.cat([watch[kind].points for kind in left])
+        if len(points) < 6:  # a single segment: padded with copies of its end point, which cross nothing
+            points = torch.cat([points, points[-1:].expand(6 - len(points), *points.shape[1:])])
+        result = count_transitions(model, points, chunk_size=self.chunk_size, return_segments=True, warn_smooth=False)
+        self._warn_smooth([result])
+        assert result.segments is not None
+        start = 0
+        for kind in left:
+            end = start + 2 * len(watch[kind].starts)
+            crossings[kind] = int(result.segments[start:end:2].sum())
+            start = end
+        return crossings
+
     def _count(self, forward: Any, curves: list[Trajectory]) -> list[TransitionCount]:
         if self.method == "exact":
             return count_transitions(forward, curves, method="exact")
         results = count_transitions(
             forward, curves, chunk_size=self.chunk_size, return_segments=True, warn_smooth=False
         )
+        self._warn_smooth(results)
+        return results
+
+    def _warn_smooth(self, results: list[TransitionCount]) -> None:
         smooth = sorted({name for result in results for name in result.smooth_operations})
         if smooth:
             _warn_once(
@@ -386,7 +470,6 @@ class TransitionMonitor(_OwnGenerator, _Monitor):
                 f"the model is not piecewise linear: it also applies {', '.join(smooth)}. The logged transitions "
                 "count the boundaries of its piecewise-linear units along the trajectories, not linear regions.",
             )
-        return results
 
     def _warn_unresolved(self, pl_module: pl.LightningModule, kind: str, resolution: float) -> None:
         k = self.num_points

@@ -19,6 +19,9 @@ BAD = [
     *[(m, "get_target", "y") for m in (J, G)],
     *[(m, "seed", v) for m in (J, G, T) for v in ("0", 1.0)],
     *[(m, "log_seconds", v) for m in (J, G, T) for v in ("yes", 1, None)],
+    # the watch set's size: an integer >= 0, or None
+    *[(m, name, v) for m, name in ((J, "watch_points"), (G, "watch_train_points"), (T, "watch_segments"))
+      for v in (-1, 1.5, True, "8")],
     # JacobianNormMonitor
     (J, "max_points", 0),
     (J, "max_points", -1),

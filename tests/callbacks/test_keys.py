@@ -28,6 +28,9 @@ def test_the_docs_list_every_registered_key(monitor):
     for key in monitor.KEYS:
         assert f"{{prefix}}/{key.name}" in monitor.__doc__, key.name
         assert f"/{key.name}`" in docs, key.name
+        if key.watch:  # its watch twin, named with the suffix in the docstring, and in full in the docs' table
+            assert f"{{prefix}}/{key.name}_watch" in monitor.__doc__, key.name
+            assert f"/{key.name}_watch`" in docs, key.name
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -69,11 +72,12 @@ def test_log_seconds_logs_each_measurements_wall_time_and_only_then(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     total = 0.0
-    for key, measured in zip(seconds, ["a/jacobian_norm", "b/gap_loss", "c/transition_density_on_manifold"], strict=True):
+    measured_keys = ["a/jacobian_norm_watch", "b/gap_loss_watch", "c/transition_density_on_manifold_watch"]
+    for key, measured in zip(seconds, measured_keys, strict=True):
         points = events.Scalars(key)
-        # one time per measurement (epochs 1 and 3), at the measurement's step
+        # one time per measurement, of the watch set (epochs 0 and 2) or in full (epochs 1 and 3), at its step
         assert [p.step for p in points] == [p.step for p in events.Scalars(measured)]
-        assert len(points) == 2 and all(p.value > 0 for p in points)
+        assert len(points) == 4 and all(p.value > 0 for p in points)
         total += sum(p.value for p in points)
     assert total < elapsed
     assert not any(k.endswith("_seconds") for m in MONITORS for k in m().logged_keys())  # off by default

@@ -329,8 +329,9 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         [GeneralizationGapMonitor(train_dataset=_Uncopyable(*_digits(32).tensors))]
     ),
     # the monitors' arguments, at construction
-    "monitor-argument-positive": lambda: JacobianNormMonitor(every_n_epochs=0),
+    "monitor-argument-positive": lambda: TransitionMonitor(num_trajectories=0),
     "monitor-argument-positive-or-none": lambda: GeneralizationGapMonitor(max_train_points=0),
+    "monitor-watch-size": lambda: TransitionMonitor(watch_segments=-1),
     "monitor-argument-choice": lambda: JacobianNormMonitor(output="probs"),
     "monitor-argument-callable": lambda: GeneralizationGapMonitor(loss_fn="cross_entropy"),
     "monitor-argument-batch-key": lambda: JacobianNormMonitor(input_key=1.5),
