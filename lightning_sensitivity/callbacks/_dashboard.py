@@ -47,6 +47,14 @@ CHARTS = (
     _Chart("Transitions per trajectory ON the data manifold", ("transitions_on_manifold",)),
     _Chart("Transitions per trajectory OFF the data manifold", ("transitions_off_manifold",)),
     _Chart(
+        "Resolution of the transition density ON the manifold (its share missed on every other point)",
+        ("transitions_resolution_on_manifold",),
+    ),
+    _Chart(
+        "Resolution of the transition density OFF the manifold (its share missed on every other point)",
+        ("transitions_resolution_off_manifold",),
+    ),
+    _Chart(
         "Accuracy: training subset (line), down to validation (band)",
         ("train_accuracy", "val_accuracy", "train_accuracy"),
     ),

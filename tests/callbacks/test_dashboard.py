@@ -119,6 +119,12 @@ def test_layout_and_hparam_metrics_follow_each_monitors_prefix(tmp_path):
         "Spearman correlation of per-point Jacobian norm and loss": ["^sens/jacobian_loss_spearman$"],
         "Transitions per trajectory ON the data manifold": ["^tr/transitions_on_manifold$"],
         "Transitions per trajectory OFF the data manifold": ["^tr/transitions_off_manifold$"],
+        "Resolution of the transition density ON the manifold (its share missed on every other point)": [
+            "^tr/transitions_resolution_on_manifold$"
+        ],
+        "Resolution of the transition density OFF the manifold (its share missed on every other point)": [
+            "^tr/transitions_resolution_off_manifold$"
+        ],
     }
     # the transitions' watch set is off: their charts are in the full category only
     assert not [title for title in layout[WATCH_CATEGORY] if "ransition" in title]

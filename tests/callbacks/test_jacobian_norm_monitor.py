@@ -311,23 +311,31 @@ class _Clock:
         return self.now
 
 
-@pytest.mark.parametrize(("every_n_epochs", "said"), [(1, True), (20, False)])
-def test_the_expected_cost_is_said_once_when_it_is_a_large_share_of_training(every_n_epochs, said, monkeypatch):
+@pytest.mark.parametrize(
+    ("every_n_epochs", "watch_points", "share"),
+    [(1, 0, "100%"), (20, 0, None), (None, 8, "70%")],
+)
+def test_the_expected_cost_is_said_once_when_it_is_a_large_share_of_training(
+    every_n_epochs, watch_points, share, monkeypatch
+):
     """0.25 s a point (the check) times 40 points is 10 s, one epoch of ten 1-second batches: every epoch that doubles
     the training time, and the monitor says so once, with what to change; every 20 epochs it is 5%, and it says
-    nothing."""
+    nothing. At the default schedule, the full measurement once in the fit's 2 epochs (5 s an epoch) and the watch
+    set's 8 points at every pass (2 s) add 70%."""
     from lightning_sensitivity.callbacks import _cost, jacobian_norm_monitor
 
     infos: list[str] = []
     monkeypatch.setattr(_cost, "time", _Clock())
     monkeypatch.setattr(jacobian_norm_monitor, "rank_zero_info", infos.append)
-    monitor = JacobianNormMonitor(max_points=40, every_n_epochs=every_n_epochs)
+    monitor = JacobianNormMonitor(max_points=40, every_n_epochs=every_n_epochs, watch_points=watch_points)
     train([monitor], max_epochs=2, limit_train_batches=10)
-    if not said:
+    if share is None:
         assert infos == []
         return
     (info,) = infos
-    assert "one measurement of 40 points is expected to take about 10 s (250 ms a point" in info
-    assert "1 epochs of training (10 s an epoch" in info and "about 100% to the training time" in info
+    assert "one full measurement of 40 points is expected to take about 10 s (250 ms a point" in info
+    assert "1 epochs of training (10 s an epoch" in info and f"about {share} to the training time" in info
+    when = "at every_n_epochs=1" if every_n_epochs else "once in 2 epochs"
+    assert f"{when}, with the watch set's {watch_points} points at every pass" in info
     for way_out in ("max_points=", "method='projection'", "every_n_epochs="):
         assert way_out in info
