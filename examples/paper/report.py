@@ -41,6 +41,7 @@ from examples.paper.analysis import (
 from examples.paper.figures import FIGURES, figure_f1, figure_f2, figure_f3, figure_f4, figure_sizes
 from examples.paper.grid import AXES
 from examples.paper.manifold import KINDS, LOSS_TARGET, MODELS
+from examples.paper.measures import TRANSITION_ELLIPSES, TRANSITION_POINTS
 from examples.paper.verdicts import (
     BETWEEN,
     COMPARABLE,
@@ -363,7 +364,7 @@ def sizes_section(s: Statistics) -> str:
        "pooled_minus_within", "comparable"]]
     raw = s.sizes.set_index("column").loc["transitions"]
     verdict = ("so raw counts do not compare networks of different sizes here, as the paper says"
-               if sizes_found(s.sizes) else "so the raw counts do not grow with size here")
+               if sizes_found(s.sizes) else "so by the rule this data does not show raw counts growing with size")
     chosen = (f"{', '.join(sorted(comparable))} made the counts comparable by the rule" if comparable
               else "none of the normalizations tried made the counts comparable by the rule")
     return f"""## Sizes: transition counts across networks of different sizes
@@ -371,8 +372,8 @@ def sizes_section(s: Statistics) -> str:
 ![Sizes](figures/{FIGURES["sizes"]})
 
 Over F1's {len(s.population)} fitted models ({int(s.population.units.min())} to {int(s.population.units.max())}
-piecewise-linear units: width x depth), the transitions along four fixed ellipses through training points,
-960 points each, the same ellipses for every model. The raw count's Kendall tau with the number of units is
+piecewise-linear units: width x depth), the transitions along {TRANSITION_ELLIPSES} fixed ellipses through
+training points, {TRANSITION_POINTS} points each, the same ellipses for every model. The raw count's Kendall tau with the number of units is
 {num(raw.tau_units)} (p = {_p(raw.p_units)}): {verdict}; {chosen} (|tau| with the units below {COMPARABLE}, and
 the pooled tau with the {GAPS[HEADLINE_GAP]} within {COMPARABLE} of the mean tau within groups of one width and
 depth). Per unit length is the raw count over one constant here (all models share the ellipses), so it ranks the

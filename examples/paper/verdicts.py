@@ -15,7 +15,7 @@ import pandas as pd
 from examples.paper.analysis import NORMALIZATIONS, QUANTITIES, region_means
 from examples.paper.grid import AXES, FULL_BATCH_EPOCH_FACTOR
 from examples.paper.manifold import TRAINING_RULE
-from examples.paper.measures import SHARPNESS_DRAWS, SHARPNESS_SCALE
+from examples.paper.measures import SHARPNESS_DRAWS, SHARPNESS_SCALE, TRANSITION_ELLIPSES
 from examples.paper.training import NOISE_STD
 
 #: F1's verdict: tau's two-sided p-value below this, and the bootstrap interval above zero. F4's "beyond
@@ -65,7 +65,8 @@ F1_RULE = f"""\
 
 SIZES_RULE = f"""\
 - **Sizes** (the paper's caveat: transition counts alone do not compare networks of different sizes). Over
-  F1's population, the transitions along four fixed ellipses through training points (the same for every model).
+  F1's population, the transitions along {TRANSITION_ELLIPSES} fixed ellipses through training points (the same
+  for every model).
   The caveat holds here if the raw count's Kendall tau with the number of piecewise-linear units is positive with
   p < {SIGNIFICANCE}. A normalization ({", ".join(NORMALIZATIONS.values())}) makes counts comparable across sizes
   if its |tau| with the number of units is below {COMPARABLE} and its tau with the accuracy gap over all models is
