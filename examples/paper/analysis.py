@@ -2,9 +2,11 @@
 recompute them). The rules that turn them into verdicts are in ``examples.paper.verdicts``.
 
 F1: over the F1 grid's models that fit their training set, Kendall's tau (with its bootstrap interval) and the
-granulated Kendall coefficient of the Jacobian norm and of every baseline against each gap. F2: the profiles
-along the ellipses, binned by the distance to the nearest anchor and averaged over regions of it. F3: the paired
-effect of each factor over the pairs whose two models both fit. F4: per-model statistics of the held-out
+granulated Kendall coefficient of the Jacobian norm and of every baseline against each gap, over the whole grid
+and over the models of the small grid within it. Sizes: how the transition counts of those models scale with
+their number of piecewise-linear units, raw and normalized. F2: the profiles along the ellipses, binned by the
+distance to the nearest anchor and averaged over regions of it; the transitions per unit arc length. F3: the
+paired effect of each factor over the pairs whose two models both fit. F4: per-model statistics of the held-out
 points, summarized over the fitted true-label models.
 """
 
@@ -16,8 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from examples.paper.grid import AXES, Sweep
-from examples.paper.manifold import ON_MANIFOLD
+from examples.paper.grid import AXES, GRIDS, Sweep
 from examples.paper.rank_statistics import bootstrap_kendall, granulated_kendall
 
 #: The columns that identify a model's configuration: two models with the same values are the same model.
@@ -47,10 +48,28 @@ MEASURES: dict[str, str] = {
     "uncertainty": "1 - mean max-softmax (held-out)",
 }
 
-GAPS = {"gap_loss": "loss gap", "gap_accuracy": "accuracy gap"}
+#: The gaps, the paper's first: F1's verdict is on the accuracy gap (1 - held-out accuracy for a model that fits),
+#: the cross-entropy gap is a further check.
+GAPS = {"gap_accuracy": "accuracy gap", "gap_loss": "loss gap"}
+HEADLINE_GAP = "gap_accuracy"
 
-#: The quantities of F2's profiles: the column, and how the report names it.
-QUANTITIES = {"jacobian_norm": "Jacobian norm", "segment_transitions": "transitions per segment"}
+#: The quantities of F2's profiles that its verdicts judge: the column, and how the report names it.
+QUANTITIES = {"jacobian_norm": "Jacobian norm", "transition_density": "transitions per unit length"}
+#: Shown beside them, not judged: the transitions per segment of equal step in t, and the Jacobian norm of the
+#: logits (no softmax factor: whether the Jacobian norm's dip is the softmax's saturation).
+BESIDE = {"segment_transitions": "transitions per segment", "logit_jacobian_norm": "Jacobian norm of the logits"}
+#: The per-point columns of F2's profiles, averaged over a stretch of an ellipse.
+POINT_COLUMNS = ("jacobian_norm", "logit_jacobian_norm")
+
+#: The transition counts of F1's models compared across sizes: the column (derived by ``with_measures``) and its
+#: name. Every model's count is along the same four ellipses, so per unit length is the raw count over one
+#: constant (the same ranks), and per unit and length the count per unit over it.
+NORMALIZATIONS = {
+    "transitions": "raw count",
+    "transition_density": "per unit length",
+    "transitions_per_unit": "per unit",
+    "transition_density_per_unit": "per unit and length",
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +96,12 @@ FACTORS = (
 
 
 def with_measures(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with the derived columns of the analysis (``uncertainty = 1 - confidence``)."""
-    return table.assign(uncertainty=1 - table.confidence)
+    """The table with the derived columns of the analysis: ``uncertainty = 1 - confidence``, the transitions per
+    piecewise-linear unit (raw and per unit length), and ``units`` (``num_units``, or width x depth in a table
+    written before that column existed)."""
+    units = table.num_units if "num_units" in table else table.width * table.depth
+    return table.assign(uncertainty=1 - table.confidence, units=units, transitions_per_unit=table.transitions / units,
+                        transition_density_per_unit=table.transition_density / units)
 
 
 def is_grid(table: pd.DataFrame) -> pd.Series:
@@ -92,6 +115,17 @@ def f1_population(table: pd.DataFrame) -> pd.DataFrame:
     draws the same resamples whatever the order of the table's rows)."""
     population = table[is_grid(table) & table.reached_target.astype(bool)]
     return with_measures(population.sort_values("model_id", ignore_index=True))
+
+
+def in_grid(table: pd.DataFrame, grid: str) -> pd.Series:
+    """Whether each model's configuration is one of the F1 grid ``GRIDS[grid]``'s (whatever the sweep's first
+    seed: the seeds are compared as offsets from the smallest seed in ``table``)."""
+    axes = GRIDS[grid]
+    rates = [(optimizer, lr) for optimizer, values in axes.learning_rates.items() for lr in values]
+    first_seed = table.seed.min()
+    return (table.width.isin(axes.widths) & table.depth.isin(axes.depths)
+            & pd.Series(list(zip(table.optimizer, table.lr, strict=True)), index=table.index).isin(rates)
+            & table.batch_size.isin(axes.batch_sizes) & (table.seed - first_seed).isin(axes.seed_offsets))
 
 
 def f1_statistics(population: pd.DataFrame, num_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -120,43 +154,85 @@ def jacobian_rank(f1: pd.DataFrame, gap: str, column: str) -> int:
     return int(rows.index[rows.column == "jacobian_norm"][0]) + 1
 
 
-def region_of(kind: pd.Series, u: pd.Series, near: float, between: float) -> np.ndarray:
-    """Per point of F2's profiles: ``near`` (``u < near``), ``between`` (``u >= between``), ``off`` (an
-    off-manifold ellipse, whole) or ``""`` (an on-manifold point in neither region).
+def sizes_statistics(population: pd.DataFrame, gap: str = HEADLINE_GAP) -> pd.DataFrame:
+    """How the transition counts of F1's population compare across network sizes, one row per normalization of
+    ``NORMALIZATIONS``: ``tau_units`` (Kendall's tau with the number of piecewise-linear units) and its ``p_units``;
+    ``tau_gap`` with ``gap`` over the whole population and its ``p_gap``; ``within_gap``, the mean tau with the gap
+    within the groups of one width and depth (``groups`` of at least 3 models where it is defined): the
+    association that no difference of size can make; ``pooled_minus_within`` = ``tau_gap - within_gap``."""
+    rows = []
+    for column, label in NORMALIZATIONS.items():
+        values = population[column].to_numpy(float)
+        by_units = stats.kendalltau(values, population.units.to_numpy(float))
+        by_gap = stats.kendalltau(values, population[gap].to_numpy(float))
+        within = [stats.kendalltau(g[column], g[gap]).statistic for _, g in population.groupby(["width", "depth"])
+                  if len(g) >= 3]
+        within = [t for t in within if np.isfinite(t)]
+        within_gap = float(np.mean(within)) if within else np.nan
+        rows.append({"normalization": label, "column": column, "n": len(values),
+                     "tau_units": float(by_units.statistic), "p_units": float(by_units.pvalue),
+                     "tau_gap": float(by_gap.statistic), "p_gap": float(by_gap.pvalue), "within_gap": within_gap,
+                     "groups": len(within), "pooled_minus_within": float(by_gap.statistic) - within_gap})
+    return pd.DataFrame(rows)
+
+
+def sizes_by_group(population: pd.DataFrame, gap: str = HEADLINE_GAP) -> pd.DataFrame:
+    """One row per (width, depth) of F1's population: its piecewise-linear units, models, the median raw count,
+    median count per unit, and the Kendall tau of the count with ``gap`` within the group."""
+    rows = []
+    for (width, depth), g in population.groupby(["width", "depth"]):
+        tau = stats.kendalltau(g.transitions, g[gap]).statistic if len(g) >= 3 else np.nan
+        rows.append({"width": int(width), "depth": int(depth), "units": int(g.units.iloc[0]), "models": len(g),
+                     "median transitions": float(g.transitions.median()),
+                     "median per unit": float(g.transitions_per_unit.median()),
+                     f"tau with the {GAPS[gap]}": float(tau)})
+    return pd.DataFrame(rows)
+
+
+def region_of(u: pd.Series, near: float, between: float) -> np.ndarray:
+    """Per point (or segment) of F2's profiles: ``near`` (``u < near``), ``between`` (``u >= between``), or ``""``.
 
     Example:
-        >>> kind = pd.Series(["one class"] * 3 + ["off manifold"])
-        >>> region_of(kind, pd.Series([0.05, 0.3, 0.7, 0.05]), near=0.1, between=0.5).tolist()
-        ['near', '', 'between', 'off']
+        >>> region_of(pd.Series([0.05, 0.3, 0.7]), near=0.1, between=0.5).tolist()
+        ['near', '', 'between']
     """
-    on = np.where(u < near, "near", np.where(u >= between, "between", ""))
-    return np.where(kind.isin(ON_MANIFOLD), on, "off").astype(object)
+    return np.where(u < near, "near", np.where(u >= between, "between", "")).astype(object)
+
+
+def _stretch_means(points: pd.DataFrame, segments: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group of ``keys``: the mean Jacobian norms over the points (``POINT_COLUMNS``), the mean transitions per
+    segment, and the transition density (the segments' transitions over their length)."""
+    jac = points.groupby(keys, sort=False)[[c for c in POINT_COLUMNS if c in points]].mean()
+    seg = segments.groupby(keys, sort=False)[["segment_transitions", "segment_length"]].sum()
+    counts = segments.groupby(keys, sort=False).segment_transitions.size()
+    out = pd.concat([jac, (seg.segment_transitions / counts).rename("segment_transitions"),
+                     (seg.segment_transitions / seg.segment_length).rename("transition_density")], axis=1)
+    return out.reset_index()
 
 
 def region_means(profiles: pd.DataFrame, near: float, between: float) -> pd.DataFrame:
-    """Per (model, kind, ellipse, region) of ``region_of``, the mean Jacobian norm over the region's points and
-    the mean transitions over its segments (a segment is placed by its midpoint)."""
-    points = profiles.assign(region=region_of(profiles.kind, profiles.u, near, between))
-    segments = profiles.assign(region=region_of(profiles.kind, profiles.u_segment, near, between))
+    """Per (model, kind, ellipse, region): the mean Jacobian norm over the region's points, the mean transitions
+    per segment over its segments (a segment is placed by its midpoint), and its transition density per unit arc
+    length (its segments' transitions over their summed length). Regions: ``near`` and ``between`` of
+    ``region_of``, and ``whole`` (the whole ellipse)."""
     keys = ["model", "kind", "ellipse", "region"]
-    jac = points[points.region != ""].groupby(keys, sort=False).jacobian_norm.mean()
-    seg = segments[segments.region != ""].groupby(keys, sort=False).segment_transitions.mean()
-    return pd.concat([jac, seg], axis=1).reset_index()
+    points = profiles.assign(region=region_of(profiles.u, near, between))
+    segments = profiles.assign(region=region_of(profiles.u_segment, near, between))
+    parts = _stretch_means(points[points.region != ""], segments[segments.region != ""], keys)
+    whole = _stretch_means(profiles.assign(region="whole"), profiles.assign(region="whole"), keys)
+    return pd.concat([parts, whole], ignore_index=True)
 
 
 def binned_profile(profiles: pd.DataFrame, num_bins: int = 10) -> pd.DataFrame:
-    """The mean profile: per (model, kind, bin of ``u``), the Jacobian norm and the transitions per segment, first
-    averaged within each ellipse, then over the ellipses."""
+    """The mean profile: per (model, kind, bin of ``u``), the Jacobian norm, the transitions per segment and the
+    transition density per unit length, first within each ellipse (the density as the bin's transitions over its
+    length), then averaged over the ellipses."""
     edges = np.linspace(0, 1, num_bins + 1)
-    p = profiles.assign(
-        bin=np.clip(np.digitize(profiles.u, edges) - 1, 0, num_bins - 1),
-        bin_segment=np.clip(np.digitize(profiles.u_segment, edges) - 1, 0, num_bins - 1),
-    )
-    keys = ["model", "kind", "ellipse"]
-    jac = p.groupby([*keys, "bin"]).jacobian_norm.mean().groupby(["model", "kind", "bin"]).mean()
-    seg = (p.groupby([*keys, "bin_segment"]).segment_transitions.mean()
-           .rename_axis([*keys, "bin"]).groupby(["model", "kind", "bin"]).mean())
-    out = pd.concat([jac, seg], axis=1).reset_index()
+    points = profiles.assign(bin=np.clip(np.digitize(profiles.u, edges) - 1, 0, num_bins - 1))
+    segments = profiles.assign(bin=np.clip(np.digitize(profiles.u_segment, edges) - 1, 0, num_bins - 1))
+    per_ellipse = _stretch_means(points, segments, ["model", "kind", "ellipse", "bin"])
+    columns = [c for c in (*POINT_COLUMNS, "segment_transitions", "transition_density") if c in per_ellipse]
+    out = per_ellipse.groupby(["model", "kind", "bin"], sort=False)[columns].mean().reset_index()
     return out.assign(u_mid=(edges[out.bin] + edges[out.bin + 1]) / 2)
 
 

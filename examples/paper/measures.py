@@ -6,7 +6,11 @@ points.
 Every model is measured the same way, through the package's public API: the model runs inside
 ``lightning_sensitivity.functional.measuring`` (eval mode, no gradients), losses and accuracies come from
 ``ClassificationLossAccuracy``, the per-point rows from ``PointRecords``, the Jacobian norms from
-``jacobian_norm`` and the transitions from ``count_transitions``.
+``jacobian_norm`` and the transitions from ``count_transitions``, the number of piecewise-linear units from
+``activation_codes``.
+
+Every measure copes with a model whose weights or outputs are not finite (a model that diverged is never measured,
+but a finite model can still overflow): the measure is then NaN, never an exception that would end the sweep.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from examples.paper.rank_statistics import binned_auc, partial_spearman
-from lightning_sensitivity.functional import count_transitions, ellipse_through, jacobian_norm, measuring
+from lightning_sensitivity.functional import (
+    NonFiniteOutputError,
+    activation_codes,
+    count_transitions,
+    ellipse_through,
+    jacobian_norm,
+    measuring,
+)
 from lightning_sensitivity.metrics import ClassificationLossAccuracy, PointRecords
 
 #: Sharpness: the relative size of each weight perturbation, and the number of seeded perturbations.
@@ -31,6 +42,12 @@ TRANSITION_ELLIPSES = 4
 TRANSITION_POINTS = 960
 #: The most points a forward pass of ``loss_and_accuracy`` takes.
 CHUNK = 4096
+#: The per-model statistics of F4, as ``point_statistics`` names them.
+POINT_STATISTICS = (
+    *(f"f4_{kind}_{name}" for name in ("jacobian", "max_softmax", "entropy") for kind in ("spearman", "auc")),
+    "f4_partial_spearman",
+    "f4_auc_jacobian_within_confidence",
+)
 
 
 def _loss_accuracy(metric: ClassificationLossAccuracy) -> tuple[float, float]:
@@ -55,9 +72,25 @@ def loss_and_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, fl
     return _loss_accuracy(metric)
 
 
+def _log_spectral_norm(weight: Tensor) -> float:
+    # The SVD raises on NaN or infinite entries (a sweep once ended there): such a weight has no spectral norm.
+    if not bool(torch.isfinite(weight).all()):
+        return math.nan
+    norm = float(torch.linalg.matrix_norm(weight.double(), ord=2))
+    return math.log10(norm) if norm > 0 else -math.inf
+
+
 def parameter_measures(model: nn.Module, initial: dict[str, Tensor]) -> dict[str, float]:
     """The norm-based baselines: the Euclidean norm of all parameters, their distance from initialization, and
-    log10 of the product of the weight matrices' spectral norms."""
+    log10 of the product of the weight matrices' spectral norms (NaN if a weight is not finite).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(float("nan"))
+        >>> parameter_measures(net, {k: v.detach() for k, v in net.named_parameters()})["log_spectral_product"]
+        nan
+    """
     params = dict(model.named_parameters())
     weights = [p for name, p in params.items() if name.endswith("weight") and p.ndim == 2]
     with torch.no_grad():
@@ -66,7 +99,7 @@ def parameter_measures(model: nn.Module, initial: dict[str, Tensor]) -> dict[str
             "distance_from_init": math.sqrt(
                 sum(float((p.double() - initial[name].double()).pow(2).sum()) for name, p in params.items())
             ),
-            "log_spectral_product": sum(math.log10(float(torch.linalg.matrix_norm(w.double(), ord=2))) for w in weights),
+            "log_spectral_product": sum(_log_spectral_norm(w) for w in weights),
         }
 
 
@@ -128,6 +161,9 @@ def point_statistics(points: pd.DataFrame) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     wrong = (points.label != points.prediction).to_numpy()
+    finite = bool(np.isfinite(points[["loss", "jacobian_norm", "max_softmax", "entropy"]].to_numpy()).all())
+    if not finite:  # an overflowing model: no statistic of its points is defined (ROC AUC raises on NaN)
+        return dict.fromkeys(POINT_STATISTICS, math.nan)
     both = 0 < wrong.sum() < len(wrong)
     uncertainty = 1 - points.max_softmax
     scores = {"jacobian": points.jacobian_norm, "max_softmax": uncertainty, "entropy": points.entropy}
@@ -153,12 +189,28 @@ def transition_measures(model: nn.Module, anchors: Tensor) -> dict[str, float]:
     """The mean sampled transitions along the ellipses through ``anchors`` (``TRANSITION_POINTS`` points each),
     the mean count on every other point (the convergence evidence) and the mean density per unit arc length."""
     curves = [ellipse_through(*anchors[3 * i : 3 * i + 3], TRANSITION_POINTS) for i in range(len(anchors) // 3)]
-    counts = count_transitions(model, curves, method="sampled")
+    try:
+        counts = count_transitions(model, curves, method="sampled")
+    except NonFiniteOutputError:  # the model overflows along a curve: its count is not defined
+        return dict.fromkeys(("transitions", "transitions_half", "transition_density"), math.nan)
     return {
         "transitions": float(np.mean([int(c) for c in counts])),
         "transitions_half": float(np.mean([c.transitions_half for c in counts])),
         "transition_density": float(np.mean([c.density for c in counts])),
     }
+
+
+def num_units(model: nn.Module, x: Tensor) -> int:
+    """The number of piecewise-linear units of ``model`` (ReLU, Hardtanh, ... elements; each max-pooling window
+    counts one), as ``activation_codes`` finds them at the points ``x`` (the model's output there must be finite:
+    the sweep counts them before training).
+
+    Example:
+        >>> num_units(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
+        ...           torch.randn(1, 4))
+        16
+    """
+    return int(activation_codes(model, x).pieces.shape[1])
 
 
 def measure(model: nn.Module, initial: dict[str, Tensor], x_train: Tensor, y_train: Tensor, x_val: Tensor,

@@ -43,22 +43,22 @@ def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray
 def bootstrap_kendall(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, num_resamples: int = 2000,
                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """The percentile-bootstrap interval of Kendall's tau-b: models resampled with replacement ``num_resamples``
-    times by ``numpy.random.default_rng(seed)``; a resample's repeated models are ties, as in tau-b.
+    times by ``numpy.random.default_rng(seed)``; a resample's repeated models are ties, as in tau-b. Each
+    resample's tau is scipy's (``O(n log n)``: a population of a thousand models takes seconds, not minutes).
 
     Example:
         >>> low, high = bootstrap_kendall(range(30), range(30))
-        >>> low == high == 1.0
-        True
+        >>> round(low, 9), round(high, 9)
+        (1.0, 1.0)
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    sx, sy = _signs(x), _signs(y)
     rng = np.random.default_rng(seed)
     taus = np.empty(num_resamples)
     for r in range(num_resamples):
         index = rng.integers(0, len(x), len(x))
-        a, b = sx[np.ix_(index, index)], sy[np.ix_(index, index)]
-        denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-        taus[r] = (a * b).sum() / denominator if denominator > 0 else np.nan
+        a, b = x[index], y[index]
+        # scipy warns and returns NaN for a constant resample; such a resample has no tau.
+        taus[r] = stats.kendalltau(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
     taus = taus[~np.isnan(taus)]
     tail = (1 - level) / 2
     return float(np.quantile(taus, tail)), float(np.quantile(taus, 1 - tail))

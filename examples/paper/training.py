@@ -4,11 +4,14 @@ A model trains (plain PyTorch on tensors: these networks are so small that a Lig
 cost more than the training) until it classifies its own training set, with its random labels if any, perfectly
 in eval mode (the fit criterion, checked after every epoch with the same measurement as the table's training
 accuracy), or until its epoch budget: ``max_epochs`` for mini-batches, ten times as many for full-batch training
-(``examples.paper.grid.FULL_BATCH_EPOCH_FACTOR``), which takes one step per epoch.
+(``examples.paper.grid.FULL_BATCH_EPOCH_FACTOR``), which takes one step per epoch. A model whose loss or weights
+become NaN or infinite stops at once and is recorded as diverged, with the epoch: it is never measured.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,10 +50,39 @@ def training_labels(y: Tensor, num_classes: int, fraction: float, seed: int) -> 
     return torch.where(flip, torch.randint(0, num_classes, y.shape, generator=generator), y)
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any = None) -> tuple[int, float]:
-    """Train ``model`` on ``(x, y)`` until it classifies all of them in eval mode or ``config.max_epochs`` pass;
-    return the epochs trained and the final training accuracy. Batch order and noise come from a generator
-    seeded by ``config.seed``."""
+@dataclass(frozen=True)
+class FitResult:
+    """How a model's training ended.
+
+    Args:
+        epochs: the epochs trained (the diverging one included).
+        accuracy: the final training accuracy in eval mode (NaN for a diverged model).
+        diverged_epoch: the epoch in which the training loss or a weight became NaN or infinite, else ``None``.
+    """
+
+    epochs: int
+    accuracy: float
+    diverged_epoch: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        """Whether training stopped on a non-finite loss or weight."""
+        return self.diverged_epoch is not None
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any = None) -> FitResult:
+    """Train ``model`` on ``(x, y)`` until it classifies all of them in eval mode, ``config.max_epochs`` pass, or
+    its loss or weights become NaN or infinite (checked at every step and after every epoch). Batch order and
+    noise come from a generator seeded by ``config.seed``.
+
+    Example:
+        >>> from examples.paper.grid import ModelConfig
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> config = ModelConfig(8, 1, "relu", "sgd", 1e12, 16, "none", 0.0, 0, 5)
+        >>> result = fit(build_network(config, 4, 3), x, y, config)
+        >>> result.diverged, result.epochs == result.diverged_epoch
+        (True, True)
+    """
     generator = torch.Generator().manual_seed(config.seed + 2)
     if config.optimizer == "adam":
         # The fused kernel: one call per parameter tensor, which matters for networks this small.
@@ -65,16 +97,22 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any
         order = torch.randperm(len(x), generator=generator)
         model.train()
         total = 0.0
+        epoch += 1
         for start in range(0, len(x), batch):
             index = order[start : start + batch]
             loss = F.cross_entropy(model(inputs[index]), y[index])
+            value = loss.item()
+            if not math.isfinite(value):
+                return FitResult(epoch, math.nan, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(index)
-        epoch += 1
+            total += value * len(index)
+        # A step can make a weight infinite while the loss before it was finite.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return FitResult(epoch, math.nan, epoch)
         _, accuracy = loss_and_accuracy(model, x, y)
         if writer is not None:
             writer.add_scalar("train_loss_epoch", total / len(x), epoch)
             writer.add_scalar("train_accuracy_eval", accuracy, epoch)
-    return epoch, accuracy
+    return FitResult(epoch, accuracy)

@@ -1,8 +1,9 @@
-"""The torchvision data sets of the reproduction, read from small files written here in their on-disk formats.
+"""The data sets of the reproduction, read from small files written here in their on-disk formats.
 
 Nothing is downloaded: each test writes a few images in the format torchvision reads (MNIST's idx ubyte files in
-``<root>/MNIST/raw/``, CIFAR's pickled batches in ``<root>/cifar-10-batches-py/``, ...) and loads them through
-``examples.paper.data``, the code path of ``python -m examples.reproduce --dataset ...``.
+``<root>/MNIST/raw/``, CIFAR's pickled batches in ``<root>/cifar-10-batches-py/``, ...) or a ``.npz`` file of
+arrays, and loads them through ``examples.paper.data``, the code path of ``python -m examples.reproduce
+--dataset ...`` and ``--data-file ...``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples.paper.data import DataSpec, load_tensors
+from examples.paper.data import DATA_FILE_KEYS, DataSpec, load_tensors, read_data_file
 
 NUM_TRAIN, NUM_TEST = 25, 12  # CIFAR-10 spreads its training set over 5 files
 
@@ -149,3 +150,90 @@ def test_a_model_trains_on_mnist_files(tmp_path: Path) -> None:
     assert row["batch_size"] == NUM_TRAIN and row["epochs_trained"] <= 2
     assert row["jacobian_norm"] > 0
     assert (tmp_path / "points" / f"{config.model_id}.csv").exists()
+
+
+def write_arrays(path: Path, rng: np.random.Generator, dtype: type = np.uint8, shape: tuple[int, ...] = (3, 32, 32),
+                 num_train: int = NUM_TRAIN, num_test: int = NUM_TEST, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A data file as a user writes one: images and labels of both splits, and the class names."""
+    if dtype == np.uint8:
+        images = {k: rng.integers(0, 256, (n, *shape)).astype(np.uint8)
+                  for k, n in (("train_images", num_train), ("test_images", num_test))}
+    else:
+        images = {k: rng.normal(size=(n, *shape)).astype(dtype) for k, n in (("train_images", num_train),
+                                                                           ("test_images", num_test))}
+    arrays = {**images, "train_labels": rng.integers(0, 10, num_train), "test_labels": rng.integers(0, 10, num_test),
+              "classes": np.array([f"class{i}" for i in range(10)]), **extra}
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_a_data_file_of_arrays(tmp_path: Path, dtype: type) -> None:
+    arrays = write_arrays(tmp_path / "mine.npz", np.random.default_rng(5), dtype)
+    x_train, y_train, x_val, y_val = load_tensors(DataSpec("mine", data_file=str(tmp_path / "mine.npz")))
+    assert x_train.shape == (NUM_TRAIN, 3, 32, 32) and x_val.shape == (NUM_TEST, 3, 32, 32)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.long
+    scale = 255.0 if dtype == np.uint8 else 1.0  # bytes are scaled to [0, 1], floats taken as they are
+    torch.testing.assert_close(x_val, torch.tensor(arrays["test_images"], dtype=torch.float32) / scale)
+    assert y_train.tolist() == arrays["train_labels"].tolist() and y_val.tolist() == arrays["test_labels"].tolist()
+    # subsets of a data file are seeded like those of any data set
+    subset = load_tensors(DataSpec("mine", data_file=str(tmp_path / "mine.npz"), train_points=10, seed=1))
+    assert subset[0].shape[0] == 10 and subset[2].shape[0] == NUM_TEST
+
+
+def test_a_data_file_that_does_not_fit_says_what_is_wrong(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "partial.npz", train_images=np.zeros((4, 2, 2), np.uint8), train_labels=np.zeros(4, int))
+    with pytest.raises(ValueError, match="has no array 'test_images', 'test_labels'"):
+        read_data_file(tmp_path / "partial.npz")
+    write_arrays(tmp_path / "short.npz", rng, test_labels=np.zeros(NUM_TEST - 1, int))
+    with pytest.raises(ValueError, match="test_images holds 12 images but test_labels 11 labels"):
+        read_data_file(tmp_path / "short.npz")
+    write_arrays(tmp_path / "floats.npz", rng, train_labels=np.zeros(NUM_TRAIN))
+    with pytest.raises(ValueError, match="train_labels must be one integer per image"):
+        read_data_file(tmp_path / "floats.npz")
+    write_arrays(tmp_path / "shapes.npz", rng, test_images=np.zeros((NUM_TEST, 3, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match="differ in shape"):
+        read_data_file(tmp_path / "shapes.npz")
+    write_arrays(tmp_path / "ints.npz", rng, train_images=np.zeros((NUM_TRAIN, 3, 32, 32), np.int32))
+    with pytest.raises(ValueError, match="uint8 .* or floating point"):
+        read_data_file(tmp_path / "ints.npz")
+    assert DATA_FILE_KEYS == ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _learnable_file(path: Path) -> None:
+    """A small image set a network can learn: each of 4 classes is a brighter 2 x 2 patch in its own corner of
+    a noisy 3 x 8 x 8 image (uint8, as the CIFAR-10 subset's arrays are)."""
+    rng = np.random.default_rng(7)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 4
+        images = rng.integers(0, 100, (n, 3, 8, 8))
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 2)
+            images[i, :, 6 * row : 6 * row + 2, 6 * col : 6 * col + 2] += 150
+        return images.astype(np.uint8), labels
+
+    (x_train, y_train), (x_test, y_test) = split(48), split(24)
+    np.savez(path, train_images=x_train, train_labels=y_train, test_images=x_test, test_labels=y_test,
+             classes=np.array(["a", "b", "c", "d"]))
+
+
+@pytest.mark.slow
+def test_the_reproduction_end_to_end_on_a_data_file(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from examples.reproduce import main
+
+    _learnable_file(tmp_path / "corners.npz")
+    report = main(["--quick", "--data-file", str(tmp_path / "corners.npz"), "--max-epochs", "30", "--ellipses", "2",
+                   "--ellipse-points", "60", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+    text = report.read_text()
+    assert "Data: corners (`corners.npz`), 48 training and 24 held-out points." in text
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert (table.dataset == "corners").all() and (table.num_train_points == 48).all()
+    assert (table.num_units == table.width * table.depth).all()
+    assert (tmp_path / "runs" / "reproduce-corners").is_dir()
+    profiles = pd.read_csv(tmp_path / "out" / "manifold_profiles.csv")
+    assert set(profiles.kind) == {"random ellipse", "different classes", "same class"}
+    assert set(profiles.model) == {"trained", "first fit", "untrained"}

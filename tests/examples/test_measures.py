@@ -1,5 +1,5 @@
 """How every model is measured: losses and accuracies, per-point records and the baselines, against direct
-computations."""
+computations; and every measure copes with a model whose weights or outputs are not finite."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from examples.paper.measures import CHUNK, loss_and_accuracy, parameter_measures, point_records, sharpness
+from examples.paper.measures import (
+    CHUNK,
+    POINT_STATISTICS,
+    loss_and_accuracy,
+    measure,
+    num_units,
+    parameter_measures,
+    point_records,
+    sharpness,
+)
 
 
 def test_loss_and_accuracy_in_eval_mode_over_chunks() -> None:
@@ -84,3 +93,32 @@ def test_sharpness_is_seeded_reproducible_and_leaves_the_model_alone() -> None:
             increases.append(loss(other(x), y).item() - base)
     assert value == pytest.approx(np.mean(increases), rel=1e-6)
     assert sharpness(net, x, y, scale=0.0, draws=2) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_spectral_norm_of_a_non_finite_weight_is_nan_not_an_error() -> None:
+    # The SVD raised on such a weight and ended a whole sweep once.
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    initial = {name: p.detach().clone() for name, p in net.named_parameters()}
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("inf")
+    out = parameter_measures(net, initial)
+    assert math.isnan(out["log_spectral_product"]) and math.isinf(out["param_norm"])
+
+
+def test_a_model_that_overflows_is_measured_as_nan_without_raising() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    initial = {name: p.detach().clone() for name, p in net.named_parameters()}
+    with torch.no_grad():
+        net[1].weight.mul_(1e30)
+        net[3].weight.mul_(1e30)  # finite weights, infinite logits
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    summary, points = measure(net, initial, x, y, x[:20], y[:20], seed=0)
+    for key in ("transitions", "transition_density", "jacobian_norm", *POINT_STATISTICS):
+        assert math.isnan(summary[key]), key
+    assert math.isfinite(summary["log_spectral_product"]) and len(points) == 20
+
+
+def test_num_units_counts_every_piecewise_linear_element() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 5), nn.Hardtanh(), nn.Linear(5, 2))
+    assert num_units(net, torch.randn(1, 3, 2, 2)) == 7 + 5

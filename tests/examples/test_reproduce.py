@@ -47,6 +47,10 @@ MEASUREMENTS = [
 ]
 BOOKKEEPING = [
     "model_id",
+    "status",
+    "diverged_epoch",
+    "error",
+    "num_units",
     "lr_level",
     "num_train_points",
     "num_val_points",
@@ -70,7 +74,9 @@ def _row(section: str, first_cells: str) -> list[str]:
 def test_table_has_every_hyper_parameter_and_measurement(quick: Path) -> None:
     table = pd.read_csv(quick / "out" / "results.csv")
     assert set(HPARAM_COLUMNS + MEASUREMENTS + BOOKKEEPING) <= set(table.columns)
-    assert len(table) == len(sweep_grid(quick=True).configs) == table.model_id.nunique()
+    assert len(table) == len(sweep_grid("quick").configs) == table.model_id.nunique()
+    assert set(table.status) <= {"fit", "did not fit"} and (table.status == "fit").eq(table.reached_target).all()
+    assert (table.num_units == table.width * table.depth).all()
     assert not table[["gap_loss", "gap_accuracy", "jacobian_norm", "sharpness", "transitions"]].isna().any().any()
     assert (table.jacobian_norm > 0).all() and (table.param_norm > table.distance_from_init * 0).all()
     np.testing.assert_allclose(table.gap_loss, table.val_loss - table.train_loss)
@@ -132,7 +138,15 @@ def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) 
     for name in FIGURES.values():
         assert f"](figures/{name})" in report
     assert "Wall time: " in _section(report, "Closing note")
-    assert "| F1 (loss gap) |" in _section(report, "Closing note")
+    summary = _section(report, "Summary")
+    # F1's verdict is the accuracy gap's, and the summary opens with it; the loss gap is a further check
+    lines = summary.strip().splitlines()
+    first = lines[lines.index("|---|---|---|---|") + 1]
+    assert first.startswith("| F1 |") and "1 - test accuracy" in first
+    assert "| F1, further check: the loss gap |" in summary and "check, not a verdict" in summary
+    assert summary.index("| F1 |") < summary.index("further check")
+    assert "| Sizes |" in summary and "| F2 (transitions per unit length) |" in summary
+    assert "| F1 |" in _section(report, "Closing note")
 
     # F1, recomputed here from the table with scipy directly, over the fitted grid models
     grid = table[(table.activation == "relu") & (table.augment == "none") & (table.random_label_fraction == 0)
@@ -140,6 +154,8 @@ def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) 
     fitted = grid[grid.reached_target]
     f1 = _section(report, "F1")
     assert f"Population: {len(fitted)} of the {len(grid)} grid models" in f1
+    head = stats.kendalltau(fitted.jacobian_norm, fitted.gap_accuracy).statistic
+    assert f"Kendall tau {num(head)} [" in first
     for column, label in MEASURES.items():
         values = fitted[column] if column != "uncertainty" else 1 - fitted.confidence
         for gap, gap_label in GAPS.items():
@@ -171,18 +187,33 @@ def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) 
     for column in ("f4_spearman_jacobian", "f4_auc_max_softmax", "f4_partial_spearman"):
         assert _row(f4, column)[1:3] == [str(models[column].notna().sum()), num(models[column].median())]
 
-    # F2 from its own profiles
+    # Sizes: the raw count's tau with the units, from the table
+    sizes = _section(report, "Sizes")
+    units_tau = stats.kendalltau(fitted.transitions, fitted.width * fitted.depth)
+    assert _row(sizes, "raw count")[1:4] == [str(len(fitted)), num(units_tau.statistic), f"{units_tau.pvalue:.2g}"]
+
+    # F2 from its own profiles: the density per unit length is the segments' transitions over their length
     profiles = pd.read_csv(quick / "out" / "manifold_profiles.csv")
     f2 = _section(report, "F2")
-    on = profiles[(profiles.model == "trained") & (profiles.kind == "one class") & (profiles.u < 0.1)]
-    near = on.groupby("ellipse").jacobian_norm.mean().mean()
-    assert _row(f2, "one class | Jacobian norm | near < between (trained)")[3] == num(near)
+    trained = profiles[(profiles.model == "trained") & (profiles.kind == "different classes")]
+    near_points = trained[trained.u < 0.1]
+    near = near_points.groupby("ellipse").jacobian_norm.mean().mean()
+    assert _row(f2, "trained | Jacobian norm | different classes: near < between")[3] == num(near)
+    near_segments = trained[trained.u_segment < 0.1].groupby("ellipse")[["segment_transitions", "segment_length"]].sum()
+    density = (near_segments.segment_transitions / near_segments.segment_length).mean()
+    cells = _row(f2, "trained | transitions per unit length | different classes: near < between")
+    assert cells[3] == num(density)
+    assert _row(f2, "first fit | transitions per unit length | different classes: near < between")
+    curves = pd.read_csv(quick / "out" / "manifold.csv")
+    random = curves[curves.kind == "random ellipse"]
+    assert (random.min_distance > 0).all() and (curves[curves.kind != "random ellipse"].min_distance == 0).all()
     unfitted = _section(report, "Models that did not fit")
-    for model_id in table[~table.reached_target].model_id:
-        assert f"| {model_id} |" in unfitted
+    for model_id, status in zip(table[~table.reached_target].model_id, table[~table.reached_target].status,
+                                strict=True):
+        assert f"| {model_id} | {status} |" in unfitted
 
 
-def test_command_line_checks() -> None:
+def test_command_line_checks(tmp_path: Path) -> None:
     args = parse_args(["--quick", "--jobs", "2", "--dataset", "cifar100", "--data-dir", "d", "--download"])
     assert args.quick and args.jobs == 2 and args.dataset == "cifar100" and args.download
     with pytest.raises(SystemExit):
@@ -193,3 +224,14 @@ def test_command_line_checks() -> None:
         parse_args(["--dataset", "imagenet"])
     with pytest.raises(SystemExit):
         parse_args(["--ellipse-points", "100"])
+    assert parse_args([]).grid == "default" and parse_args(["--grid", "small"]).grid == "small"
+    with pytest.raises(SystemExit):
+        parse_args(["--grid", "huge"])
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--grid", "small"])
+    with pytest.raises(SystemExit):
+        parse_args(["--data-file", "no-such-file.npz"])
+    (tmp_path / "mine.npz").write_bytes(b"")
+    assert parse_args(["--data-file", str(tmp_path / "mine.npz")]).data_file == tmp_path / "mine.npz"
+    with pytest.raises(SystemExit):
+        parse_args(["--data-file", str(tmp_path / "mine.npz"), "--dataset", "mnist"])

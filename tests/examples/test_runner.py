@@ -1,8 +1,10 @@
-"""Running the sweep: a re-run trains nothing new, tables of two data sets are not mixed, and processes and Ray
-trials give the same models as one process."""
+"""Running the sweep: a re-run trains nothing new, tables of two data sets are not mixed, processes and Ray
+trials give the same models as one process, and a model that diverges, raises or kills its worker process is
+recorded against that model while the sweep goes on."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,14 +13,15 @@ import pandas as pd
 import pytest
 
 from examples.paper.data import DataSpec
-from examples.paper.grid import sweep_grid
-from examples.paper.runner import run_sweep
+from examples.paper.grid import ModelConfig, sweep_grid
+from examples.paper.runner import run_sweep, with_status
+from tests.examples._helpers import dying_worker
 
 
 @pytest.mark.slow
 def test_rerun_trains_nothing_new(quick: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = pd.read_csv(quick / "out" / "results.csv")
-    configs = sweep_grid(quick=True).configs
+    configs = sweep_grid("quick").configs
     run_sweep(configs, DataSpec(), quick / "out" / "results.csv", quick / "runs", quick / "out" / "points")
     assert f"{len(configs)} already in" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(quick / "out" / "results.csv"), before)
@@ -27,12 +30,12 @@ def test_rerun_trains_nothing_new(quick: Path, capsys: pytest.CaptureFixture[str
 def test_a_table_of_another_data_set_is_not_mixed_in(tmp_path: Path) -> None:
     pd.DataFrame({"model_id": ["m"], "dataset": ["mnist"]}).to_csv(tmp_path / "results.csv", index=False)
     with pytest.raises(ValueError, match=r"holds models trained on \['mnist'\], not on 'digits'"):
-        run_sweep(sweep_grid(quick=True).configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
+        run_sweep(sweep_grid("quick").configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
 
 
 @pytest.mark.slow
 def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
-    configs = sweep_grid(quick=True, max_epochs=2).configs[:3]
+    configs = sweep_grid("quick", max_epochs=2).configs[:3]
     table = run_sweep(
         configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2
     )
@@ -48,7 +51,7 @@ def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray.tune")
-    configs = sweep_grid(quick=True).configs
+    configs = sweep_grid("quick").configs
     table = run_sweep(
         configs,
         DataSpec(),
@@ -65,3 +68,53 @@ def test_quick_sweep_on_a_local_ray_instance(quick: Path, tmp_path: Path) -> Non
         np.testing.assert_allclose(table[column].astype(float), serial[column].astype(float), rtol=1e-6)
     assert (tmp_path / "runs" / "reproduce-digits" / configs[0].model_id).is_dir()
     assert re.fullmatch(r"[\w.\-]+", configs[0].model_id)
+
+
+#: A model made to diverge (SGD at a learning rate of 1e12: its loss is infinite within the first epoch), one
+#: whose worker raises (an activation that does not exist), and one that trains.
+DIVERGES = ModelConfig(16, 1, "relu", "sgd", 1e12, 32, "none", 0.0, 0, 3)
+RAISES = ModelConfig(16, 1, "no-such-activation", "sgd", 0.1, 32, "none", 0.0, 0, 3)
+TRAINS = ModelConfig(16, 1, "relu", "adam", 0.003, 32, "none", 0.0, 0, 2)
+
+
+def test_a_diverged_or_failed_model_is_recorded_and_the_sweep_goes_on(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    configs = [DIVERGES, RAISES, TRAINS]
+    table = run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points")
+    rows = table.set_index("model_id")
+    diverged, failed, trained = (rows.loc[c.model_id] for c in configs)
+    assert diverged.status == "diverged" and diverged.diverged_epoch == 1 == diverged.epochs_trained
+    assert not diverged.reached_target
+    # no measures for a model that diverged, and no per-point records
+    assert pd.isna(diverged[["jacobian_norm", "log_spectral_product", "gap_accuracy", "transitions"]]).all()
+    assert not (tmp_path / "points" / f"{DIVERGES.model_id}.csv").exists()
+    assert failed.status == "failed" and "KeyError" in failed.error and "no-such-activation" in failed.error
+    assert not failed.reached_target and pd.isna(failed.jacobian_norm)
+    assert trained.status in {"fit", "did not fit"} and trained.jacobian_norm > 0 and pd.isna(trained.error)
+    # a re-run trains none of them again
+    capsys.readouterr()
+    before = (tmp_path / "results.csv").read_bytes()
+    again = run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points")
+    assert "3 already in" in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_bytes() == before
+    assert again.status.tolist() == table.status.tolist() == ["diverged", "failed", trained.status]
+
+
+def test_an_old_table_gets_its_status_from_the_fit_criterion() -> None:
+    old = pd.DataFrame({"model_id": ["a", "b"], "reached_target": [True, False]})
+    table = with_status(old)
+    assert table.status.tolist() == ["fit", "did not fit"]
+    assert table.diverged_epoch.isna().all() and table.error.isna().all()
+
+
+@pytest.mark.slow
+def test_a_worker_process_that_dies_is_recorded_against_its_model(tmp_path: Path) -> None:
+    dies = dataclasses.replace(TRAINS, width=13)
+    configs = [dies, TRAINS, DIVERGES]
+    table = run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path / "runs", tmp_path / "points", jobs=2,
+                      worker=dying_worker).set_index("model_id")
+    # the model that kills its process, alone too, is failed; the one beside it the first time is trained again
+    assert table.loc[dies.model_id, "status"] == "failed"
+    assert "worker process died" in table.loc[dies.model_id, "error"]
+    assert table.loc[TRAINS.model_id, "status"] in {"fit", "did not fit"}
+    assert table.loc[DIVERGES.model_id, "status"] == "diverged"
