@@ -11,6 +11,11 @@ The math of the measurement (which rows are pulled back, and how their squared n
 - the models whose cut failed (:data:`_NO_CUT`), so that the cut is not tried again;
 - the vectorized backward pass (:func:`_pullback`), and its one fallback: one backward pass per row where an
   operator's backward cannot be batched (:func:`_no_batching_rule`).
+
+A differentiable forward pass (``differentiable=True``, for :func:`~lightning_sensitivity.functional.jacobian_penalty`,
+whose products are themselves differentiated with respect to the parameters) takes no shortcut (their backward gives
+no gradient to the parameters they read) and keeps the cut at the first linear layer attached to the graph, with a
+Gram matrix formed with autograd on.
 """
 
 from __future__ import annotations
@@ -85,10 +90,11 @@ class _Watcher(TorchFunctionMode):
     before or after the linear layer (a skip connection, a slice, an elementwise op), disables the cut.
     """
 
-    def __init__(self, x: Tensor, cut_first: bool) -> None:
+    def __init__(self, x: Tensor, cut_first: bool, differentiable: bool = False) -> None:
         super().__init__()
         self._tracked: list[Tensor] = [x]
         self._cut_first = cut_first
+        self._differentiable = differentiable
         self.valid = True
         self.weight: Tensor | None = None
         self.cut: Tensor | None = None
@@ -109,7 +115,7 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        result = _through_shortcut(func, args, kwargs, self._is_tracked)
+        result = None if self._differentiable else _through_shortcut(func, args, kwargs, self._is_tracked)
         if result is None:
             result = func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -142,7 +148,8 @@ class _Watcher(TorchFunctionMode):
             and args[0].ndim == 2
         ):
             self.weight = weight
-            self.cut = result.detach().requires_grad_(True)
+            # Differentiable: the cut stays a function of the first layer's weight and bias.
+            self.cut = result if self._differentiable else result.detach().requires_grad_(True)
             # The products stop at the cut: the results before it (views of the input) get no gradient.
             self.largest = self.cut.numel()
             self._last = None  # the first layer is never the last one we stop at: its input is the input
@@ -155,8 +162,9 @@ class _Forwards:
     """The forward passes of one measurement, one per chunk of points. The first chunk decides whether the input
     is cut at its first linear layer; the later ones follow that decision and reuse its Gram matrix."""
 
-    def __init__(self, model: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    def __init__(self, model: Callable[[Tensor], Tensor], x: Tensor, differentiable: bool = False) -> None:
         self.model = model
+        self.differentiable = differentiable
         self._key = _model_key(model, x)
         # None: not known yet (decided on the first chunk). A model seen before whose input cut failed is not
         # cut again: a failed cut costs a second forward pass.
@@ -167,7 +175,7 @@ class _Forwards:
     def __call__(self, x: Tensor) -> _Forward:
         leaf = _fresh_input(x).requires_grad_(True)
         cut_first = self.use_shortcut is not False
-        watcher = _Watcher(leaf, cut_first)
+        watcher = _Watcher(leaf, cut_first, self.differentiable)
         with watcher:
             z = self.model(leaf)
         _check_output(z, x.shape[0])
@@ -175,14 +183,18 @@ class _Forwards:
         if cut_first:
             if watcher.cut is not None and watcher.valid:
                 self.use_shortcut = True
-                if self.gram is None:
-                    self.gram = _gram(watcher.weight)
-                wrt, gram = watcher.cut, self.gram
+                if self.differentiable:  # a function of the weight, formed anew: never cached with its graph
+                    assert watcher.weight is not None
+                    wrt, gram = watcher.cut, watcher.weight @ watcher.weight.T
+                else:
+                    if self.gram is None:
+                        self.gram = _gram(watcher.weight)
+                    wrt, gram = watcher.cut, self.gram
             else:
                 self.use_shortcut = False
             if watcher.cut is not None and not watcher.valid:  # the input has other uses: the whole graph again
                 _NO_CUT.add(self._key, self.model)
-                watcher = _Watcher(leaf, cut_first=False)
+                watcher = _Watcher(leaf, cut_first=False, differentiable=self.differentiable)
                 with watcher:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
@@ -257,9 +269,12 @@ class _ModelMemo:
 _NO_CUT = _ModelMemo()
 
 
-def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching) -> Tensor:
+def _pullback(
+    out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching, create_graph: bool = False
+) -> Tensor:
     """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass unless ``batching`` says
-    otherwise.
+    otherwise; with ``create_graph``, as a differentiable function of the parameters, of ``wrt`` and of the
+    cotangents.
 
     ``is_grads_batched`` runs the backward of a convolution or a batch norm once per row; ``torch.func.vmap`` over
     ``autograd.grad`` folds the rows into their batch instead, and is taken for models that have them (for matrix
@@ -271,10 +286,17 @@ def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching)
             try:
                 if batching.vmap:
                     return torch.func.vmap(
-                        lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
+                        lambda v: torch.autograd.grad(
+                            out, wrt, grad_outputs=v, retain_graph=True, create_graph=create_graph
+                        )[0]
                     )(cotangents)
                 (rows,) = torch.autograd.grad(
-                    out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+                    out,
+                    wrt,
+                    grad_outputs=cotangents,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    create_graph=create_graph,
                 )
                 return rows
             except RuntimeError as error:
@@ -283,7 +305,10 @@ def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching)
                 batching.per_row = True
                 _warn_per_row(error)
         return torch.stack(
-            [torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
+            [
+                torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True, create_graph=create_graph)[0]
+                for v in cotangents
+            ]
         )
 
 
