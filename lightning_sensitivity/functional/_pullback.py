@@ -15,7 +15,7 @@ The math of the measurement (which rows are pulled back, and how their squared n
 A differentiable forward pass (``differentiable=True``, for :func:`~lightning_sensitivity.functional.jacobian_penalty`,
 whose products are themselves differentiated with respect to the parameters) takes no shortcut (their backward gives
 no gradient to the parameters they read) and keeps the cut at the first linear layer attached to the graph, with a
-Gram matrix formed with autograd on.
+Gram matrix formed anew with autograd on, and only where that costs less than pulling the rows through the layer.
 """
 
 from __future__ import annotations
@@ -90,11 +90,14 @@ class _Watcher(TorchFunctionMode):
     before or after the linear layer (a skip connection, a slice, an elementwise op), disables the cut.
     """
 
-    def __init__(self, x: Tensor, cut_first: bool, differentiable: bool = False) -> None:
+    def __init__(
+        self, x: Tensor, cut_first: bool, differentiable: bool = False, cut_below: int | None = None
+    ) -> None:
         super().__init__()
         self._tracked: list[Tensor] = [x]
         self._cut_first = cut_first
         self._differentiable = differentiable
+        self._cut_below = cut_below  # cut only a layer with fewer outputs than this (None: any narrower one)
         self.valid = True
         self.weight: Tensor | None = None
         self.cut: Tensor | None = None
@@ -144,6 +147,7 @@ class _Watcher(TorchFunctionMode):
             and isinstance(weight, Tensor)
             and not self._is_tracked(weight)
             and weight.shape[0] < weight.shape[1]
+            and (self._cut_below is None or weight.shape[0] < self._cut_below)
             and result.shape[:-1] == args[0].shape[:-1]
             and args[0].ndim == 2
         ):
@@ -162,9 +166,14 @@ class _Forwards:
     """The forward passes of one measurement, one per chunk of points. The first chunk decides whether the input
     is cut at its first linear layer; the later ones follow that decision and reuse its Gram matrix."""
 
-    def __init__(self, model: Callable[[Tensor], Tensor], x: Tensor, differentiable: bool = False) -> None:
+    def __init__(
+        self, model: Callable[[Tensor], Tensor], x: Tensor, differentiable: bool = False, rows: int | None = None
+    ) -> None:
         self.model = model
         self.differentiable = differentiable
+        # A differentiable pass forms W W^T anew (H^2 D products), where pulling its rows through W takes
+        # rows x B x H x D: it cuts only a first layer narrower than its rows (None: rows not known, any narrower).
+        self.rows = rows
         self._key = _model_key(model, x)
         # None: not known yet (decided on the first chunk). A model seen before whose input cut failed is not
         # cut again: a failed cut costs a second forward pass.
@@ -175,7 +184,8 @@ class _Forwards:
     def __call__(self, x: Tensor) -> _Forward:
         leaf = _fresh_input(x).requires_grad_(True)
         cut_first = self.use_shortcut is not False
-        watcher = _Watcher(leaf, cut_first, self.differentiable)
+        cut_below = self.rows * x.shape[0] if self.differentiable and self.rows is not None else None
+        watcher = _Watcher(leaf, cut_first, self.differentiable, cut_below)
         with watcher:
             z = self.model(leaf)
         _check_output(z, x.shape[0])
@@ -282,6 +292,11 @@ def _pullback(
     :func:`_no_batching_rule` recognizes), the rows are pulled back one by one, for the rest of the measurement,
     with a warning; every other error, out-of-memory included, propagates as it is."""
     with _checkpoint_explained():
+        if cotangents.shape[0] == 1:  # one row: a plain backward pass, without the batching machinery
+            (row,) = torch.autograd.grad(
+                out, wrt, grad_outputs=cotangents[0], retain_graph=True, create_graph=create_graph
+            )
+            return row[None]
         if not batching.per_row:
             try:
                 if batching.vmap:

@@ -131,8 +131,10 @@ def jacobian_penalty(
     **Cost.** One forward pass, then :math:`K` vector-Jacobian products (exact: :math:`C - 1` for the softmax,
     :math:`C` for the logits) in one vectorized backward pass with ``create_graph=True``, kept for the loss's
     backward pass, which then differentiates them (about twice their cost again). When the input's first use is a
-    linear layer :math:`h = W x + b` with fewer outputs than inputs, the products stop at :math:`h` and the norm is
-    completed with :math:`W W^\top`, formed in the graph. The measurement's other shortcuts (a last linear layer,
+    linear layer :math:`h = W x + b` with fewer outputs :math:`H` than inputs :math:`D`, and (projection) than the
+    :math:`K B` rows of the batch, the products stop at :math:`h` and the norm is completed with :math:`W W^\top`,
+    formed in the graph at every call (:math:`H^2 D` products, against :math:`K B H D` to pull the rows through
+    :math:`W`). The measurement's other shortcuts (a last linear layer,
     the CPU's batch-norm and first-convolution backward) are not taken: they give no gradient to the parameters they
     read. ``benchmarks/penalty.py`` measures a training step with the penalty against one without and against
     JacobianReg's algorithm; the figures are in ``docs/benchmarks.md``.
@@ -187,7 +189,8 @@ def jacobian_penalty(
         return (empty, torch.zeros(0, 0, device=x.device)) if return_logits else empty
     plan = _RowPlan(output, method, num_projections, generator if generator is not None else _own_generator())
     with measuring(model, x.device, grad=True) as net:
-        fwd = _Forwards(net, x, differentiable=True)(x)
+        rows = num_projections if method == "projection" else None  # exact: C - 1 or C, known after the pass
+        fwd = _Forwards(net, x, differentiable=True, rows=rows)(x)
         penalty = _squared_norms(plan, fwd).mean().to(out_dtype)
     return (penalty, fwd.logits) if return_logits else penalty
 

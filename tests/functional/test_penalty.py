@@ -234,14 +234,19 @@ def test_projection_is_unbiased_with_the_stated_variance_and_its_gradient_is_unb
     assert float(values_t.var()) == pytest.approx(variance, rel=0.2)
 
 
-def test_projection_with_all_directions_is_exact():
+@pytest.mark.parametrize("name", ["mlp_tanh", "mlp_first_layer_narrower"])
+def test_projection_with_all_directions_is_exact_in_value_and_gradient(name):
+    """At K = C the orthonormal directions span the classes. (With the narrower first layer, K B = 20 rows exceed
+    its 5 outputs: the projection stops there too, through W W^T.)"""
     torch.manual_seed(0)
-    model = mlp_tanh().double()
-    x = torch.randn(5, 6, dtype=torch.float64)
+    model = MODELS[name]().double()
+    x = inputs_for(name, torch.float64)
     for output in ("softmax", "logits"):
         exact = jacobian_penalty(model, x, output=output, method="exact")
         full = jacobian_penalty(model, x, output=output, num_projections=4, generator=torch.Generator().manual_seed(3))
         assert float(full.detach()) == pytest.approx(float(exact.detach()), rel=1e-12)
+        expected = gradients(model, exact)
+        assert all(relative(g, expected[k]) < 1e-10 for k, g in gradients(model, full).items() if expected[k].any())
 
 
 def test_generator_draws_reproducibly_and_the_default_stream_moves_on():
