@@ -9,6 +9,7 @@ accuracy), or until its epoch budget: ``max_epochs`` for mini-batches, ten times
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,10 +48,18 @@ def training_labels(y: Tensor, num_classes: int, fraction: float, seed: int) -> 
     return torch.where(flip, torch.randint(0, num_classes, y.shape, generator=generator), y)
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any = None) -> tuple[int, float]:
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: ModelConfig,
+    writer: Any = None,
+    penalty: Callable[[nn.Module, Tensor], Tensor] | None = None,
+) -> tuple[int, float]:
     """Train ``model`` on ``(x, y)`` until it classifies all of them in eval mode or ``config.max_epochs`` pass;
     return the epochs trained and the final training accuracy. Batch order and noise come from a generator
-    seeded by ``config.seed``."""
+    seeded by ``config.seed``. ``penalty(model, inputs)``, when given, is added to each batch's loss (the causal
+    experiment's regularizers, ``examples.paper.causal``)."""
     generator = torch.Generator().manual_seed(config.seed + 2)
     if config.optimizer == "adam":
         # The fused kernel: one call per parameter tensor, which matters for networks this small.
@@ -68,6 +77,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any
         for start in range(0, len(x), batch):
             index = order[start : start + batch]
             loss = F.cross_entropy(model(inputs[index]), y[index])
+            if penalty is not None:
+                loss = loss + penalty(model, inputs[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
