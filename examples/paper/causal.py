@@ -95,16 +95,17 @@ class CausalModel:
         return f"{self.config.model_id}{suffix}"
 
 
-def causal_design(quick: bool = False, max_epochs: int | None = None, seeds: Sequence[int] | None = None) -> list[CausalModel]:
-    """Every model of the design: for each base and seed, the unregularized twin, the Jacobian penalty at each
-    nonzero strength, and weight decay at each strength.
+def causal_design(quick: bool = False, max_epochs: int | None = None, seeds: Sequence[int] | None = None,
+                  num_bases: int | None = None) -> list[CausalModel]:
+    """Every model of the design: for each base (the first ``num_bases``; default all) and seed, the unregularized
+    twin, the Jacobian penalty at each nonzero strength, and weight decay at each strength.
 
     Example:
         >>> design = causal_design(quick=True)
         >>> [(m.regularizer, m.strength) for m in design if m.config.seed == 0]
         [('none', 0.0), ('jacobian', 0.03), ('weight_decay', 0.001)]
     """
-    bases = QUICK_BASES if quick else BASES
+    bases = (QUICK_BASES if quick else BASES)[:num_bases]
     seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
     epochs = max_epochs if max_epochs is not None else (QUICK_MAX_EPOCHS if quick else 300)
     penalties = QUICK_PENALTY_STRENGTHS if quick else PENALTY_STRENGTHS
@@ -354,9 +355,10 @@ def effects_table(effects: pd.DataFrame, kind: str) -> str:
     return markdown_table(frame)
 
 
-def design_text(quick: bool, data: CausalData, max_epochs: int | None, seeds: Sequence[int] | None) -> str:
+def design_text(quick: bool, data: CausalData, max_epochs: int | None, seeds: Sequence[int] | None,
+                num_bases: int | None = None) -> str:
     """The design as the report states it, before any number."""
-    design = causal_design(quick, max_epochs, seeds)
+    design = causal_design(quick, max_epochs, seeds, num_bases)
     bases = sorted({m.base_id for m in design})
     used_seeds = sorted({m.config.seed for m in design})
     penalties = sorted({m.strength for m in design if m.regularizer == "jacobian"})
