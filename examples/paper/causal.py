@@ -61,8 +61,9 @@ QUICK_WEIGHT_DECAYS = (1e-3,)
 #: How the weight decays were chosen, as the report states it.
 WEIGHT_DECAY_TRIAL = (
     "chosen in a trial on digits (base `w256-d3-sgd0.02-b32`, seed 0) in which the penalty at 0.01, 0.03 and 0.1 "
-    "changed the parameter norm by x1.01, x1.04 and x1.32 (it raised it) and these weight decays by x0.98, x0.86 "
-    "and x0.54: factors of about the same size, the other way (weight decay can only lower it)"
+    "changed the parameter norm by x1.01, x1.04 and x1.32 (it raised it) and weight decays 0.0001, 0.001 and "
+    "0.003 by x0.98, x0.86 and x0.54: factors of about the same size, the other way (weight decay can only "
+    "lower it)"
 )
 #: The penalty as every penalized model computes it: the softmax Jacobian (the measured quantity), the projection
 #: estimator with two products per point (the most probable class's row exact, one direction for the others).
@@ -96,9 +97,11 @@ class CausalModel:
 
 
 def causal_design(quick: bool = False, max_epochs: int | None = None, seeds: Sequence[int] | None = None,
-                  num_bases: int | None = None) -> list[CausalModel]:
+                  num_bases: int | None = None, strengths: Sequence[float] | None = None,
+                  weight_decays: Sequence[float] | None = None) -> list[CausalModel]:
     """Every model of the design: for each base (the first ``num_bases``; default all) and seed, the unregularized
-    twin, the Jacobian penalty at each nonzero strength, and weight decay at each strength.
+    twin, the Jacobian penalty at each nonzero strength, and weight decay at each strength (``strengths`` and
+    ``weight_decays`` replace the defaults).
 
     Example:
         >>> design = causal_design(quick=True)
@@ -108,8 +111,8 @@ def causal_design(quick: bool = False, max_epochs: int | None = None, seeds: Seq
     bases = (QUICK_BASES if quick else BASES)[:num_bases]
     seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
     epochs = max_epochs if max_epochs is not None else (QUICK_MAX_EPOCHS if quick else 300)
-    penalties = QUICK_PENALTY_STRENGTHS if quick else PENALTY_STRENGTHS
-    decays = QUICK_WEIGHT_DECAYS if quick else WEIGHT_DECAYS
+    penalties = strengths if strengths is not None else (QUICK_PENALTY_STRENGTHS if quick else PENALTY_STRENGTHS)
+    decays = weight_decays if weight_decays is not None else (QUICK_WEIGHT_DECAYS if quick else WEIGHT_DECAYS)
     design = []
     for width, depth, optimizer, level, batch in bases:
         for seed in seeds:
@@ -337,6 +340,25 @@ def verdicts(effects: pd.DataFrame) -> dict[str, Any]:
     return {"v1a": v1a, "v1a_strengths": acts, "v1b": v1b, "v1b_strengths": lowered, "v2": v2, "special": special}
 
 
+def largest_changes(effects: pd.DataFrame) -> list[str]:
+    """For each regularizer, the strength with the largest median fall of the loss gap, and what the Jacobian norms,
+    the accuracy gap and the held-out accuracy did there (one bullet each)."""
+    bullets = []
+    for kind, name in (("jacobian", "Jacobian penalty"), ("weight_decay", "weight decay")):
+        rows = effects[(effects.regularizer == kind) & (effects.pairs >= MIN_PAIRS)]
+        gaps = rows[rows.quantity == "gap_loss"]
+        if not len(gaps):
+            continue
+        strength = float(gaps.loc[gaps.median_change.idxmin()].strength)
+        at = rows[rows.strength == strength].set_index("quantity").median_change
+        bullets.append(
+            f"- {name} at {strength:g}: loss gap {at['gap_loss']:+.4f}, accuracy gap {at['gap_accuracy']:+.4f}, "
+            f"held-out accuracy {at['val_accuracy']:+.4f}; Jacobian norm x{at['jacobian_norm']:.3f} (held-out), "
+            f"x{at['jacobian_norm_train']:.3f} (training points); parameter norm x{at['param_norm']:.3f}."
+        )
+    return bullets
+
+
 def effects_table(effects: pd.DataFrame, kind: str) -> str:
     """One regularizer's effects: a row per strength and quantity."""
     rows = effects[effects.regularizer == kind]
@@ -355,10 +377,8 @@ def effects_table(effects: pd.DataFrame, kind: str) -> str:
     return markdown_table(frame)
 
 
-def design_text(quick: bool, data: CausalData, max_epochs: int | None, seeds: Sequence[int] | None,
-                num_bases: int | None = None) -> str:
+def design_text(design: Sequence[CausalModel], data: CausalData) -> str:
     """The design as the report states it, before any number."""
-    design = causal_design(quick, max_epochs, seeds, num_bases)
     bases = sorted({m.base_id for m in design})
     used_seeds = sorted({m.config.seed for m in design})
     penalties = sorted({m.strength for m in design if m.regularizer == "jacobian"})
@@ -418,13 +438,23 @@ def write_report(out: Path, table: pd.DataFrame, design: str, setup: Sequence[st
               for gap in ("gap_loss", "gap_accuracy")),
             *(f"| Is the Jacobian special ({gap.replace('_', ' ').replace('gap ', '')} gap)? | **{found['special'][gap]}** |"
               for gap in ("gap_loss", "gap_accuracy")),
+            "",
+            "Beside the verdicts, the largest median changes (pairs that both fit):",
+            "",
+            *largest_changes(effects),
         ]
     lines += ["", "## Jacobian penalty against its unregularized twin", "", effects_table(effects, "jacobian") if len(effects) else "(no pairs)",
               "", "## Weight decay against its unregularized twin", "", effects_table(effects, "weight_decay") if len(effects) else "(no pairs)",
               "", "## Models that did not fit", ""]
     if len(unfitted):
-        columns = ["model_id", "regularizer", "strength", "epochs_trained", "train_accuracy", "diverged"]
-        lines.append(markdown_table(unfitted.reindex(columns=columns), digits=4))
+        lines.append(markdown_table(pd.DataFrame({
+            "model": unfitted.model_id,
+            "regularizer": unfitted.regularizer,
+            "strength": unfitted.strength.map(lambda v: f"{v:g}"),
+            "epochs": unfitted.epochs_trained.astype(int),
+            "training accuracy": unfitted.reindex(columns=["train_accuracy"]).train_accuracy.astype(float),
+            "diverged": unfitted.diverged.astype(bool),
+        }), digits=4))
     else:
         lines.append("Every model reached the fit criterion.")
     lines += ["", "## Run", "", *[f"- {line}" for line in setup], "",
