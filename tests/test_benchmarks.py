@@ -40,6 +40,32 @@ def test_jacobian_benchmark_quick_mode_prints_its_tables():
         assert header in stdout, stdout[-3000:]
 
 
+@pytest.mark.slow
+def test_penalty_benchmark_quick_mode_prints_its_table():
+    stdout = _quick_run("penalty", timeout=600)
+    assert "== one SGD step: cross-entropy alone, with the logits' Jacobian penalty (ours), with JacobianReg's ==" in stdout
+    for name in ("digits MLP 64-64-64-10", "small CNN (2 conv + linear)", "resnet18, 3x32x32, C=10"):
+        assert stdout.count(name) == 3, name  # K = 1, K = 3 and exact
+    assert stdout.count("time x variance, ours/JacobianReg") == 6
+
+
+def test_jacobian_reg_reimplementation_estimates_the_squared_norm():
+    """The benchmark's reference is JacobianReg's algorithm: exact with its unit vectors, unbiased with random ones."""
+    import torch
+
+    from benchmarks.penalty import jacobian_reg
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+    x = torch.randn(6, 5, requires_grad=True)
+    z = model(x)
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x.detach())
+    exact = jacobians.pow(2).sum() / 6
+    assert torch.allclose(jacobian_reg(x, z, None), exact)
+    draws = torch.stack([jacobian_reg(x, z, 2).detach() for _ in range(4000)])
+    assert abs(float(draws.mean() / exact) - 1) < 4 * float(draws.std() / exact) / 4000**0.5
+
+
 def test_the_hook_timer_times_the_monitors_hooks_and_leaves_their_values_alone():
     from benchmarks.overhead import _timing_hooks
     from examples.digits import train

@@ -11,6 +11,7 @@ become NaN or infinite stops at once and is recorded as diverged, with the epoch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,10 +71,18 @@ class FitResult:
         return self.diverged_epoch is not None
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: ModelConfig,
+    writer: Any = None,
+    penalty: Callable[[nn.Module, Tensor], Tensor] | None = None,
+) -> FitResult:
     """Train ``model`` on ``(x, y)`` until it classifies all of them in eval mode, ``config.max_epochs`` pass, or
     its loss or weights become NaN or infinite (checked at every step and after every epoch). Batch order and
-    noise come from a generator seeded by ``config.seed``.
+    noise come from a generator seeded by ``config.seed``. ``penalty(model, inputs)``, when given, is added to each
+    batch's loss (the causal experiment's regularizers, ``examples.paper.causal``).
 
     Example:
         >>> from examples.paper.grid import ModelConfig
@@ -101,6 +110,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: ModelConfig, writer: Any
         for start in range(0, len(x), batch):
             index = order[start : start + batch]
             loss = F.cross_entropy(model(inputs[index]), y[index])
+            if penalty is not None:
+                loss = loss + penalty(model, inputs[index])
             value = loss.item()
             if not math.isfinite(value):
                 return FitResult(epoch, math.nan, epoch)

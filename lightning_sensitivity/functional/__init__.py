@@ -1,5 +1,6 @@
 """Plain-PyTorch measurements of sensitivity (no Lightning import): Jacobian norms, activation codes,
-trajectories through the data, and linear-region transitions along them."""
+trajectories through the data, and linear-region transitions along them; and the Jacobian penalty that trains
+against the Jacobian norm."""
 
 from lightning_sensitivity.functional.activations import (
     ActivationCodes,
@@ -8,6 +9,7 @@ from lightning_sensitivity.functional.activations import (
 )
 from lightning_sensitivity.functional.evaluation import class_logits, logits_from_probabilities, measuring
 from lightning_sensitivity.functional.jacobian import jacobian_norm
+from lightning_sensitivity.functional.penalty import jacobian_penalty
 from lightning_sensitivity.functional.trajectories import (
     Trajectory,
     ellipse_through,
@@ -29,6 +31,7 @@ __all__ = [
     "gaussian_anchors",
     "jacobian_norm",
     "logits_from_probabilities",
+    "jacobian_penalty",
     "measuring",
     "shuffled_anchors",
     "trajectory_through",

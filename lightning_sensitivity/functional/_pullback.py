@@ -13,6 +13,11 @@ The math of the measurement (which rows are pulled back, and how their squared n
   operator's backward cannot be batched (:func:`_no_batching_rule`);
 - the pull-back of a model that runs part of its forward pass through a reentrant activation checkpoint
   (:meth:`_Forwards.repeated_pullback`), which ``torch.autograd.grad`` cannot differentiate.
+
+A differentiable forward pass (``differentiable=True``, for :func:`~lightning_sensitivity.functional.jacobian_penalty`,
+whose products are themselves differentiated with respect to the parameters) takes no shortcut (their backward gives
+no gradient to the parameters they read) and keeps the cut at the first linear layer attached to the graph, with a
+Gram matrix formed anew with autograd on, and only where that costs less than pulling the rows through the layer.
 """
 
 from __future__ import annotations
@@ -91,10 +96,14 @@ class _Watcher(TorchFunctionMode):
     before or after the linear layer (a skip connection, a slice, an elementwise op), disables the cut.
     """
 
-    def __init__(self, x: Tensor, cut_first: bool) -> None:
+    def __init__(
+        self, x: Tensor, cut_first: bool, differentiable: bool = False, cut_below: int | None = None
+    ) -> None:
         super().__init__()
         self._tracked: list[Tensor] = [x]
         self._cut_first = cut_first
+        self._differentiable = differentiable
+        self._cut_below = cut_below  # cut only a layer with fewer outputs than this (None: any narrower one)
         self.valid = True
         self.weight: Tensor | None = None
         self.cut: Tensor | None = None
@@ -118,7 +127,7 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        result = _through_shortcut(func, args, kwargs, self._is_tracked)
+        result = None if self._differentiable else _through_shortcut(func, args, kwargs, self._is_tracked)
         if result is None:
             result = func(*args, **kwargs)
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -149,11 +158,13 @@ class _Watcher(TorchFunctionMode):
             and isinstance(weight, Tensor)
             and not self._is_tracked(weight)
             and weight.shape[0] < weight.shape[1]
+            and (self._cut_below is None or weight.shape[0] < self._cut_below)
             and result.shape[:-1] == args[0].shape[:-1]
             and args[0].ndim == 2
         ):
             self.weight = weight
-            self.cut = result.detach().requires_grad_(True)
+            # Differentiable: the cut stays a function of the first layer's weight and bias.
+            self.cut = result if self._differentiable else result.detach().requires_grad_(True)
             # The products stop at the cut: the results before it (views of the input) get no gradient.
             self.largest = self.cut.numel()
             self._last = None  # the first layer is never the last one we stop at: its input is the input
@@ -166,8 +177,14 @@ class _Forwards:
     """The forward passes of one measurement, one per chunk of points. The first chunk decides whether the input
     is cut at its first linear layer; the later ones follow that decision and reuse its Gram matrix."""
 
-    def __init__(self, model: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    def __init__(
+        self, model: Callable[[Tensor], Tensor], x: Tensor, differentiable: bool = False, rows: int | None = None
+    ) -> None:
         self.model = model
+        self.differentiable = differentiable
+        # A differentiable pass forms W W^T anew (H^2 D products), where pulling its rows through W takes
+        # rows x B x H x D: it cuts only a first layer narrower than its rows (None: rows not known, any narrower).
+        self.rows = rows
         self._key = _model_key(model, x)
         # None: not known yet (decided on the first chunk). A model seen before whose input cut failed is not
         # cut again: a failed cut costs a second forward pass.
@@ -178,7 +195,8 @@ class _Forwards:
     def __call__(self, x: Tensor) -> _Forward:
         leaf = _fresh_input(x).requires_grad_(True)
         cut_first = self.use_shortcut is not False
-        watcher = _Watcher(leaf, cut_first)
+        cut_below = self.rows * x.shape[0] if self.differentiable and self.rows is not None else None
+        watcher = _Watcher(leaf, cut_first, self.differentiable, cut_below)
         with watcher:
             z = self.model(leaf)
         _check_output(z, x.shape[0])
@@ -186,14 +204,18 @@ class _Forwards:
         if cut_first:
             if watcher.cut is not None and watcher.valid:
                 self.use_shortcut = True
-                if self.gram is None:
-                    self.gram = _gram(watcher.weight)
-                wrt, gram = watcher.cut, self.gram
+                if self.differentiable:  # a function of the weight, formed anew: never cached with its graph
+                    assert watcher.weight is not None
+                    wrt, gram = watcher.cut, watcher.weight @ watcher.weight.T
+                else:
+                    if self.gram is None:
+                        self.gram = _gram(watcher.weight)
+                    wrt, gram = watcher.cut, self.gram
             else:
                 self.use_shortcut = False
             if watcher.cut is not None and not watcher.valid:  # the input has other uses: the whole graph again
                 _NO_CUT.add(self._key, self.model)
-                watcher = _Watcher(leaf, cut_first=False)
+                watcher = _Watcher(leaf, cut_first=False, differentiable=self.differentiable)
                 with watcher:
                     z = self.model(leaf)
                 _check_output(z, x.shape[0])
@@ -351,23 +373,38 @@ class _ModelMemo:
 _NO_CUT = _ModelMemo()
 
 
-def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching) -> Tensor:
+def _pullback(
+    out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching, create_graph: bool = False
+) -> Tensor:
     """``cotangents[k] @ d out / d wrt`` for every k, as one vectorized backward pass unless ``batching`` says
-    otherwise.
+    otherwise; with ``create_graph``, as a differentiable function of the parameters, of ``wrt`` and of the
+    cotangents.
 
     ``is_grads_batched`` runs the backward of a convolution or a batch norm once per row; ``torch.func.vmap`` over
     ``autograd.grad`` folds the rows into their batch instead, and is taken for models that have them (for matrix
     products ``is_grads_batched`` is a little faster). Where an operator's backward cannot be batched (the error
     :func:`_no_batching_rule` recognizes), the rows are pulled back one by one, for the rest of the measurement,
     with a warning; every other error, out-of-memory included, propagates as it is."""
+    if cotangents.shape[0] == 1:  # one row: a plain backward pass, without the batching machinery
+        (row,) = torch.autograd.grad(
+            out, wrt, grad_outputs=cotangents[0], retain_graph=True, create_graph=create_graph
+        )
+        return row[None]
     if not batching.per_row:
         try:
             if batching.vmap:
                 return torch.func.vmap(
-                    lambda v: torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0]
+                    lambda v: torch.autograd.grad(
+                        out, wrt, grad_outputs=v, retain_graph=True, create_graph=create_graph
+                    )[0]
                 )(cotangents)
             (rows,) = torch.autograd.grad(
-                out, wrt, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+                out,
+                wrt,
+                grad_outputs=cotangents,
+                is_grads_batched=True,
+                retain_graph=True,
+                create_graph=create_graph,
             )
             return rows
         except RuntimeError as error:
@@ -375,7 +412,12 @@ def _pullback(out: Tensor, wrt: Tensor, cotangents: Tensor, batching: _Batching)
                 raise
             batching.per_row = True
             _warn_per_row(error)
-    return torch.stack([torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True)[0] for v in cotangents])
+    return torch.stack(
+        [
+            torch.autograd.grad(out, wrt, grad_outputs=v, retain_graph=True, create_graph=create_graph)[0]
+            for v in cotangents
+        ]
+    )
 
 
 def _no_batching_rule(error: RuntimeError) -> bool:

@@ -204,25 +204,23 @@ def _norms_and_logits(
     return norms.to(out_dtype), torch.cat([logits for _, logits in chunks])
 
 
-class _Plan:
-    """What one call measures: the output, the method, and the rows pulled back from each chunk's forward pass
-    (whose shortcuts the first chunk decides)."""
+class _RowPlan:
+    """Which rows are pulled back from the logits: the output, the method, and the projection directions. Its
+    rows are differentiable functions of the logits, for :func:`~lightning_sensitivity.functional.jacobian_penalty`
+    (the measurement forms them without gradients)."""
 
     def __init__(
         self,
-        model: Callable[[Tensor], Tensor],
         output: str,
         method: str,
         num_projections: int | None,
         generator: torch.Generator | None,
-        x: Tensor,
     ) -> None:
         self.softmax = output == "softmax"
         self.probabilities = output == "probabilities"
         self.projection = method == "projection"
         self.num_projections = num_projections
         self.generator = generator
-        self._forwards = _Forwards(model, x)
 
     def _projections(self, z: Tensor) -> Tensor:
         """The rows of the projection estimator, ``[K, B, C]`` in float64, on the classes' probabilities (softmax)
@@ -253,7 +251,7 @@ class _Plan:
             self.generator = torch.Generator().manual_seed(0)
         return self.generator
 
-    def _rows(self, z: Tensor, dtype: torch.dtype) -> tuple[int, _Rows, bool]:
+    def rows(self, z: Tensor, dtype: torch.dtype) -> tuple[int, _Rows, bool]:
         """The rows to pull back, as cotangents on the logits ``z`` (float64) of a model computing in ``dtype``:
         their number, a function that forms rows ``[j0, j1)`` (see :data:`_Rows`), and whether the row left out
         (the exact softmax's most probable class, minus the sum of the others) must be added back."""
@@ -298,6 +296,23 @@ class _Plan:
 
         return c - 1, other_classes, True
 
+
+class _Plan(_RowPlan):
+    """What one call measures: the rows of :class:`_RowPlan`, pulled back from each chunk's forward pass (whose
+    shortcuts the first chunk decides)."""
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        output: str,
+        method: str,
+        num_projections: int | None,
+        generator: torch.Generator | None,
+        x: Tensor,
+    ) -> None:
+        super().__init__(output, method, num_projections, generator)
+        self._forwards = _Forwards(model, x)
+
     def chunk_norms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The norms of a chunk of points, and their logits."""
         fwd = self._forwards(x)
@@ -306,7 +321,7 @@ class _Plan:
         work = torch.device("cpu") if z.device.type == "mps" else z.device  # MPS has no float64
         with torch.no_grad():
             z64 = z.detach().to(device=work, dtype=torch.float64)
-            num_rows, rows, add_left_out = self._rows(z64, z.dtype)
+            num_rows, rows, add_left_out = self.rows(z64, z.dtype)
             target = z
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
             # The gradient of the largest activation for all the rows of a pass (see _per_pass_on_device).
