@@ -161,6 +161,8 @@ def jacobian_penalty(
     Raises:
         TypeError: if ``x`` is not floating point.
         ValueError: if the model's output is not ``[B, C]``, or an argument is out of range.
+        RuntimeError: if the forward pass goes through a reentrant activation checkpoint
+            (``torch.utils.checkpoint(..., use_reentrant=True)``) in eval mode.
 
     Example:
         >>> import torch
@@ -191,6 +193,13 @@ def jacobian_penalty(
     with measuring(model, x.device, grad=True) as net:
         rows = num_projections if method == "projection" else None  # exact: C - 1 or C, known after the pass
         fwd = _Forwards(net, x, differentiable=True, rows=rows)(x)
+        if fwd.batching.reentrant:
+            raise RuntimeError(
+                "jacobian_penalty cannot differentiate a model that runs part of its forward pass through "
+                "torch.utils.checkpoint with use_reentrant=True in eval mode, where the penalty runs it: its backward "
+                "cannot be differentiated again. Checkpoint with use_reentrant=False, or only while training "
+                "(`if self.training:`)."
+            )
         penalty = _squared_norms(plan, fwd).mean().to(out_dtype)
     return (penalty, fwd.logits) if return_logits else penalty
 

@@ -339,3 +339,31 @@ def test_empty_batch_and_bad_arguments():
             jacobian_penalty(model, torch.zeros(2, 6), **kwargs)
     with pytest.raises(ValueError, match=r"\[batch, num_classes\]"):
         jacobian_penalty(nn.Identity(), torch.zeros(2, 3, 4))
+
+
+class _Checkpointed(nn.Module):
+    """An MLP whose hidden block runs through ``torch.utils.checkpoint`` in every mode."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.block = nn.Sequential(nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.last(checkpoint(self.block, self.first(x), use_reentrant=self.reentrant))
+
+
+def test_a_non_reentrant_checkpoint_is_penalised_as_the_plain_model_and_a_reentrant_one_fails_saying_what_to_set():
+    x = torch.randn(5, 6)
+    plain = _Checkpointed(reentrant=False)
+    penalty = jacobian_penalty(plain, x, method="exact")
+    (grad,) = torch.autograd.grad(penalty, plain.first.weight)
+    expected = jacobian_norm(lambda v: plain.last(plain.block(plain.first(v))), x).square().mean()
+    assert torch.allclose(penalty, expected.to(penalty.dtype), rtol=1e-5)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        jacobian_penalty(_Checkpointed(reentrant=True), x)

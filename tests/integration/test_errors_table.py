@@ -37,6 +37,7 @@ from lightning_sensitivity.functional import (
     count_transitions,
     ellipse_through,
     jacobian_norm,
+    jacobian_penalty,
     trajectory_through,
 )
 from lightning_sensitivity.metrics import (
@@ -300,6 +301,17 @@ class _PlainWeights:
         return torch.relu(x.flatten(1) @ self.weight.T)
 
 
+class _ReentrantCheckpointed(nn.Module):
+    """A linear layer run through a reentrant activation checkpoint in every mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=True)
+
+
 TRIGGERS: dict[str, Callable[[], Any]] = {
     # the batches the monitors read
     "input-key-missing": lambda: _validate_batches(JacobianNormMonitor(), {"image": torch.zeros(2, 1, 8, 8)}),
@@ -436,6 +448,8 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
     ),
     "jacobian-chunk-size": lambda: jacobian_norm(*_model_and_x(), chunk_size=0),
     "jacobian-rows-one-at-a-time": lambda: jacobian_norm(_ItemInBackward(), torch.randn(3, 8)),
+    "penalty-output": lambda: jacobian_penalty(nn.Linear(4, 3), torch.randn(2, 4), output="probabilities"),
+    "penalty-reentrant-checkpoint": lambda: jacobian_penalty(_ReentrantCheckpointed(), torch.randn(3, 8)),
     # functional/trajectories.py
     "trajectory-anchors": lambda: trajectory_through(torch.zeros(2, 4), 16),
     "trajectory-anchors-dtype": lambda: trajectory_through(torch.zeros(3, 4, dtype=torch.long), 16),
