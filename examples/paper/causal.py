@@ -17,7 +17,6 @@ This module holds the design (:func:`causal_design`), one model's training and m
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -128,7 +127,7 @@ def causal_design(quick: bool = False, max_epochs: int | None = None, seeds: Seq
 class CausalData:
     """The data the models train on: scikit-learn's digits (``file=None``), or a ``.npz`` file with uint8 images
     ``train_images`` / ``test_images`` ``[N, C, H, W]`` and integer ``train_labels`` / ``test_labels`` (the held-out
-    set: its test split). ``seed`` seeds the digits split and the subset of ``train_points`` training points (all:
+    set: its test split), read as the reproduction's ``--data-file`` reads it. ``seed`` seeds the digits split and the subset of ``train_points`` training points (all:
     ``None``)."""
 
     file: str | None = None
@@ -140,19 +139,12 @@ class CausalData:
         return "digits" if self.file is None else Path(self.file).stem
 
 
-@functools.lru_cache(maxsize=2)
 def load_data(data: CausalData) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train, y_train, x_val, y_val)``, images as floats in [0, 1]; cached, so each process reads them once."""
-    if data.file is None:
-        return load_tensors(DataSpec("digits", seed=data.seed, train_points=data.train_points))
-    arrays = np.load(data.file)
-    images = {split: torch.as_tensor(arrays[f"{split}_images"], dtype=torch.float32) / 255.0 for split in ("train", "test")}
-    labels = {split: torch.as_tensor(arrays[f"{split}_labels"], dtype=torch.long) for split in ("train", "test")}
-    x_train, y_train = images["train"], labels["train"]
-    if data.train_points is not None and data.train_points < len(x_train):
-        keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(data.seed))[: data.train_points]
-        x_train, y_train = x_train[keep], y_train[keep]
-    return x_train, y_train, images["test"], labels["test"]
+    """``(x_train, y_train, x_val, y_val)``, through the reproduction's loader (``examples.paper.data``): digits, or
+    the ``.npz`` file's arrays (``uint8`` images scaled to [0, 1]), with a subset of ``train_points`` drawn with
+    ``seed``; cached there, so each process reads them once."""
+    file = None if data.file is None else str(data.file)
+    return load_tensors(DataSpec(data.name, seed=data.seed, train_points=data.train_points, data_file=file))
 
 
 def regularizer(model: CausalModel) -> Callable[[nn.Module, Tensor], Tensor] | None:
