@@ -17,23 +17,7 @@ from lightning_sensitivity.functional import (
     ellipse_through,
     jacobian_norm,
 )
-
-
-class GraphCalls:
-    """A ``torch.compile`` backend that runs the captured graph eagerly and counts the times it ran."""
-
-    def __init__(self) -> None:
-        self.compiled = 0
-        self.calls = 0
-
-    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        self.compiled += 1
-
-        def run(*args):
-            self.calls += 1
-            return graph.forward(*args)
-
-        return run
+from tests._compiled import GraphCalls
 
 
 class Net(nn.Module):

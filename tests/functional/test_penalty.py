@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from benchmarks.jacobian import digits_mlp, fit_full_batch
 from lightning_sensitivity.functional import jacobian_norm, jacobian_penalty
+from tests._compiled import GraphCalls
 
 
 def mlp_tanh() -> nn.Module:
@@ -298,20 +299,6 @@ def test_inside_autocast_the_penalty_is_the_full_precision_one():
     assert inside.dtype == torch.float32
     assert torch.equal(inside, outside)
     assert all(torch.equal(g, outside_grads[k]) for k, g in gradients(model, inside).items())
-
-
-class GraphCalls:
-    """A ``torch.compile`` backend that runs the captured graph eagerly and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Tensor]):
-        def run(*args):
-            self.calls += 1
-            return graph.forward(*args)
-
-        return run
 
 
 def test_a_compiled_model_is_penalised_through_its_eager_original_with_the_same_parameters():

@@ -27,6 +27,7 @@ from torch import Tensor
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import JacobianNormMonitor
 from lightning_sensitivity.functional import jacobian_norm, jacobian_penalty
+from tests._compiled import GraphCalls
 from tests.integration._helpers import assert_same_training_state
 from tests.integration._models import DigitsCNN
 from tests.integration._penalty_ddp_script import BATCH, STEPS, STRENGTH, InOrder, PenalisedMLP
@@ -105,20 +106,6 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch():
         runs[accumulate] = weights(model)
     for key, value in runs[1].items():
         torch.testing.assert_close(runs[2][key], value, rtol=1e-5, atol=1e-6)
-
-
-class GraphCalls:
-    """A ``torch.compile`` backend that runs the captured graph eagerly and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Tensor]):
-        def run(*args):
-            self.calls += 1
-            return graph.forward(*args)
-
-        return run
 
 
 def test_a_compiled_module_trains_with_the_penalty_as_its_eager_twin():
