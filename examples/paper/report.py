@@ -620,17 +620,15 @@ def files_section() -> str:
 - TensorBoard logs of every run: `tensorboard --logdir runs`."""
 
 
-def closing_section(s: Statistics, findings: str) -> str:
-    """The findings again, the Jacobian norm's ranks and the wall time."""
+def closing_section(s: Statistics) -> str:
+    """The Jacobian norm's ranks and the wall time (the findings are the summary's table, printed once)."""
     ranks = s.ranks
     head, other = HEADLINE_GAP, next(g for g in GAPS if g != HEADLINE_GAP)
     return f"""## Closing note
 
-{findings}
-
-The Jacobian norm's rank among the {len(MEASURES)} measures of F1: {ranks[head][0]} by tau and
-{ranks[head][1]} by the granulated coefficient ({GAPS[head]}, the verdict's), {ranks[other][0]} and
-{ranks[other][1]} ({GAPS[other]}, the further check). Wall time: {s.run.wall_time}."""
+The findings are the [summary](#summary)'s table. The Jacobian norm's rank among the {len(MEASURES)} measures of F1:
+{ranks[head][0]} by tau and {ranks[head][1]} by the granulated coefficient ({GAPS[head]}, the verdict's),
+{ranks[other][0]} and {ranks[other][1]} ({GAPS[other]}, the further check). Wall time: {s.run.wall_time}."""
 
 
 def write_figures(s: Statistics, out_dir: Path) -> None:
@@ -652,7 +650,7 @@ def write_report(out_dir: Path, run: Run) -> Path:
     findings = findings_table(s)
     sections = [
         header(run), rules_section(), summary_section(findings), f1_section(s), sizes_section(s), f2_section(s),
-        f3_section(s), f4_section(s), unfitted_section(s), files_section(), closing_section(s, findings),
+        f3_section(s), f4_section(s), unfitted_section(s), files_section(), closing_section(s),
     ]
     path = out_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")

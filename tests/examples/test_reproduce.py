@@ -146,7 +146,9 @@ def test_report_has_every_section_and_its_numbers_equal_the_tables(quick: Path) 
     assert "| F1, further check: the loss gap |" in summary and "check, not a verdict" in summary
     assert summary.index("| F1 |") < summary.index("further check")
     assert "| Sizes |" in summary and "| F2 (transitions per unit length) |" in summary
-    assert "| F1 |" in _section(report, "Closing note")
+    # the findings table is printed once, in the summary
+    assert report.count("| Finding | Paper | Measured here | Reproduced |") == 1
+    assert "| F1 |" not in _section(report, "Closing note")
 
     # F1, recomputed here from the table with scipy directly, over the fitted grid models
     grid = table[(table.activation == "relu") & (table.augment == "none") & (table.random_label_fraction == 0)
