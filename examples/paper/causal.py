@@ -430,11 +430,13 @@ def write_report(out: Path, table: pd.DataFrame, design: str, setup: Sequence[st
               for gap in ("gap_loss", "gap_accuracy")),
             *(f"| Is the Jacobian special ({gap.replace('_', ' ').replace('gap ', '')} gap)? | **{found['special'][gap]}** |"
               for gap in ("gap_loss", "gap_accuracy")),
-            "",
-            "Beside the verdicts, the largest median changes (pairs that both fit):",
-            "",
-            *largest_changes(effects),
         ]
+        changes = largest_changes(effects)
+        lines += (
+            ["", f"Beside the verdicts, the largest median changes (strengths with at least {MIN_PAIRS} pairs that both fit):", "", *changes]
+            if changes
+            else ["", f"No strength has {MIN_PAIRS} pairs that both fit: the tables below give the pairs there are."]
+        )
     lines += ["", "## Jacobian penalty against its unregularized twin", "", effects_table(effects, "jacobian") if len(effects) else "(no pairs)",
               "", "## Weight decay against its unregularized twin", "", effects_table(effects, "weight_decay") if len(effects) else "(no pairs)",
               "", "## Models that did not fit", ""]
