@@ -13,8 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from examples.digits import DigitsDataModule, MLPClassifier, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
@@ -171,30 +169,3 @@ def test_the_watch_spearman_correlation_is_that_of_the_watch_points():
         losses = F.cross_entropy(net(x), y, reduction="none")
     expected = spearman_corrcoef(jacobian_norm(net, x), losses).item()
     assert record.metrics["sensitivity/jacobian_loss_spearman_watch"] == pytest.approx(expected, abs=1e-5)
-
-
-@pytest.mark.parametrize(
-    "monitor, key",
-    [
-        (JacobianNormMonitor(max_points=16), "sensitivity/jacobian_norm_watch"),
-        (GeneralizationGapMonitor(max_train_points=32), "generalization/gap_loss_watch"),
-        (TransitionMonitor(num_trajectories=1, num_points=16, log_figure=False), "sensitivity/transitions_on_manifold_watch"),
-    ],
-    ids=["jacobian", "gap", "transitions"],
-)
-def test_early_stopping_and_checkpoints_work_on_a_watch_key_at_the_defaults(monitor, key, tmp_path):
-    stopping = EarlyStopping(monitor=key, patience=0, mode="max", stopping_threshold=-1e9)
-    checkpoint = ModelCheckpoint(monitor=key, dirpath=tmp_path, mode="max")
-    trainer, _ = train(
-        [monitor, stopping, checkpoint], max_epochs=3, limit_train_batches=2, enable_checkpointing=True,
-        default_root_dir=tmp_path,
-    )
-    assert trainer.current_epoch < 3  # the stopping threshold was met at the first check, on the watch key
-    assert checkpoint.best_model_path and float(checkpoint.best_model_score) == pytest.approx(
-        float(trainer.callback_metrics[key])
-    )
-
-
-def test_a_watcher_of_a_full_key_at_the_defaults_is_told_of_the_watch_key(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"'sensitivity/jacobian_norm_watch'.*every_n_epochs=1"):
-        train([JacobianNormMonitor(max_points=16), EarlyStopping("sensitivity/jacobian_norm")], max_epochs=2)

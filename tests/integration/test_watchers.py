@@ -1,6 +1,7 @@
-"""``EarlyStopping`` and ``ModelCheckpoint`` watching a monitor's key: at the monitors' default schedule the key is not
-logged every validation pass, and the fit fails at its start saying what to set; with ``every_n_epochs=1`` both
-callbacks work on the key."""
+"""``EarlyStopping`` and ``ModelCheckpoint`` watching a monitor's key: at the monitors' default schedule a full key is
+not logged every validation pass, and the fit fails at its start saying what to set (its ``_watch`` twin, or
+``every_n_epochs=1``); on a ``_watch`` key at the defaults, or on a full key with ``every_n_epochs=1``, both callbacks
+work."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def test_a_watcher_at_the_default_schedule_fails_at_fit_start_saying_what_to_set
     assert steps.steps == 0
 
 
+def test_a_watcher_of_a_full_key_at_the_defaults_is_told_of_the_watch_key(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"'sensitivity/jacobian_norm_watch'.*every_n_epochs=1"):
+        train([JacobianNormMonitor(max_points=16), EarlyStopping("sensitivity/jacobian_norm")], max_epochs=2)
+
+
 @pytest.mark.parametrize(
     "monitor, key",
     [
@@ -53,10 +59,17 @@ def test_a_watcher_at_the_default_schedule_fails_at_fit_start_saying_what_to_set
             TransitionMonitor(num_trajectories=1, num_points=16, log_figure=False, every_n_epochs=1),
             "sensitivity/transitions_on_manifold",
         ),
+        (JacobianNormMonitor(max_points=16), "sensitivity/jacobian_norm_watch"),
+        (GeneralizationGapMonitor(max_train_points=32), "generalization/gap_loss_watch"),
+        (
+            TransitionMonitor(num_trajectories=1, num_points=16, log_figure=False),
+            "sensitivity/transitions_on_manifold_watch",
+        ),
     ],
-    ids=["jacobian", "gap", "transitions"],
+    ids=["jacobian", "gap", "transitions", "jacobian-watch", "gap-watch", "transitions-watch"],
 )
-def test_early_stopping_and_checkpoints_work_on_a_key_at_every_n_epochs_1(monitor, key, tmp_path):
+def test_early_stopping_and_checkpoints_work_on_a_key_logged_at_every_pass(monitor, key, tmp_path):
+    """A full key with ``every_n_epochs=1``, or a ``_watch`` key at the defaults."""
     stopping = EarlyStopping(monitor=key, patience=0, mode="max", stopping_threshold=-1e9)
     checkpoint = ModelCheckpoint(monitor=key, dirpath=tmp_path, mode="max")
     trainer, _ = train(
