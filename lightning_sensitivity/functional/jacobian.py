@@ -18,7 +18,7 @@ the forward pass is watched and the products are taken is in :mod:`~lightning_se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -49,7 +49,7 @@ def jacobian_norm(
     method: Literal["exact", "projection"] = "exact",
     num_projections: int | None = None,
     chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_logits: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Per-point Frobenius norm of the input-output Jacobian of a classifier.
@@ -138,7 +138,9 @@ def jacobian_norm(
             where one row allows it (larger blocks are page-faulted in again at every allocation). Default: as
             many points as leave room for 64 rows under :math:`2^{24}` entries.
         generator: the ``torch.Generator`` for the projection directions; the global random state is never
-            used. Default: a new generator seeded with 0.
+            used. Default: a new generator seeded with 0. A sequence of ``B`` generators gives each point its own
+            (point ``b`` draws from ``generator[b]``), so that a point's directions do not depend on the points
+            measured with it.
         return_logits: also return the model's output ``[B, C]`` from the measurement's own forward pass (in
             the spirit of ``has_aux``), so that a caller who also wants predictions or losses needs no second
             forward pass.
@@ -173,6 +175,8 @@ def jacobian_norm(
         raise ValueError(f"`num_projections` must be a positive integer, got {num_projections}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    if isinstance(generator, Sequence) and len(generator) != x.shape[0]:
+        raise ValueError(f"`generator` holds {len(generator)} generators for {x.shape[0]} points: give one per point.")
     norms, logits = _norms_and_logits(model, x, output, method, num_projections, chunk_size, generator)
     return (norms, logits) if return_logits else norms
 
@@ -184,7 +188,7 @@ def _norms_and_logits(
     method: str = "exact",
     num_projections: int | None = None,
     chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`jacobian_norm` with its arguments checked: the norms and the logits of the measurement's forward
     pass."""
@@ -214,13 +218,14 @@ class _RowPlan:
         output: str,
         method: str,
         num_projections: int | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> None:
         self.softmax = output == "softmax"
         self.probabilities = output == "probabilities"
         self.projection = method == "projection"
         self.num_projections = num_projections
         self.generator = generator
+        self._drawn = 0  # points given directions so far, with one generator per point
 
     def _projections(self, z: Tensor) -> Tensor:
         """The rows of the projection estimator, ``[K, B, C]`` in float64, on the classes' probabilities (softmax)
@@ -233,7 +238,14 @@ class _RowPlan:
         num_exact = min(k // 2, c - 1) if self.softmax and k < c else 0
         order = z.argsort(dim=1, descending=True).cpu()
         rest = c - num_exact
-        gaussian = torch.randn(batch, rest, k - num_exact, generator=self._generator(), dtype=torch.float64)
+        if isinstance(self.generator, Sequence):  # one per point, the chunks' points in their order
+            generators = self.generator[self._drawn : self._drawn + batch]
+            self._drawn += batch
+            gaussian = torch.stack(
+                [torch.randn(rest, k - num_exact, generator=g, dtype=torch.float64) for g in generators]
+            )
+        else:
+            gaussian = torch.randn(batch, rest, k - num_exact, generator=self._generator(), dtype=torch.float64)
         q, _ = torch.linalg.qr(gaussian)  # Haar-distributed orthonormal columns in the other classes' space
         rows = torch.zeros(k, batch, c, dtype=torch.float64)
         index = torch.arange(batch)
@@ -247,6 +259,7 @@ class _RowPlan:
         return rows.to(z.device)
 
     def _generator(self) -> torch.Generator:
+        assert not isinstance(self.generator, Sequence)
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(0)
         return self.generator
@@ -307,7 +320,7 @@ class _Plan(_RowPlan):
         output: str,
         method: str,
         num_projections: int | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
         x: Tensor,
     ) -> None:
         super().__init__(output, method, num_projections, generator)

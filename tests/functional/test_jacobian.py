@@ -254,6 +254,32 @@ def test_projection_uses_the_given_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_one_generator_per_point_gives_each_point_its_own_directions():
+    """With a generator per point, a point's estimate does not depend on the points measured with it nor on the
+    chunks: each point's value is the one it gets measured alone with its generator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
+    x = torch.randn(6, 8)
+
+    def seeded(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    alone = torch.cat(
+        [jacobian_norm(model, x[i : i + 1], method="projection", num_projections=2, generator=seeded([i])) for i in range(6)]
+    )
+    together = jacobian_norm(model, x, method="projection", num_projections=2, generator=seeded(range(6)))
+    chunked = jacobian_norm(model, x, method="projection", num_projections=2, generator=seeded(range(6)), chunk_size=4)
+    some = jacobian_norm(model, x[2:5], method="projection", num_projections=2, generator=seeded(range(2, 5)))
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked, alone, rtol=1e-6, atol=0)
+    torch.testing.assert_close(some, alone[2:5], rtol=1e-6, atol=0)
+    # one shared generator instead: the points' directions follow one another, and differ from these
+    shared = jacobian_norm(model, x, method="projection", num_projections=2, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(shared, together)
+    with pytest.raises(ValueError, match="holds 5 generators for 6 points"):
+        jacobian_norm(model, x, method="projection", generator=seeded(range(5)))
+
+
 def test_callable_and_empty_batch():
     model = mlp()
     values = jacobian_norm(lambda v: model.eval()(v), torch.randn(3, 3, 4, 4))

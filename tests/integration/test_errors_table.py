@@ -447,6 +447,9 @@ TRIGGERS: dict[str, Callable[[], Any]] = {
         *_model_and_x(), method="projection", num_projections=0
     ),
     "jacobian-chunk-size": lambda: jacobian_norm(*_model_and_x(), chunk_size=0),
+    "jacobian-generators": lambda: jacobian_norm(
+        *_model_and_x(), method="projection", generator=[torch.Generator()]
+    ),
     "jacobian-rows-one-at-a-time": lambda: jacobian_norm(_ItemInBackward(), torch.randn(3, 8)),
     "penalty-output": lambda: jacobian_penalty(nn.Linear(4, 3), torch.randn(2, 4), output="probabilities"),
     "penalty-reentrant-checkpoint": lambda: jacobian_penalty(_ReentrantCheckpointed(), torch.randn(3, 8)),
