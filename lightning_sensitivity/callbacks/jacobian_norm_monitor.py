@@ -46,7 +46,10 @@ _MEASURE_TOGETHER = 256
 #: Points of the first batch that the first-batch check measures.
 _CHECK_POINTS = 4
 #: The default watch set: the first points of the measured ones, measured at every validation pass.
-WATCH_POINTS = 8
+WATCH_POINTS = 32
+#: Vector-Jacobian products per watch point by default: the most probable class's row exactly, one direction for the
+#: others (``method="projection"``).
+WATCH_PROJECTIONS = 2
 
 
 class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
@@ -58,7 +61,17 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     ``watch_points`` of the measured points, at every validation pass of ``fit`` that runs, from the first (never the
     sanity check), and makes the **full measurement**, the first ``max_points`` points of each validation dataloader,
     at the fit's last validation pass (and every ``every_n_epochs``-th one, when it is set) and on every
-    ``trainer.validate`` and ``trainer.test`` run; at a pass measured in full, the watch values come from the full
+    ``trainer.validate`` and ``trainer.test`` run.
+
+    The watch set is measured the same way at every pass, full ones included, so that its curve moves only with the
+    model: by default with ``method="projection"`` at ``watch_projections=2`` vector-Jacobian products a point
+    instead of :math:`C - 1` (the most probable class's row exactly, an unbiased estimate of the squared norm of the
+    other rows along one direction), the point at position :math:`i` drawing its directions from a generator seeded
+    with ``seed + i`` at every pass: each point keeps its directions, on one device or many. Its square root is biased low: ``docs/benchmarks.md`` gives the watch curve's
+    measured difference from the full measurement. At 10 classes that is 2 products a point instead of 9, so the
+    default watch set is 32 points for less than the price of 8 exact ones (``benchmarks/overhead.py``): a mean over a
+    few points misses the rare points of very large norm that make much of a confident model's mean. ``watch_projections=None``
+    measures the watch set exactly (with the monitor's ``method``), its values at a full pass taken from the full
     measurement's own norms. When a fit ends in a way not known at its last validation pass (early stopping,
     ``max_time``) and that pass was not measured in full, the monitor reads the validation data again at the end of
     training and logs the full measurement of the final weights, at the step of the fit's last epoch end. The model
@@ -68,7 +81,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     **Logged Metrics**
 
     - ``{prefix}/jacobian_norm``: the mean of :math:`s(x)` over the measured points (scalar).
-    - ``{prefix}/jacobian_norm_watch``: the same mean over the watch set, at every validation pass.
+    - ``{prefix}/jacobian_norm_watch``: the same mean over the watch set, at every validation pass (estimated at
+      ``watch_projections`` products a point).
     - ``{prefix}/jacobian_norm_per_point``: a histogram of the per-point values of the full measurement, in every
       logger that takes one (files for the others). (Not under the scalar's own name: TensorBoard keeps one kind of
       data per tag, and a histogram there hides the scalar.)
@@ -115,6 +129,9 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             fit's last pass only.
         watch_points: the watch set, the first of the measured points, measured at every validation pass; ``0`` or
             ``None``: no watch set (and no ``_watch`` keys).
+        watch_projections: vector-Jacobian products a watch point (``method="projection"``, directions fixed across
+            passes); ``None``: the monitor's own ``method`` and ``num_projections`` (the exact norm by default), the
+            watch values of a full pass being those of the full measurement.
         output: ``"softmax"`` (the paper's, for a model that returns logits or log-probabilities), ``"logits"`` (the
             Jacobian of the output itself), or ``"probabilities"`` (the model returns probabilities).
         method: ``"exact"`` or ``"projection"``.
@@ -133,7 +150,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             ``trainer.current_epoch`` counts them, from 0), ``"all"``, or ``None`` for never.
         measure_predict: measure ``trainer.predict`` batches and write their per-point records.
         log_seconds: also log ``{prefix}/jacobian_norm_seconds``, the wall time of each measurement.
-        seed: seeds the monitor's own generator (used by ``method="projection"``).
+        seed: seeds the monitor's own generator (used by ``method="projection"``) and the watch set's directions.
 
     Raises:
         ValueError: at construction, if an argument is out of range; at the first validation batch (the sanity
@@ -167,6 +184,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         max_points: int | None = 128,
         every_n_epochs: int | None = None,
         watch_points: int | None = WATCH_POINTS,
+        watch_projections: int | None = WATCH_PROJECTIONS,
         output: Literal["softmax", "logits", "probabilities"] = "softmax",
         method: Literal["exact", "projection"] = "exact",
         num_projections: int | None = None,
@@ -185,6 +203,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     ) -> None:
         _check_positive("max_points", max_points, optional=True)
         _check_watch_size("watch_points", watch_points)
+        _check_positive("watch_projections", watch_projections, optional=True)
         _check_choice("output", output, ("softmax", "logits", "probabilities"))
         _check_choice("method", method, ("exact", "projection"))
         _check_positive("num_projections", num_projections, optional=True)
@@ -206,6 +225,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self.measure_predict = measure_predict
         self.max_points = max_points
         self.watch_points = watch_points
+        self.watch_projections = watch_projections
         self.output = output
         self.method = method
         self.num_projections = num_projections
@@ -221,9 +241,12 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self._records = records
         # Points kept from the pass's batches and not measured yet, per dataloader: input, positions, labels.
         self._pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
+        # The watch set's points of the pass, when it is measured apart (`watch_projections`): input, positions, labels.
+        self._watch_pending: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]] = {}
         self._measured_in_fit = False
         self._predict_points = _PointCounter()
         self._cost = _CostEstimate()
+        self._num_classes: int | None = None  # the model's output columns, from the first-batch check
 
     # --- the measurement, batch by batch -------------------------------------------------------------------
 
@@ -240,6 +263,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             out = model(points)
         _check_classifier_output(name, out, len(points))
         _check_output_reading(name, out, self.output)
+        self._num_classes = out.shape[1]
         # The measurement itself, on these points and with the monitor's options (its own generator is left as it
         # is): a failure of the Jacobian shows here, before the first training step, and its time is the cost
         # estimate's.
@@ -247,15 +271,20 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             self._jacobian(model, points, torch.Generator().manual_seed(self.seed))
 
     def _jacobian(
-        self, model: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator
+        self,
+        model: Callable[[Tensor], Tensor],
+        x: Tensor,
+        generator: torch.Generator | list[torch.Generator],
+        projections: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``jacobian_norm`` of ``x`` with the monitor's options: the norms and the model's output."""
+        """``jacobian_norm`` of ``x`` with the monitor's options (``projections``: with ``method="projection"`` at
+        that many products instead): the norms and the model's output."""
         return jacobian_norm(
             model,
             x,
             output=self.output,
-            method=self.method,
-            num_projections=self.num_projections,
+            method=self.method if projections is None else "projection",
+            num_projections=self.num_projections if projections is None else projections,
             chunk_size=self.chunk_size,
             generator=generator,
             return_logits=True,
@@ -266,6 +295,12 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         """The watch set's size: the first ``watch_points`` of the measured points (0 when the watch is off)."""
         return min(self.watch_points or 0, self.max_points or self.watch_points or 0)
 
+    @property
+    def _watch_apart(self) -> bool:
+        """Whether the watch set is measured on its own at every pass (``watch_projections``), not read off the
+        full measurement's norms."""
+        return self._logs_watch and self.watch_projections is not None
+
     @override
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.clear()
@@ -273,6 +308,7 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         self._watch_records.clear()
         self._records.begin()
         self._pending.clear()
+        self._watch_pending.clear()
 
     @override
     def _measure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -296,14 +332,22 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return
         wanted = self._records.keeps(idx) or idx in self._watch_records
         labels = self._records.labels(batch, keep) if wanted else None
+        if trainer.state.fn == "fit":
+            self._measured_in_fit = True
+        if self._watch_apart:
+            watched = positions[keep] < self._watch_size
+            if watched.any():
+                self._watch_pending.setdefault(idx, []).append(
+                    (x[keep][watched], positions[keep][watched], None if labels is None else labels[watched])
+                )
+            if self._pass != "full":
+                return
         # Kept points are measured _MEASURE_TOGETHER at a time, the rest at the pass's end: a few full calls, not
         # one per batch with its fixed costs (a forward pass, a vectorized backward pass).
         pending = self._pending.setdefault(idx, [])
         pending.append((x[keep], positions[keep], labels))
         if sum(len(points) for points, _, _ in pending) >= _MEASURE_TOGETHER:
             self._measure_pending(pl_module, idx)
-        if trainer.state.fn == "fit":
-            self._measured_in_fit = True
 
     def _measure_pending(self, pl_module: pl.LightningModule, idx: int) -> None:
         pending = self._pending.pop(idx, [])
@@ -322,32 +366,62 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             self._records.add(idx, positions, norms, logits, labels)
         if idx in self._metrics:
             self._metrics[idx].update(norms)
-        if idx in self._watch_metrics:
+        if idx in self._watch_metrics and not self._watch_apart:
             # The watch set is the first points of the measured ones: at a full pass its values come from the full
             # measurement's own norms, so the watch series moves only with the model.
-            watched = positions < self._watch_size
-            self._watch_metrics[idx].update(norms[watched])
-            if watch_records is not None:
-                assert logits is not None
-                y = _class_labels(
-                    None if any(part is None for part in labels) else torch.cat(labels), positions.shape, logits.shape[1]
-                )
-                watch_records.update(
-                    positions[watched], norms[watched], logits[watched], None if y is None else y[watched]
-                )
+            self._update_watch(idx, positions < self._watch_size, positions, norms, logits, labels)
+
+    def _update_watch(
+        self,
+        idx: int,
+        watched: Tensor,
+        positions: Tensor,
+        norms: Tensor,
+        logits: Tensor | None,
+        labels: list[Tensor | None],
+    ) -> None:
+        """The watch set's mean (and rows, for its Spearman correlation) from the points ``watched`` of these."""
+        self._watch_metrics[idx].update(norms[watched])
+        watch_records = self._watch_records.get(idx)
+        if watch_records is not None:
+            assert logits is not None
+            y = _class_labels(
+                None if any(part is None for part in labels) else torch.cat(labels), positions.shape, logits.shape[1]
+            )
+            watch_records.update(positions[watched], norms[watched], logits[watched], None if y is None else y[watched])
+
+    def _measure_watch(self, pl_module: pl.LightningModule, idx: int) -> None:
+        """Measure the watch set of dataloader ``idx`` on its own (``watch_projections``), in one call, each point
+        with its own directions, the same at every pass: the watch series moves only with the model."""
+        pending = self._watch_pending.pop(idx, [])
+        if not pending:
+            return
+        positions = torch.cat([where for _, where, _ in pending])
+        order = positions.argsort()
+        x = torch.cat([points for points, _, _ in pending])[order]
+        labels = [None if any(part is None for _, _, part in pending) else torch.cat([part for _, _, part in pending])[order]]
+        positions = positions[order]
+        norms, logits = self._norms_and_logits(pl_module, x, need_logits=idx in self._watch_records, watch=positions)
+        self._update_watch(idx, torch.ones_like(positions, dtype=torch.bool), positions, norms, logits, labels)
 
     def _norms_and_logits(
-        self, pl_module: pl.LightningModule, x: Tensor, need_logits: bool = True
+        self, pl_module: pl.LightningModule, x: Tensor, need_logits: bool = True, watch: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """The Jacobian norms of the points ``x`` (NaN for a point with a non-finite entry) and, when asked, their
-        logits in float32."""
+        logits in float32. ``watch``: the points are those of the watch set at these positions, estimated at
+        ``watch_projections`` products a point, point ``i``'s directions drawn from a generator seeded with
+        ``seed + i``."""
         x = _full_precision(x)
         finite = torch.isfinite(x.flatten(1)).all(dim=1)
         model = self._measured_model(pl_module)
         norms = torch.full((x.shape[0],), float("nan"), device=x.device)
         logits: Tensor | None = None
         if finite.any():
-            values, finite_logits = self._jacobian(model, x[finite], self._generator)
+            if watch is None:
+                values, finite_logits = self._jacobian(model, x[finite], self._generator)
+            else:
+                generators = [_new_generator(self.seed + i) for i in watch[finite].tolist()]
+                values, finite_logits = self._jacobian(model, x[finite], generators, self.watch_projections)
             norms[finite] = values.to(norms.dtype)
             logits = finite_logits.new_full((x.shape[0], finite_logits.shape[1]), float("nan"))
             logits[finite] = finite_logits
@@ -398,6 +472,8 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Tensor]:
         for idx in sorted(self._pending):
             self._measure_pending(pl_module, idx)
+        for idx in sorted(self._watch_pending):
+            self._measure_watch(pl_module, idx)
         multiple = len(self._metrics | self._watch_metrics) > 1
         scalars: dict[str, Tensor] = {}
         for idx in sorted(self._watch_metrics):
@@ -446,6 +522,11 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
             return
         measurement = self._cost.seconds_per_point * points
         watch = self._cost.seconds_per_point * min(self._watch_size, points) if self._logs_watch else 0.0
+        if self._watch_apart and self._num_classes is not None:
+            # The check timed a point as the full measurement takes it: a forward pass and about C products; the
+            # watch set's points take `watch_projections` products each instead (and every pass measures them).
+            assert self.watch_projections is not None
+            watch *= min(1.0, (self.watch_projections + 1) / max(self._num_classes, 2))
         # The full measurement every `every_n_epochs` epochs, or once in the fit (when its length is known).
         between = self.every_n_epochs or trainer.max_epochs
         if between is None or between <= 0:

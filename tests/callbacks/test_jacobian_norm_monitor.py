@@ -312,22 +312,25 @@ class _Clock:
 
 
 @pytest.mark.parametrize(
-    ("every_n_epochs", "watch_points", "share"),
-    [(1, 0, "100%"), (20, 0, None), (None, 8, "70%")],
+    ("every_n_epochs", "watch_points", "watch_projections", "share"),
+    [(1, 0, 2, "100%"), (20, 0, 2, None), (None, 8, None, "70%"), (None, 8, 2, "56%")],
 )
 def test_the_expected_cost_is_said_once_when_it_is_a_large_share_of_training(
-    every_n_epochs, watch_points, share, monkeypatch
+    every_n_epochs, watch_points, watch_projections, share, monkeypatch
 ):
     """0.25 s a point (the check) times 40 points is 10 s, one epoch of ten 1-second batches: every epoch that doubles
     the training time, and the monitor says so once, with what to change; every 20 epochs it is 5%, and it says
     nothing. At the default schedule, the full measurement once in the fit's 2 epochs (5 s an epoch) and the watch
-    set's 8 points at every pass (2 s) add 70%."""
+    set's 8 exact points at every pass (2 s) add 70%; at 2 products a point instead of the 9 rows and a forward pass
+    of the 10 classes' exact norm, the watch set takes 3/10 of that (0.6 s), 56% in all."""
     from lightning_sensitivity.callbacks import _cost, jacobian_norm_monitor
 
     infos: list[str] = []
     monkeypatch.setattr(_cost, "time", _Clock())
     monkeypatch.setattr(jacobian_norm_monitor, "rank_zero_info", infos.append)
-    monitor = JacobianNormMonitor(max_points=40, every_n_epochs=every_n_epochs, watch_points=watch_points)
+    monitor = JacobianNormMonitor(
+        max_points=40, every_n_epochs=every_n_epochs, watch_points=watch_points, watch_projections=watch_projections
+    )
     train([monitor], max_epochs=2, limit_train_batches=10)
     if share is None:
         assert infos == []

@@ -1,7 +1,8 @@
 """The watch set: at the defaults every quantity is logged at every pass from the first (its ``_watch`` key, on a fixed
 subset of the full measurement), and the full measurement at the last pass; the watch set is the same at every pass,
-its values are those of a direct measurement of that subset, and at a full pass they are the full measurement's own
-values on it. Each value is checked against a direct measurement of the weights it was logged on
+its values are those of a direct measurement of that subset (the Jacobian norm's estimated at two products a point, with
+the same directions at every pass), and at a full pass the gap's and the transitions' are the full measurement's own
+values on it (the Jacobian's too with ``watch_projections=None``). Each value is checked against a direct measurement of the weights it was logged on
 (``tests/_logged.py``)."""
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ WATCH_POINTS, WATCH_TRAIN_POINTS, WATCH_SEGMENTS = 8, 16, 8
 NUM_POINTS = 32
 
 
-def _monitors(**schedule: int) -> list:
+def _monitors(watch_projections: int | None = 2, **schedule: int) -> list:
     """Small monitors with a watch set each, measured in full at ``schedule`` (``every_n_epochs``)."""
     return [
-        JacobianNormMonitor(max_points=40, watch_points=WATCH_POINTS, record_epochs="all", **schedule),
+        JacobianNormMonitor(
+            max_points=40, watch_points=WATCH_POINTS, watch_projections=watch_projections, record_epochs="all", **schedule
+        ),
         TransitionMonitor(
             num_trajectories=2, num_points=NUM_POINTS, watch_segments=WATCH_SEGMENTS, log_figure=False, **schedule
         ),
@@ -101,9 +104,18 @@ def _watch_transitions(net, anchors: torch.Tensor) -> tuple[float, float]:
     return density, density * curve.arc_length()
 
 
-@pytest.mark.parametrize("every_n_epochs", [None, 2])
-def test_the_watch_set_is_fixed_and_each_value_is_its_direct_measurement(every_n_epochs):
-    monitors = _monitors(every_n_epochs=every_n_epochs)
+def _watch_jacobian(net, x: torch.Tensor, watch_projections: int | None) -> torch.Tensor:
+    """The watch set's Jacobian norms measured directly: exact, or estimated at ``watch_projections`` products a
+    point, point ``i`` with the directions of a generator seeded with the monitor's seed (0) plus ``i``."""
+    if watch_projections is None:
+        return jacobian_norm(net, x)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(x))]
+    return jacobian_norm(net, x, method="projection", num_projections=watch_projections, generator=generators)
+
+
+@pytest.mark.parametrize(("every_n_epochs", "watch_projections"), [(None, 2), (2, 2), (2, None), (2, 3)])
+def test_the_watch_set_is_fixed_and_each_value_is_its_direct_measurement(every_n_epochs, watch_projections):
+    monitors = _monitors(watch_projections, every_n_epochs=every_n_epochs)
     jacobian, transitions, gap = monitors
     trainer, model, capture = _fit(monitors, max_epochs=4)
     data = DigitsDataModule()
@@ -115,8 +127,9 @@ def test_the_watch_set_is_fixed_and_each_value_is_its_direct_measurement(every_n
     assert len(records) == 4
     for record in records:
         net = reference.network(record.weights)
-        # the first `watch_points` of the validation points, at every pass
-        expected = jacobian_norm(net, data.x_val[:WATCH_POINTS]).mean().item()
+        # the first `watch_points` of the validation points, at every pass (full ones included), with the same
+        # directions: a curve that moves only with the model
+        expected = _watch_jacobian(net, data.x_val[:WATCH_POINTS], watch_projections).mean().item()
         assert record.metrics["sensitivity/jacobian_norm_watch"] == pytest.approx(expected, rel=1e-5)
         # the first `watch_train_points` of the drawn subset, beside the whole validation set
         direct = gap_values(net, train_points, (data.x_val, data.y_val))
@@ -133,10 +146,11 @@ def test_the_watch_set_is_fixed_and_each_value_is_its_direct_measurement(every_n
 
 
 def test_at_a_full_pass_the_watch_values_are_the_full_measurements_own(tmp_path):
-    monitors = _monitors(every_n_epochs=1)
+    monitors = _monitors(watch_projections=None, every_n_epochs=1)
     jacobian, transitions, gap = monitors
     trainer, model, capture = _fit(monitors, max_epochs=2, default_root_dir=tmp_path)
-    # the Jacobian norm: the mean over the first points of the full measurement's per-point records
+    # the Jacobian norm measured exactly (`watch_projections=None`): the mean over the first points of the full
+    # measurement's per-point records
     for path in sorted(glob.glob(str(tmp_path / "**" / "jacobian_norm_records" / "fit_epoch=*.csv"), recursive=True)):
         epoch = int(path.rsplit("=", 1)[1].removesuffix(".csv"))
         with open(path) as handle:
@@ -156,10 +170,11 @@ def test_at_a_full_pass_the_watch_values_are_the_full_measurements_own(tmp_path)
     assert logged["sensitivity/transition_density_on_manifold_watch"] == pytest.approx(density, rel=1e-6)
 
 
-def test_the_watch_spearman_correlation_is_that_of_the_watch_points():
+@pytest.mark.parametrize("watch_projections", [2, None])
+def test_the_watch_spearman_correlation_is_that_of_the_watch_points(watch_projections):
     from torchmetrics.functional import spearman_corrcoef
 
-    monitors = _monitors()
+    monitors = _monitors(watch_projections)
     _, model, capture = _fit(monitors[:1], max_epochs=2)
     data = DigitsDataModule()
     record = capture.last("sensitivity/jacobian_loss_spearman_watch")
@@ -167,5 +182,5 @@ def test_the_watch_spearman_correlation_is_that_of_the_watch_points():
     x, y = data.x_val[:WATCH_POINTS], data.y_val[:WATCH_POINTS]
     with torch.no_grad():
         losses = F.cross_entropy(net(x), y, reduction="none")
-    expected = spearman_corrcoef(jacobian_norm(net, x), losses).item()
+    expected = spearman_corrcoef(_watch_jacobian(net, x, watch_projections), losses).item()
     assert record.metrics["sensitivity/jacobian_loss_spearman_watch"] == pytest.approx(expected, abs=1e-5)
