@@ -7,13 +7,16 @@
     python -m examples.reproduce --ray           # the same sweep as Ray Tune trials (pip install -e ".[ray]")
     python -m examples.reproduce --dataset mnist --data-dir data --download --train-points 10000
     python -m examples.reproduce --data-file my.npz   # your own arrays (see below)
+    python -m examples.reproduce --report-only   # the report of the models --out holds, training none
 
 It trains the sweep until each model fits its training set (F1, F3), every run logged to TensorBoard under
 ./runs, measures each model and its baselines (F1, F4), compares transition counts across sizes, studies one
 model along random ellipses and ellipses through training points (F2), and writes to --out (default
 ./reproduction): results.csv (one row per model; a re-run trains only the models it does not hold), the F2
 tables, per-point records, PNG figures, and report.md, which states its verdict rules and then what reproduced
-and what did not, with the numbers.
+and what did not, with the numbers. A sweep stopped before its end (a long one on a small machine) gives its
+report so far with --report-only: the report names the models it lacks at its top, and its findings are over the
+models trained.
 
 A data file (--data-file, numpy's .npz) holds the arrays train_images and test_images ([N, ...], channels first,
 for example [N, 3, 32, 32]; uint8 is divided by 255, floating point is taken as it is), train_labels and
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from examples.paper.data import DATASETS, DataSpec
-from examples.paper.grid import GRIDS
+from examples.paper.grid import GRIDS, Sweep
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ellipse-points", type=int, default=None, help="points per F2 ellipse, a multiple of 6 (default 600, quick 120)")
     parser.add_argument("--out", type=Path, default=Path("reproduction"))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train no model of the sweep: report on the models --out/results.csv holds (F2 runs)")
     args = parser.parse_args(argv)
     if args.address is not None and not args.ray:
         parser.error("--address joins a Ray cluster: it needs --ray")
@@ -74,6 +79,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.ellipse_points is not None and (args.ellipse_points < 6 or args.ellipse_points % 6):
         parser.error("--ellipse-points must be a positive multiple of 6 (the anchors are points of the curve)")
     return args
+
+
+def unfinished(sweep: Sweep, trained: set[str]) -> list[str]:
+    """The report's warning when ``trained`` lacks models of ``sweep`` (``--report-only`` on a sweep stopped early):
+    how many of each part, and the F3 variants by factor; empty when the sweep is whole."""
+    grid = [c for c in sweep.grid if c.model_id not in trained]
+    variants = [(factor, v) for factor, _, v in sweep.variants if v.model_id not in trained]
+    if not grid and not variants:
+        return []
+    factors = {}
+    for factor, _ in variants:
+        factors[factor] = factors.get(factor, 0) + 1
+    by_factor = ", ".join(f"{factor} {n}" for factor, n in factors.items())
+    return [
+        f"**An unfinished sweep** (`--report-only`): {len(grid)} of the {len(sweep.grid)} models of the F1 grid and "
+        f"{len(variants)} of the {len(sweep.variants)} F3 variants are not trained"
+        f"{f' ({by_factor})' if by_factor else ''}. Every finding below is over the models that were trained; "
+        f"F3 counts only the pairs whose two models were. Missing grid models: "
+        f"{', '.join(f'`{c.model_id}`' for c in grid) or 'none'}."
+    ]
 
 
 def quiet_lightning() -> None:
@@ -117,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     table = run_sweep(sweep.configs, spec, out / "results.csv", args.runs_dir, out / "points", jobs=args.jobs,
-                      use_ray=args.ray, ray_address=args.address)
+                      use_ray=args.ray, ray_address=args.address, train=not args.report_only)
+    missing = unfinished(sweep, set(table.model_id))
     sweep_seconds = time.perf_counter() - start
 
     reference = sweep.reference
@@ -139,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     first_fit = ("never fit" if manifold.first_fit_epoch is None
                  else f"first fit at epoch {manifold.first_fit_epoch}")
     setup = [
+        *missing,
         f"Data: {name}{f' (`{args.data_file.name}`)' if args.data_file is not None else ''}, "
         f"{int(sizes.iloc[0]) if len(sizes) else 0} training and "
         f"{int(table.num_val_points.dropna().iloc[0]) if len(sizes) else 0} held-out points.",

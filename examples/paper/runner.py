@@ -151,9 +151,10 @@ def run_sweep(
     use_ray: bool = False,
     ray_address: str | None = None,
     worker: Worker = train_and_measure,
+    train: bool = True,
 ) -> pd.DataFrame:
     """Train and measure every model of ``configs`` that ``table_path`` does not hold yet; return the table of
-    all of ``configs`` (in their order). Torch in this process is set to one thread (see below). A model that
+    all of ``configs`` (in their order); with ``train=False``, train none and return the rows of the models it holds. Torch in this process is set to one thread (see below). A model that
     raises is recorded as failed and the sweep goes on (see the module docstring).
 
     Args:
@@ -166,6 +167,7 @@ def run_sweep(
         use_ray: run the models as Ray Tune trials.
         ray_address: an existing Ray cluster to join (``None``: start a local Ray instance).
         worker: what trains and measures one model (tests give one that fails on purpose).
+        train: ``False`` trains nothing (the report of a sweep stopped before its end).
 
     Raises:
         ValueError: if ``table_path`` holds models of another data set.
@@ -180,8 +182,9 @@ def run_sweep(
             "sweep its own --out folder."
         )
     done = set(table.model_id)
-    todo = [c for c in configs if c.model_id not in done]
-    print(f"Sweep: {len(configs)} models, {len(configs) - len(todo)} already in {table_path}, {len(todo)} to train.")
+    missing = [c for c in configs if c.model_id not in done]
+    todo = missing if train else []
+    print(f"Sweep: {len(configs)} models, {len(configs) - len(missing)} already in {table_path}, {len(todo)} to train.")
     args = (spec, str(runs_dir), str(points_dir))
     if use_ray:
         rows: Iterator[dict[str, Any]] = _ray_rows(todo, args, jobs, ray_address, table_path.parent / "ray")
@@ -192,7 +195,7 @@ def run_sweep(
     for row in tqdm(rows, total=len(todo), desc="models", unit="model", disable=not todo):
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
         _write_atomically(table, table_path)
-    wanted = [c.model_id for c in configs]
+    wanted = [c.model_id for c in configs if train or c.model_id in done]
     ordered = with_status(table.set_index("model_id").loc[wanted].reset_index())
     if todo:
         # Rows arrive in the order the models finish: the file keeps the sweep's order (then any other models).
