@@ -66,6 +66,11 @@ CONFIGURATIONS: dict[str, Callable[[], list[Callback]]] = {
         TransitionMonitor(watch_segments=0),
         GeneralizationGapMonitor(watch_train_points=0),
     ],
+    "all three, former defaults (every 10th, 2x sizes, no watch)": lambda: [
+        JacobianNormMonitor(max_points=256, every_n_epochs=10, watch_points=0),
+        TransitionMonitor(num_trajectories=4, every_n_epochs=10, watch_segments=0),
+        GeneralizationGapMonitor(max_train_points=10_000, every_n_epochs=10, watch_train_points=0),
+    ],
     "all three, full every pass": lambda: [
         JacobianNormMonitor(every_n_epochs=1),
         TransitionMonitor(every_n_epochs=1),
