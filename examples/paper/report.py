@@ -519,6 +519,10 @@ closer to the exact one):
 
 def f3_section(s: Statistics) -> str:
     """F3: each factor's paired effects and verdict, whether the augmentation helps here, every pair."""
+    if s.f3.empty:  # a sweep stopped before any variant was trained beside its base (`--report-only`)
+        return """## F3: paired factors, on pairs that both fit
+
+No F3 pair has both of its models in this sweep's table (see the top of the report): F3 is not tested here."""
     f3 = s.f3.assign(verdict=s.f3.verdict.map(_yes))[
         ["factor", "paper", "pairs", "base_fit", "variant_fit", "both_fit", "jacobian_ratio_median",
          "jacobian_as_paper", "sign_test_p", "verdict", "transitions_ratio_median", "transitions_as_paper",
@@ -639,7 +643,8 @@ def write_figures(s: Statistics, out_dir: Path) -> None:
     figure_f1(s.population, s.f1, figures / FIGURES["f1"])
     figure_sizes(s.population, figures / FIGURES["sizes"])
     figure_f2(s.profile, figures / FIGURES["f2"])
-    figure_f3(s.run.pairs, figures / FIGURES["f3"])
+    if not s.run.pairs.empty:
+        figure_f3(s.run.pairs, figures / FIGURES["f3"])
     figure_f4(s.f4_models, example, s.example_id, figures / FIGURES["f4"])
 
 

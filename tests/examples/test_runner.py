@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from examples.paper.data import DataSpec
+from examples.paper.figures import FIGURES
 from examples.paper.grid import ModelConfig, sweep_grid
 from examples.paper.runner import run_sweep, with_status
 from examples.reproduce import main, unfinished
@@ -126,20 +127,28 @@ def test_a_worker_process_that_dies_is_recorded_against_its_model(tmp_path: Path
 def test_report_only_trains_nothing_and_the_report_names_the_missing_models(quick: Path, tmp_path: Path) -> None:
     sweep = sweep_grid("quick")
     table = pd.read_csv(quick / "out" / "results.csv")
-    dropped = [sweep.grid[0].model_id, sweep.variants[-1][2].model_id]
+    # one variant missing: named by its factor
+    one = unfinished(sweep, set(table.model_id) - {sweep.variants[-1][2].model_id})
+    assert len(one) == 1 and f"0 of the {len(sweep.grid)} models of the F1 grid and 1 of the" in one[0]
+    assert f"({sweep.variants[-1][0]} 1)" in one[0] and "Missing grid models: none." in one[0]
+    # a grid model and every variant missing: the report is written all the same, without F3
+    dropped = [sweep.grid[0].model_id, *(variant.model_id for _, _, variant in sweep.variants)]
     out = tmp_path / "out"
     shutil.copytree(quick / "out" / "points", out / "points")  # the per-point records of the models trained
     table[~table.model_id.isin(dropped)].to_csv(out / "results.csv", index=False)
 
     held = run_sweep(sweep.configs, DataSpec(), out / "results.csv", tmp_path / "runs", out / "points", train=False)
-    assert len(held) == len(sweep.configs) - 2 and not set(dropped) & set(held.model_id)
+    assert len(held) == len(sweep.configs) - len(dropped) and not set(dropped) & set(held.model_id)
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing logged
     warning = unfinished(sweep, set(held.model_id))
     assert len(warning) == 1
-    assert f"1 of the {len(sweep.grid)} models of the F1 grid and 1 of the {len(sweep.variants)} F3 variants" in warning[0]
-    assert f"({sweep.variants[-1][0]} 1)" in warning[0] and f"`{dropped[0]}`" in warning[0]
+    n = len(sweep.variants)
+    assert f"1 of the {len(sweep.grid)} models of the F1 grid and {n} of the {n} F3 variants" in warning[0]
+    assert f"`{dropped[0]}`" in warning[0]
     assert unfinished(sweep, set(table.model_id)) == []
 
     report = main(["--quick", "--report-only", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]).read_text()
     assert warning[0] in report
+    assert "No F3 pair has both of its models in this sweep's table" in report
+    assert not (out / "figures" / FIGURES["f3"]).exists() and (out / "figures" / FIGURES["f2"]).exists()
     assert pd.read_csv(out / "results.csv").model_id.tolist() == held.model_id.tolist()  # no model added
