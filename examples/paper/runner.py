@@ -181,6 +181,7 @@ def run_sweep(
             f"{table_path} holds models trained on {sorted(set(table.dataset))}, not on {spec.name!r}: give this "
             "sweep its own --out folder."
         )
+    _check_sizes(table, spec, table_path)
     done = set(table.model_id)
     missing = [c for c in configs if c.model_id not in done]
     todo = missing if train else []
@@ -201,6 +202,24 @@ def run_sweep(
         # Rows arrive in the order the models finish: the file keeps the sweep's order (then any other models).
         _write_atomically(pd.concat([ordered, table[~table.model_id.isin(wanted)]], ignore_index=True), table_path)
     return ordered
+
+
+def _check_sizes(table: pd.DataFrame, spec: DataSpec, table_path: Path) -> None:
+    """``ValueError`` when ``table`` holds models trained on other numbers of training or held-out points than
+    ``spec`` gives (another ``--train-points`` or ``--val-points`` into the same folder), which one table would
+    otherwise mix into one population."""
+    if table.empty or "num_train_points" not in table:
+        return
+    x_train, _, x_val, _ = load_tensors(spec)
+    held = {(int(t), int(v)) for t, v in zip(table.num_train_points.dropna(), table.num_val_points.dropna(), strict=False)}
+    wanted = (len(x_train), len(x_val))
+    if held - {wanted}:
+        found = ", ".join(f"{t} and {v}" for t, v in sorted(held))
+        raise ValueError(
+            f"{table_path} holds models trained on {found} training and held-out points, not on the {wanted[0]} and "
+            f"{wanted[1]} of this command (--train-points, --val-points): give this sweep its own --out folder, or "
+            "repeat the options of the sweep it holds."
+        )
 
 
 def _write_atomically(table: pd.DataFrame, path: Path) -> None:

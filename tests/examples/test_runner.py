@@ -36,6 +36,19 @@ def test_a_table_of_another_data_set_is_not_mixed_in(tmp_path: Path) -> None:
         run_sweep(sweep_grid("quick").configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path)
 
 
+def test_a_table_of_other_data_sizes_is_not_mixed_in(tmp_path: Path) -> None:
+    """A re-run with another --train-points into the same folder would mix two populations in one table."""
+    configs = sweep_grid("quick").configs
+    pd.DataFrame(
+        {"model_id": ["m"], "dataset": ["digits"], "num_train_points": [250.0], "num_val_points": [539.0]}
+    ).to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(ValueError, match=r"holds models trained on 250 and 539 training and held-out points, not on "
+                                         r"the 1258 and 539 of this command"):
+        run_sweep(configs, DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path, train=False)
+    spec = DataSpec(train_points=250)  # the options of the sweep it holds: read as it is
+    assert run_sweep(configs, spec, tmp_path / "results.csv", tmp_path, tmp_path, train=False).empty
+
+
 @pytest.mark.slow
 def test_jobs_run_models_in_parallel_processes(tmp_path: Path) -> None:
     configs = sweep_grid("quick", max_epochs=2).configs[:3]
