@@ -6,6 +6,7 @@
     python -m benchmarks.overhead --workload cnn    # a 10-epoch CNN on 8,000 28 x 28 inputs (a realistic run)
     python -m benchmarks.overhead --workload cnn --per-measurement   # each measurement's time, in epochs
     python -m benchmarks.overhead --workload cnn --in-hooks --repeats 5   # the monitors' own time, per run
+    python -m benchmarks.overhead --workload cnn --watch-jacobian   # one Jacobian watch pass's measurement, per watch set
 
 The ``digits`` workload (the default) is ``examples.digits.train`` (the MLP 64-128-128-10 on scikit-learn's digits, 1,258 training and 539
 validation points, batch 64) with a ``TensorBoardLogger``, the setting of the README. It is a small run (about a
@@ -26,6 +27,10 @@ nothing is downloaded), validated on 2,000 such inputs.
 monitor gives the time of an epoch (its wall time over its epochs), then a run with the three monitors at their
 defaults except ``every_n_epochs=1`` and ``log_seconds=True`` gives each measurement's own logged time. Multiply by
 the number of measurements a schedule makes (the defaults: every 10th pass and the last) to get a run's overhead.
+
+``--watch-jacobian`` times ``jacobian_norm`` on the workload's untrained model as a watch pass calls it, for watch
+sets of 8 and 32 points measured exactly and 16 and 32 points at 2 products a point with a generator per point
+(the default watch set), calls interleaved, and prints the median of each.
 
 ``--in-hooks`` times what the three monitors at their defaults do inside their hooks (every hook Lightning calls
 on them, wrapped on the instance), round after round beside a run without a monitor, and prints that time over the
@@ -54,6 +59,7 @@ from torch import Tensor, nn
 from benchmarks._timing import timed
 from examples.digits import DigitsDataModule, MLPClassifier, load_digits_tensors, train
 from lightning_sensitivity import GeneralizationGapMonitor, JacobianNormMonitor, TransitionMonitor
+from lightning_sensitivity.functional import jacobian_norm
 
 CONFIGURATIONS: dict[str, Callable[[], list[Callback]]] = {
     "an empty Callback()": lambda: [Callback()],
@@ -174,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--watch-error", action="store_true", help="the watch sets' values against the full measurement's"
     )
+    parser.add_argument("--watch-jacobian", action="store_true", help="a Jacobian watch set's time, per size")
     args = parser.parse_args()
     threads = args.threads or (2 if args.workload == "cifar" else 1)
     torch.set_num_threads(threads)
@@ -196,6 +203,9 @@ def main() -> None:
         return
     if args.watch_error:
         _watch_error(fit, epochs, root)
+        return
+    if args.watch_jacobian:
+        _watch_jacobian(args.workload, args.repeats or 15)
         return
     configurations = {name: make for name, make in CONFIGURATIONS.items() if args.only in name}
     cpu: dict[str, list[float]] = {name: [] for name in ["without", *configurations]}
@@ -356,6 +366,35 @@ def _watch_error(fit: Callable[..., None], epochs: int, root: str) -> None:
         )
     print("(difference: of the watch series' mean from the full series' mean, relative (%) or absolute for the gaps "
           "and the correlation; median |diff|: pass by pass; Spearman, Pearson: of the two series across the passes)")
+
+
+def _watch_jacobian(workload: str, repeats: int) -> None:
+    """The median time of one Jacobian watch pass's measurement on the workload's model, per watch set."""
+    shape = {"digits": None, "cnn": (1, 28), "cifar": (3, 32)}[workload]
+    if shape is None:
+        model: nn.Module = MLPClassifier().net
+        x = torch.rand(32, 64)
+    else:
+        model = _seeded_cnn(channels=shape[0], size=shape[1]).net
+        x = torch.rand(32, shape[0], shape[1], shape[1])
+    model.eval()
+
+    def projected(n: int) -> Callable[[], Tensor]:
+        return lambda: jacobian_norm(
+            model, x[:n], method="projection", num_projections=2,
+            generator=[torch.Generator().manual_seed(i) for i in range(n)],
+        )
+
+    sets = {
+        "8 points, exact (the former watch set)": lambda: jacobian_norm(model, x[:8]),
+        "32 points, exact": lambda: jacobian_norm(model, x[:32]),
+        "16 points, 2 products each": projected(16),
+        "32 points, 2 products each (the default)": projected(32),
+    }
+    samples = timed(sets, repeats, shuffle_seed=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); workload {workload}'s model, untrained")
+    for name, times in samples.items():
+        print(f"{name:45s} {1e3 * statistics.median(times):7.1f} ms  ({repeats} repeats)")
 
 
 def _timing_hooks(callback: Callback, seconds: dict[str, float]) -> Callback:
