@@ -67,14 +67,15 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
     model: by default with ``method="projection"`` at ``watch_projections=2`` vector-Jacobian products a point
     instead of :math:`C - 1` (the most probable class's row exactly, an unbiased estimate of the squared norm of the
     other rows along one direction), the point at position :math:`i` drawing its directions from a generator seeded
-    with ``seed + i`` at every pass: each point keeps its directions, on one device or many. Its square root is biased low: ``docs/benchmarks.md`` gives the watch curve's
-    measured difference from the full measurement. At 10 classes that is 2 products a point instead of 9: the
-    default watch set, 32 points, costs 1.4 times as much as 8 exact points did (``benchmarks/overhead.py
-    --watch-jacobian``: 14.8 against 10.7 ms a pass on a small CNN at 28 x 28) and follows the full measurement far
-    closer, for a mean over a few points misses the rare points of very large norm that make much of a confident
-    model's mean. ``watch_projections=None``
-    measures the watch set exactly (with the monitor's ``method``), its values at a full pass taken from the full
-    measurement's own norms. When a fit ends in a way not known at its last validation pass (early stopping,
+    with ``seed + i`` at every pass: each point keeps its directions, on one device or many. Its square root is
+    biased low: ``docs/benchmarks.md`` gives the watch curve's measured difference from the full measurement. At 10
+    classes that is 2 products a point instead of 9: the default watch set, 32 points, costs 1.4 times as much as 8
+    exact points did (``benchmarks/overhead.py --watch-jacobian``: 14.8 against 10.7 ms a pass on a small CNN at 28
+    x 28) and follows the full measurement far closer, for a mean over a few points misses the rare points of very
+    large norm that make much of a confident model's mean. ``watch_projections=None`` measures the watch set exactly
+    (with the monitor's ``method``), its values at a full pass taken from the full measurement's own norms.
+
+    When a fit ends in a way not known at its last validation pass (early stopping,
     ``max_time``) and that pass was not measured in full, the monitor reads the validation data again at the end of
     training and logs the full measurement of the final weights, at the step of the fit's last epoch end. The model
     is evaluated in eval mode and restored to its previous mode; weights, gradients, optimizer state and the
