@@ -32,6 +32,7 @@ import shlex
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,10 +89,7 @@ def unfinished(sweep: Sweep, trained: set[str]) -> list[str]:
     variants = [(factor, v) for factor, _, v in sweep.variants if v.model_id not in trained]
     if not grid and not variants:
         return []
-    factors = {}
-    for factor, _ in variants:
-        factors[factor] = factors.get(factor, 0) + 1
-    by_factor = ", ".join(f"{factor} {n}" for factor, n in factors.items())
+    by_factor = ", ".join(f"{factor} {n}" for factor, n in Counter(factor for factor, _ in variants).items())
     return [
         f"**An unfinished sweep** (`--report-only`): {len(grid)} of the {len(sweep.grid)} models of the F1 grid and "
         f"{len(variants)} of the {len(sweep.variants)} F3 variants are not trained"

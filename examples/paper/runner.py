@@ -211,7 +211,8 @@ def _check_sizes(table: pd.DataFrame, spec: DataSpec, table_path: Path) -> None:
     if table.empty or "num_train_points" not in table:
         return
     x_train, _, x_val, _ = load_tensors(spec)
-    held = {(int(t), int(v)) for t, v in zip(table.num_train_points.dropna(), table.num_val_points.dropna(), strict=False)}
+    sizes = table[["num_train_points", "num_val_points"]].dropna()  # (a failed model may have none)
+    held = {(int(t), int(v)) for t, v in sizes.itertuples(index=False)}
     wanted = (len(x_train), len(x_val))
     if held - {wanted}:
         found = ", ".join(f"{t} and {v}" for t, v in sorted(held))
