@@ -77,6 +77,11 @@ CONFIGURATIONS: dict[str, Callable[[], list[Callback]]] = {
         TransitionMonitor(num_trajectories=4, every_n_epochs=10, watch_segments=0),
         GeneralizationGapMonitor(max_train_points=10_000, every_n_epochs=10, watch_train_points=0),
     ],
+    "all three, lean (half sizes, no figure)": lambda: [
+        JacobianNormMonitor(max_points=64, watch_points=16),
+        TransitionMonitor(watch_segments=8, log_figure=False),
+        GeneralizationGapMonitor(max_train_points=500, watch_train_points=32),
+    ],
     "all three, full every pass": lambda: [
         JacobianNormMonitor(every_n_epochs=1),
         TransitionMonitor(every_n_epochs=1),
