@@ -103,3 +103,12 @@ def test_the_watch_error_compares_every_watch_key_with_its_full_key(tmp_path, ca
     assert set(rows) == set(keys)
     # the validation side of the gap's watch set is the whole validation set: the same series, no difference
     assert rows["generalization/val_loss"][2:4] == ["+0%", "0%"]
+
+
+def test_the_watch_jacobian_benchmark_times_every_watch_set(capsys):
+    from benchmarks.overhead import _watch_jacobian
+
+    _watch_jacobian("cnn", 1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith("(1 repeats)")]
+    assert [line.split(",")[0] for line in lines] == ["8 points", "32 points", "16 points", "32 points"]
+    assert all(float(line.split("ms")[0].split()[-1]) > 0 for line in lines)
