@@ -154,8 +154,9 @@ def run_sweep(
     train: bool = True,
 ) -> pd.DataFrame:
     """Train and measure every model of ``configs`` that ``table_path`` does not hold yet; return the table of
-    all of ``configs`` (in their order); with ``train=False``, train none and return the rows of the models it holds. Torch in this process is set to one thread (see below). A model that
-    raises is recorded as failed and the sweep goes on (see the module docstring).
+    all of ``configs`` (in their order); with ``train=False``, train none and return the rows of the models it
+    holds. Torch in this process is set to one thread (see below). A model that raises is recorded as failed and the
+    sweep goes on (see the module docstring).
 
     Args:
         configs: the models of the sweep.

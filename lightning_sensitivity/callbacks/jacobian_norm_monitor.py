@@ -337,18 +337,19 @@ class JacobianNormMonitor(_OwnGenerator, _EvaluationMonitor):
         labels = self._records.labels(batch, keep) if wanted else None
         if trainer.state.fn == "fit":
             self._measured_in_fit = True
+        x, positions = x[keep], positions[keep]
         if self._watch_apart:
-            watched = positions[keep] < self._watch_size
+            watched = positions < self._watch_size
             if watched.any():
                 self._watch_pending.setdefault(idx, []).append(
-                    (x[keep][watched], positions[keep][watched], None if labels is None else labels[watched])
+                    (x[watched], positions[watched], None if labels is None else labels[watched])
                 )
             if self._pass != "full":
                 return
         # Kept points are measured _MEASURE_TOGETHER at a time, the rest at the pass's end: a few full calls, not
         # one per batch with its fixed costs (a forward pass, a vectorized backward pass).
         pending = self._pending.setdefault(idx, [])
-        pending.append((x[keep], positions[keep], labels))
+        pending.append((x, positions, labels))
         if sum(len(points) for points, _, _ in pending) >= _MEASURE_TOGETHER:
             self._measure_pending(pl_module, idx)
 
