@@ -249,7 +249,16 @@ def _pool_rows(todo: Sequence[ModelConfig], args: tuple[Any, ...], jobs: int,
                     if pending[0].model_id in suspects and running:
                         break  # a suspect waits until it can run alone
                     config = pending.popleft()
-                    running[pool.submit(train_and_measure_safely, config, *args, worker=worker)] = config
+                    try:
+                        running[pool.submit(train_and_measure_safely, config, *args, worker=worker)] = config
+                    except BrokenProcessPool:
+                        # A process died after `wait` last returned: this model never started; the ones running
+                        # are tried again below.
+                        pending.appendleft(config)
+                        broken = True
+                        break
+                if broken:
+                    break
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     config = running.pop(future)

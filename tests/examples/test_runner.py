@@ -4,10 +4,16 @@ recorded against that model while the sweep goes on."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import re
 import shutil
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -134,6 +140,60 @@ def test_a_worker_process_that_dies_is_recorded_against_its_model(tmp_path: Path
     assert "worker process died" in table.loc[dies.model_id, "error"]
     assert table.loc[TRAINS.model_id, "status"] in {"fit", "did not fit"}
     assert table.loc[DIVERGES.model_id, "status"] == "diverged"
+
+
+class _PoolThatBreaksLate:
+    """A stand-in for ``ProcessPoolExecutor`` that runs models in this process and replays the race met in CI: the
+    process of the model of width 13 dies *after* ``wait`` has returned another model's result, so the pool is
+    found broken at the next ``submit``, not through a future. Run alone, that model's process dies at once."""
+
+    def __init__(self, jobs: int, **_: Any) -> None:
+        self.dying: Future | None = None
+        self.finished = False  # a model beside it has finished
+
+    def __enter__(self) -> _PoolThatBreaksLate:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], config: ModelConfig, *args: Any, **kwargs: Any) -> Future:
+        if self.dying is not None and self.finished:  # it died while the other model's result was being read
+            self.dying.set_exception(BrokenProcessPool("a process died"))
+            raise BrokenProcessPool("a process died")
+        future: Future = Future()
+        if config.width != 13:
+            future.set_result(fn(config, *args, **kwargs))
+            self.finished = True
+        elif SUBMITTED.count(config.model_id):  # the second time, alone: its process dies again
+            future.set_exception(BrokenProcessPool("a process died"))
+        else:
+            self.dying = future  # still running when the other model's result comes back
+        SUBMITTED.append(config.model_id)
+        return future
+
+
+SUBMITTED: list[str] = []
+
+
+def _row(config: ModelConfig, spec: DataSpec, runs_dir: str, points_dir: str) -> dict[str, Any]:
+    return {"model_id": config.model_id, "dataset": spec.name, "status": "fit", "reached_target": True}
+
+
+def test_a_pool_found_broken_at_submit_retries_its_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool can break between ``wait`` and the next ``submit`` (a process dies just after another model
+    finished): the model not yet submitted waits for a new pool, the one that was running is tried again alone,
+    and the sweep goes on."""
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _PoolThatBreaksLate)
+    monkeypatch.setattr(sys.modules[__name__], "SUBMITTED", [])
+    dies, first, last = (dataclasses.replace(TRAINS, width=w) for w in (13, 16, 17))
+    table = run_sweep([dies, first, last], DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path, jobs=2,
+                      worker=_row).set_index("model_id")
+    assert table.loc[dies.model_id, "status"] == "failed"
+    assert "died twice, the second time alone" in table.loc[dies.model_id, "error"]
+    assert table.loc[[first.model_id, last.model_id], "status"].tolist() == ["fit", "fit"]
+    # each model was submitted once, apart from the one that died: twice (the second time alone)
+    assert SUBMITTED == [dies.model_id, first.model_id, dies.model_id, last.model_id]
 
 
 @pytest.mark.slow
