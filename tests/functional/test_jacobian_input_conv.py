@@ -1,6 +1,7 @@
-"""A convolution of the measured input: on the CPU ``jacobian_norm`` pulls its rows back to the input as a matrix
-product with the kernel and a ``fold`` (faster there than the transposed convolution); values and logits must be
-those of the model as it is, for every geometry the shortcut takes and those it leaves alone."""
+"""A convolution of the measured input into one channel, or over patches that do not overlap: on the CPU
+``jacobian_norm`` pulls its rows back to the input as a matrix product with the kernel and a ``fold`` (faster there
+than the transposed convolution, which is the faster one for several channels under overlapping windows); values and
+logits must be those of the model as it is, for every geometry the shortcut takes and those it leaves alone."""
 
 from __future__ import annotations
 
@@ -36,16 +37,23 @@ def _ran(recorder: OperatorRecorder, operator: str) -> bool:
 
 CASES = {
     "3x3-pad-1": (nn.Conv2d(1, 8, 3, padding=1), 12, False),
-    "resnet-stem-7x7-stride-2": (nn.Conv2d(3, 8, 7, stride=2, padding=3), 15, False),
-    "stride-2-odd-size": (nn.Conv2d(2, 4, 2, stride=2), 9, False),
-    "dilation-2-no-bias": (nn.Conv2d(2, 5, 3, dilation=2, padding=(2, 1), bias=False), 11, False),
-    "rectangular": (nn.Conv2d(2, 4, (3, 2), stride=(2, 1)), 10, False),
+    "one-channel-7x7-stride-2": (nn.Conv2d(1, 8, 7, stride=2, padding=3), 15, False),
+    "patches-stride-2-odd-size": (nn.Conv2d(2, 4, 2, stride=2), 9, False),
+    "patch-embedding-4x4": (nn.Conv2d(3, 6, 4, stride=4), 12, False),
+    "one-channel-dilation-2-no-bias": (nn.Conv2d(1, 5, 3, dilation=2, padding=(2, 1), bias=False), 11, False),
+    "dilated-patches-no-overlap": (nn.Conv2d(2, 4, 2, stride=3, dilation=2), 11, False),
+    "rectangular-patches": (nn.Conv2d(2, 4, (3, 2), stride=(3, 2)), 10, False),
     "skip-on-input": (nn.Conv2d(1, 4, 3, padding=1), 8, True),
 }
 UNCHANGED = {
     "groups-2": (nn.Conv2d(2, 4, 3, groups=2), 8, False),
     "padding-same": (nn.Conv2d(2, 4, 3, padding="same"), 8, False),
     "padding-reflect": (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), 8, False),
+    # several channels under overlapping windows: the transposed convolution is the faster one
+    "resnet-stem-7x7-stride-2": (nn.Conv2d(3, 8, 7, stride=2, padding=3), 15, False),
+    "rgb-3x3-pad-1": (nn.Conv2d(3, 8, 3, padding=1), 12, False),
+    "dilated-windows-overlap": (nn.Conv2d(2, 4, 2, stride=2, dilation=2), 11, False),
+    "rectangular-overlapping-rows": (nn.Conv2d(2, 4, (3, 2), stride=(2, 2)), 10, False),
 }
 
 

@@ -33,7 +33,7 @@ def _pairs() -> dict[str, tuple]:
     """Each shortcut beside the call it stands in for, as functions of the input (float64)."""
     torch.manual_seed(0)
     norm = _batch_norm().double()
-    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    conv = nn.Conv2d(3, 4, 2, stride=2).double()  # non-overlapping patches: the fold is taken
     stats = (norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.1, norm.eps)
     return {
         "batch_norm": (
@@ -41,8 +41,8 @@ def _pairs() -> dict[str, tuple]:
             lambda v: F.batch_norm(v, *stats),
         ),
         "conv2d": (
-            lambda v: _input_conv2d((v, conv.weight, conv.bias, 2, 1), {}, lambda t: True),
-            lambda v: F.conv2d(v, conv.weight, conv.bias, 2, 1),
+            lambda v: _input_conv2d((v, conv.weight, conv.bias, 2, 0), {}, lambda t: True),
+            lambda v: F.conv2d(v, conv.weight, conv.bias, 2, 0),
         ),
     }
 
@@ -131,8 +131,12 @@ def test_no_shortcut_under_saved_tensor_hooks(monkeypatch):
     """Saved-tensor hooks (activation checkpointing, off-loading) see what each operation saves, which a shortcut
     changes: under them the operators' own backwards run, with the same values."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), _batch_norm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    x = torch.randn(3, 2, 6, 6)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), _batch_norm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(3, 1, 6, 6)
+    with OperatorRecorder() as recorder:  # without hooks both shortcuts run
+        jacobian_norm(model, x)
+    assert not any("batch_norm_backward" in name for name in recorder.names)
+    assert any(name.startswith("col2im") for name in recorder.names)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), OperatorRecorder() as recorder:
         norms = jacobian_norm(model, x)
     assert any("batch_norm_backward" in name for name in recorder.names)
