@@ -223,12 +223,12 @@ def logits_from_probabilities(probabilities: Tensor) -> Tensor:
 _CPU_PASS_BYTES = 2**24
 
 
-def _per_pass_on_device(most: int, bytes_per_item: int, device: torch.device, limit: int = _CPU_PASS_BYTES) -> int:
+def _per_pass_on_device(most: int, bytes_per_item: int, device: torch.device) -> int:
     """How many items (points, or rows) of ``bytes_per_item`` bytes each of the largest activation a pass may hold,
-    at most ``most``: ``most`` off the CPU, else as many as fit ``limit`` bytes (at least one)."""
+    at most ``most``: ``most`` off the CPU, else as many as fit :data:`_CPU_PASS_BYTES` (at least one)."""
     if device.type != "cpu":
         return most
-    return max(1, min(most, limit // max(1, bytes_per_item)))
+    return max(1, min(most, _CPU_PASS_BYTES // max(1, bytes_per_item)))
 
 
 def _fresh_input(x: Tensor) -> Tensor:

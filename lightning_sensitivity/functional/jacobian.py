@@ -38,13 +38,6 @@ __all__ = ["jacobian_norm"]
 _DEFAULT_MAX_ENTRIES = 2**24
 #: Rows a default chunk of points leaves room for in one backward pass.
 _ROWS_PER_PASS = 64
-#: On the CPU, the most bytes the gradient of the model's largest activation may take for all the rows of one
-#: backward pass: half the forward passes' bound. A backward pass holds several such gradients at once (the
-#: activation's, its ReLU's, its pooling's), and at 16 MiB each they were given back to the operating system and
-#: page-faulted in again at every pass: on the overhead benchmark's CIFAR-10 CNN, 128 points, 50,000 to 70,000 page
-#: faults a call against 6,000 to 16,000 at 8 MiB, and 1.5 times the time. resnet18 at 32 x 32, whose passes do more
-#: work per byte, takes 5 to 10% longer in the smaller passes (``docs/benchmarks.md``).
-_CPU_BACKWARD_BYTES = 2**23
 
 
 
@@ -141,7 +134,7 @@ def jacobian_norm(
         chunk_size: points measured together (one forward pass). The vector-Jacobian products of a chunk are
             taken in groups of rows, so that never more than ``max(2**24, chunk_size * D)`` Jacobian entries
             (points x rows x input entries, and at most ``chunk_size * C * D``) are alive at once; on the CPU also so
-            that the gradient of the model's largest activation, for all the rows of a group, takes at most 8 MiB
+            that the gradient of the model's largest activation, for all the rows of a group, takes at most 16 MiB
             where one row allows it (larger blocks are page-faulted in again at every allocation). Default: as
             many points as leave room for 64 rows under :math:`2^{24}` entries.
         generator: the ``torch.Generator`` for the projection directions; the global random state is never
@@ -345,9 +338,7 @@ class _Plan(_RowPlan):
             target = z
             per_pass = max(1, _DEFAULT_MAX_ENTRIES // (batch * max(fwd.wrt[0].numel(), z.shape[1])))
             # The gradient of the largest activation for all the rows of a pass (see _per_pass_on_device).
-            per_pass = _per_pass_on_device(
-                per_pass, batch * fwd.largest * z.element_size(), z.device, limit=_CPU_BACKWARD_BYTES
-            )
+            per_pass = _per_pass_on_device(per_pass, batch * fwd.largest * z.element_size(), z.device)
             per_pass = _rows_per_pass(fwd, per_pass)
             last = fwd.last
             if last is not None and last.weight.shape[1] < num_rows + add_left_out:
