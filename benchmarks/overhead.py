@@ -35,7 +35,8 @@ sets of 8 and 32 points measured exactly and 16 and 32 points at 2 products a po
 ``--in-hooks`` times what the three monitors at their defaults do inside their hooks (every hook Lightning calls
 on them, wrapped on the instance), round after round beside a run without a monitor, and prints that time over the
 run's: the monitors' own cost, which a comparison of two whole runs measures only to within their noise (an empty
-callback lands 1 to 4% away from 1 here). It leaves out Lightning's own dispatch of the hooks.
+callback lands 1 to 4% away from 1 here). It leaves out Lightning's own dispatch of the hooks. With ``--only``, it
+times the first configuration whose name holds that string instead (``--in-hooks --only lean``).
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ def main() -> None:
         _per_measurement(fit, epochs, root)
         return
     if args.in_hooks:
-        _in_hooks(fit, epochs, root, repeats)
+        # The configuration that --only names (its first match), by default the three at their defaults.
+        name = next((n for n in CONFIGURATIONS if args.only and args.only in n), "all three, defaults")
+        print(f"in the hooks of: {name}")
+        _in_hooks(fit, epochs, root, repeats, CONFIGURATIONS[name])
         return
     if args.watch_error:
         _watch_error(fit, epochs, root)
@@ -421,9 +425,11 @@ def _timing_hooks(callback: Callback, seconds: dict[str, float]) -> Callback:
     return callback
 
 
-def _in_hooks(fit: Callable[..., None], epochs: int, root: str, repeats: int) -> None:
-    """Rounds of a run without a monitor and a run with the three at their defaults whose hooks are timed: the
-    monitors' own time, free of the run-to-run noise of comparing two 20-second runs."""
+def _in_hooks(fit: Callable[..., None], epochs: int, root: str, repeats: int,
+              make: Callable[[], list[Callback]]) -> None:
+    """Rounds of a run without a monitor and a run with the monitors ``make`` returns (the three at their defaults
+    unless ``--only`` names another configuration) whose hooks are timed: the monitors' own time, free of the
+    run-to-run noise of comparing two 20-second runs."""
     print(f"{'round':>5s} {'without':>9s} {'with':>9s} {'in hooks':>9s} {'in hooks / without':>19s}")
     shares, hooks_total = [], {}
     for i in range(repeats):
@@ -431,7 +437,7 @@ def _in_hooks(fit: Callable[..., None], epochs: int, root: str, repeats: int) ->
         fit([], max_epochs=epochs, logger=TensorBoardLogger(root))
         without = time.perf_counter() - start
         seconds: dict[str, float] = {}
-        monitors = [JacobianNormMonitor(), TransitionMonitor(), GeneralizationGapMonitor()]
+        monitors = make()
         start = time.perf_counter()
         fit([_timing_hooks(monitor, seconds) for monitor in monitors], max_epochs=epochs, logger=TensorBoardLogger(root))
         with_monitors = time.perf_counter() - start

@@ -112,3 +112,16 @@ def test_the_watch_jacobian_benchmark_times_every_watch_set(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith("(1 repeats)")]
     assert [line.split(",")[0] for line in lines] == ["8 points", "32 points", "16 points", "32 points"]
     assert all(float(line.split("ms")[0].split()[-1]) > 0 for line in lines)
+
+
+def test_in_hooks_times_the_configuration_it_is_given(tmp_path, capsys):
+    from benchmarks.overhead import CONFIGURATIONS, _in_hooks, train_digits
+
+    _in_hooks(train_digits, 1, str(tmp_path), 1, CONFIGURATIONS["JacobianNormMonitor()"])
+    printed = capsys.readouterr().out
+    hooks = [line.split()[0] for line in printed.split("the hooks that take the time:")[1].splitlines() if line.strip()]
+    # only the monitor of that configuration was timed, and its hooks took some time
+    assert hooks and all(hook.startswith("JacobianNormMonitor.") for hook in hooks)
+    assert "JacobianNormMonitor.on_validation_epoch_end" in hooks
+    share = printed.split("median share of a run without a monitor: ")[1].split("%")[0]
+    assert float(share) > 0
