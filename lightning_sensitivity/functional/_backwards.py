@@ -135,9 +135,10 @@ def _input_conv2d(
     overlap (stride at least the dilated kernel's extent, as in a patch embedding); ``None`` for any other call.
 
     Where the fold was measured (``docs/benchmarks.md``, 2 threads, ``jacobian_norm`` of a convolution and a linear
-    head, 32 points), it took 0.7 to 0.8 times the transposed convolution's time into one channel and 0.4 to 0.75
-    times over non-overlapping patches (a 16 x 16 patch embedding of 224 x 224 images), but 1.2 to 2.8 times for
-    3 x 3 and 5 x 5 convolutions of 2 or 3 channels at stride 1, and 1.2 times for resnet18's 7 x 7 stem."""
+    head, 32 points), it took 0.7 to 0.93 times the transposed convolution's time into one channel and 0.37 to 0.74
+    times over non-overlapping patches (0.37 for a 16 x 16 patch embedding of 224 x 224 images), but 1.04 to 2.3
+    times for 3 x 3 and 5 x 5 convolutions of 2 or 3 channels at stride 1 (2.9 times for 8 channels), and 1.2 times
+    for resnet18's 7 x 7 stem."""
     x, weight, bias = (_arg(args, kwargs, i, name, None) for i, name in enumerate(("input", "weight", "bias")))
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.ndim != 4 or x.device.type != "cpu":
         return None

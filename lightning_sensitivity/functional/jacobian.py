@@ -100,9 +100,10 @@ def jacobian_norm(
     On the CPU, a batch norm in eval mode (running statistics), the per-channel affine map
     :math:`s \odot h + t`, pulls its rows back as :math:`s \odot v` instead of through autograd's general
     batch-norm backward, and a 2-d convolution of the input itself into one channel or over non-overlapping patches
-    as one matrix product with its kernel and a ``fold`` instead of a transposed convolution. Both keep the model's own forward pass, and neither is taken inside
-    a region that activation checkpointing recomputes. Any other model takes the general path; all are exact. Where
-    an operator's backward has no batching rule, the rows are pulled back one backward pass each, with a warning.
+    as one matrix product with its kernel and a ``fold`` instead of a transposed convolution. Both keep the model's
+    own forward pass, and neither is taken inside a region that activation checkpointing recomputes. Any other model
+    takes the general path; all are exact. Where an operator's backward has no batching rule, the rows are pulled
+    back one backward pass each, with a warning.
     A model that checkpoints part of its forward pass with ``torch.utils.checkpoint(..., use_reentrant=True)``, which
     ``torch.autograd.grad`` cannot differentiate, is measured by running its forward pass again on the points
     repeated once per row and one ``backward`` of that output, with the parameters not requiring grad meanwhile
