@@ -156,6 +156,10 @@ _POOL_WITH_INDICES = {
     3: F.max_pool3d_with_indices,
 }
 _POOL_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
+#: On the CPU, 2-d max-pooling with indices of a contiguous (NCHW) input of at least this many channels runs in the
+#: channels-last layout: the CPU's NCHW kernel is 1.5 to 3 times slower from 4 channels up (64 x 16 x 32 x 32: 2.4
+#: against 0.9 ms with both layout copies, 2 threads), and the values and winners are the same, ties included.
+_CHANNELS_LAST_POOL = 4
 
 
 @dataclass
@@ -180,10 +184,14 @@ class _Pool:
         return torch.uint8 if plane <= 256 else torch.int16 if plane <= 2**15 else torch.int32
 
     def pool(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """PyTorch's pooling of ``u`` with this call's geometry: the values and the winners (``int64``)."""
-        return _POOL_WITH_INDICES[self.dims](
-            u, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
-        )
+        """PyTorch's pooling of ``u`` with this call's geometry: the values and the winners (``int64``), in ``u``'s
+        layout (on the CPU computed in the channels-last one where that is faster, see :data:`_CHANNELS_LAST_POOL`)."""
+        pool = _POOL_WITH_INDICES[self.dims]
+        geometry = (self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
+        if self.dims == 2 and u.device.type == "cpu" and u.shape[1] >= _CHANNELS_LAST_POOL and u.is_contiguous():
+            values, winners = pool(u.contiguous(memory_format=torch.channels_last), *geometry, return_indices=True)
+            return values.contiguous(), winners.contiguous()
+        return pool(u, *geometry, return_indices=True)
 
     def window_table(self, out_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Flat input position of every (output position, window position) pair, ``[O, K]``, and its validity."""

@@ -127,6 +127,34 @@ def test_max_pool_winners(kernel, stride, padding, dilation):
     assert torch.equal(functional.winners, codes.winners)
 
 
+@pytest.mark.parametrize("channels", [2, 8])
+def test_max_pool_winners_with_ties_in_either_layout(channels, monkeypatch):
+    """From 4 channels on the CPU the winners are computed in the channels-last layout (faster there): the same
+    winners as the brute force, the first maximum of a window where several tie (ReLU's zeros, rounded values), and
+    the model gets its own values back, in its own layout."""
+    from lightning_sensitivity.functional import units
+
+    layouts: list[bool] = []
+    pool = units._POOL_WITH_INDICES[2]
+
+    def recorded(u, *args, **kwargs):
+        layouts.append(u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous())
+        return pool(u, *args, **kwargs)
+
+    monkeypatch.setitem(units._POOL_WITH_INDICES, 2, recorded)
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, 9, 9).relu()
+    x = torch.where(torch.rand_like(x) < 0.5, x.round(), x)  # many windows with a tie at their maximum
+    for kernel, stride, padding, dilation in [(2, 2, 0, 1), (3, 2, 1, 1), (3, 1, 0, 2)]:
+        model = nn.Sequential(nn.MaxPool2d(kernel, stride, padding, dilation), nn.Flatten())
+        seen: list[torch.Tensor] = []
+        model[1].register_forward_hook(lambda module, args, out, into=seen: into.append(args[0]))
+        codes = activation_codes(model, x)
+        assert torch.equal(codes.winners.long(), _winners_2d(x, kernel, stride, padding, dilation))
+        assert torch.equal(seen[0], model[0](x)) and seen[0].is_contiguous()
+    assert layouts == [channels >= 4] * 3
+
+
 def test_max_pool_1d_3d_and_return_indices():
     x1, x3 = torch.randn(2, 3, 10), torch.randn(2, 1, 4, 4, 4)
     codes1 = activation_codes(nn.MaxPool1d(3, 2), x1)
