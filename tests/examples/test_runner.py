@@ -8,7 +8,6 @@ import concurrent.futures
 import dataclasses
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
@@ -147,6 +146,9 @@ class _PoolThatBreaksLate:
     process of the model of width 13 dies *after* ``wait`` has returned another model's result, so the pool is
     found broken at the next ``submit``, not through a future. Run alone, that model's process dies at once."""
 
+    #: The models submitted to every pool of the sweep, in order.
+    submitted: list[str] = []
+
     def __init__(self, jobs: int, **_: Any) -> None:
         self.dying: Future | None = None
         self.finished = False  # a model beside it has finished
@@ -165,15 +167,12 @@ class _PoolThatBreaksLate:
         if config.width != 13:
             future.set_result(fn(config, *args, **kwargs))
             self.finished = True
-        elif SUBMITTED.count(config.model_id):  # the second time, alone: its process dies again
+        elif config.model_id in self.submitted:  # the second time, alone: its process dies again
             future.set_exception(BrokenProcessPool("a process died"))
         else:
             self.dying = future  # still running when the other model's result comes back
-        SUBMITTED.append(config.model_id)
+        self.submitted.append(config.model_id)
         return future
-
-
-SUBMITTED: list[str] = []
 
 
 def _row(config: ModelConfig, spec: DataSpec, runs_dir: str, points_dir: str) -> dict[str, Any]:
@@ -185,7 +184,7 @@ def test_a_pool_found_broken_at_submit_retries_its_models(tmp_path: Path, monkey
     finished): the model not yet submitted waits for a new pool, the one that was running is tried again alone,
     and the sweep goes on."""
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _PoolThatBreaksLate)
-    monkeypatch.setattr(sys.modules[__name__], "SUBMITTED", [])
+    monkeypatch.setattr(_PoolThatBreaksLate, "submitted", [])  # shared by the pools of one sweep
     dies, first, last = (dataclasses.replace(TRAINS, width=w) for w in (13, 16, 17))
     table = run_sweep([dies, first, last], DataSpec(), tmp_path / "results.csv", tmp_path, tmp_path, jobs=2,
                       worker=_row).set_index("model_id")
@@ -193,7 +192,7 @@ def test_a_pool_found_broken_at_submit_retries_its_models(tmp_path: Path, monkey
     assert "died twice, the second time alone" in table.loc[dies.model_id, "error"]
     assert table.loc[[first.model_id, last.model_id], "status"].tolist() == ["fit", "fit"]
     # each model was submitted once, apart from the one that died: twice (the second time alone)
-    assert SUBMITTED == [dies.model_id, first.model_id, dies.model_id, last.model_id]
+    assert _PoolThatBreaksLate.submitted == [dies.model_id, first.model_id, dies.model_id, last.model_id]
 
 
 @pytest.mark.slow
